@@ -1,0 +1,1 @@
+"""Prefect flows: thin compositions of library calls (the logic lives in foresight/ and privacy/)."""
