@@ -1,0 +1,309 @@
+"""The one place where Foresight's data contracts are defined.
+
+Everything that reads or writes the warehouse imports its names from here: the MEDS core columns, the
+code-naming rule, the DuckDB DDL for every warehouse table, the MEDS split names and the SQL macros that
+sources use to build codes and parse times. Nothing else in the project spells these out again.
+
+MEDS (Medical Event Data Standard, v0.4) core data columns::
+
+    subject_id BIGINT      who the event is about
+    time TIMESTAMP         when it became known (NULL only for static facts such as GENDER)
+    code VARCHAR           what happened: KIND//VOCAB//VALUE (see `make_code`)
+    numeric_value FLOAT    a measurement, NULL if none (float32 in MEDS parquet)
+    text_value VARCHAR     a free-text or categorical value, NULL if none
+
+Foresight keeps extra columns after the core ones (allowed by MEDS): ``unit``, ``encounter_id`` (the source's
+admission/encounter id, as text), and lineage: ``source`` (which load owns the row), ``source_table`` (the
+file it came from) and ``load_id`` (the ``etl_runs.run_id`` that wrote it).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:  # pyarrow costs ~50 MB of RSS at import; only the MEDS reader/writer needs it
+    import pyarrow as pa
+
+# --- MEDS core ---------------------------------------------------------------------------------------------
+
+MEDS_VERSION: Final = "0.4"
+CORE_COLUMNS: Final = ("subject_id", "time", "code", "numeric_value", "text_value")
+EXTRA_COLUMNS: Final = ("unit", "encounter_id", "source", "source_table", "load_id")
+EVENT_COLUMNS: Final = CORE_COLUMNS + EXTRA_COLUMNS
+
+BIRTH_CODE: Final = "MEDS_BIRTH"
+DEATH_CODE: Final = "MEDS_DEATH"
+
+TRAIN: Final = "train"
+TUNING: Final = "tuning"
+HELD_OUT: Final = "held_out"
+SPLITS: Final = (TRAIN, TUNING, HELD_OUT)
+# Percent buckets of the stable subject hash: [0, 80) train, [80, 90) tuning, [90, 100) held_out.
+SPLIT_BUCKETS: Final = {TRAIN: (0, 80), TUNING: (80, 90), HELD_OUT: (90, 100)}
+
+
+
+def meds_data_schema() -> pa.Schema:
+    """MEDS v0.4 data parquet types: int64 subject, timestamp[us] time, float32 value, large_string text."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("subject_id", pa.int64()),
+            ("time", pa.timestamp("us")),
+            ("code", pa.string()),
+            ("numeric_value", pa.float32()),
+            ("text_value", pa.large_string()),
+        ]
+    )
+
+
+def meds_codes_schema() -> pa.Schema:
+    """MEDS ``metadata/codes.parquet`` types."""
+    import pyarrow as pa
+
+    return pa.schema([("code", pa.string()), ("description", pa.string()), ("parent_codes", pa.list_(pa.string()))])
+
+
+def meds_splits_schema() -> pa.Schema:
+    """MEDS ``metadata/subject_splits.parquet`` types."""
+    import pyarrow as pa
+
+    return pa.schema([("subject_id", pa.int64()), ("split", pa.string())])
+
+
+# --- Codes -------------------------------------------------------------------------------------------------
+# A code is KIND//VOCAB//VALUE (or KIND//VALUE where the kind needs no vocabulary, e.g. ADMIT//EMERGENCY),
+# with an upper-case KIND. Parts never contain the separator "//"; whitespace inside a part becomes "_" so
+# that codes are single tokens a reader can copy. MEDS_BIRTH and MEDS_DEATH are the MEDS special codes.
+
+SEP: Final = "//"
+
+# Kinds used across sources. A source may add a kind; it must be upper-case and listed here first, so
+# the tokenizer, the forecast tasks and the privacy slices can rely on the set.
+KINDS: Final = {
+    "MEDS": "MEDS special codes (birth, death)",
+    "GENDER": "administrative sex (static)",
+    "RACE": "race/ethnicity as recorded",
+    "ETHNICITY": "ethnicity as recorded (where separate from race)",
+    "INSURANCE": "payer at admission",
+    "LANGUAGE": "preferred language at admission",
+    "MARITAL": "marital status at admission",
+    "ED": "emergency department registration / departure",
+    "ADMIT": "hospital admission, by class (EMERGENCY, URGENT, ELECTIVE, OBSERVATION, ...)",
+    "DISCHARGE": "hospital discharge, by discharge location",
+    "TRANSFER": "ward transfer (event type // care unit)",
+    "SERVICE": "clinical service change",
+    "ICU": "ICU stay admission / discharge",
+    "ENCOUNTER": "non-hospital encounter (ambulatory, wellness, ...)",
+    "DX": "diagnosis (ICD-9-CM, ICD-10-CM, SNOMED ...)",
+    "PX": "procedure (ICD-9 procedure, ICD-10-PCS, HCPCS, SNOMED, ICU procedure items)",
+    "PX_END": "end of a timed ICU procedure",
+    "DRG": "diagnosis-related group assigned at discharge",
+    "RX_START": "medication order start",
+    "RX_STOP": "medication order stop",
+    "RX_ADMIN": "medication administration",
+    "RX": "medication (generic, e.g. simulator/ATC)",
+    "LAB": "laboratory result (value in numeric_value / text_value)",
+    "MICRO": "microbiology test, organism or susceptibility",
+    "VITAL": "outpatient measurement (blood pressure, weight, BMI ...)",
+    "INPUT_START": "ICU input (infusion / bolus) start, rate in numeric_value",
+    "INPUT_END": "ICU input end, amount in numeric_value",
+    "OUTPUT": "ICU fluid output, volume in numeric_value",
+    "CHART": "ICU charted observation",
+    "DATETIME": "ICU date-valued observation (recorded time; the date is in text_value)",
+    "NOTE": "concept found in free text",
+    "IMMUNIZATION": "vaccination",
+    "ALLERGY": "allergy",
+}
+
+_PART_WS = re.compile(r"\s+")
+_SLASHES = re.compile(r"/{2,}")
+
+
+def code_part(value: object) -> str:
+    """Normalise one part of a code: trimmed, upper-cased, inner whitespace as ``_``, no ``//``.
+
+    >>> code_part("  ew emer. ")
+    'EW_EMER.'
+    >>> code_part("BLACK/CAPE VERDEAN")
+    'BLACK/CAPE_VERDEAN'
+    """
+    text = _SLASHES.sub("/", _PART_WS.sub("_", str(value).strip().upper()))
+    return text or "UNK"
+
+
+def make_code(kind: str, *parts: object) -> str:
+    """Build a code from its kind and parts, following the naming rule.
+
+    >>> make_code("DX", "ICD10CM", "E119")
+    'DX//ICD10CM//E119'
+    >>> make_code("admit", "emergency")
+    'ADMIT//EMERGENCY'
+    """
+    kind_norm = code_part(kind)
+    if kind_norm not in KINDS:
+        raise ValueError(f"unknown code kind {kind!r}; add it to foresight.schema.KINDS first")
+    return SEP.join([kind_norm, *(code_part(p) if p is not None else "UNK" for p in parts)])
+
+
+def code_kind(code: str) -> str:
+    """The KIND of a code (``MEDS`` for the MEDS special codes).
+
+    >>> code_kind("DX//ICD10CM//E119"), code_kind("MEDS_DEATH")
+    ('DX', 'MEDS')
+    """
+    if code.startswith("MEDS_"):
+        return "MEDS"
+    return code.split(SEP, 1)[0]
+
+
+# The same rule for SQL, so vectorised sources build identical codes. Installed on every connection by
+# foresight.warehouse.connect(). `fs_part` mirrors code_part(); `fs_ts` parses ISO 8601 date or date-time
+# text ('2180-07-23 12:35:00', '2180-07-23', with 'T' or fractional seconds) and yields NULL otherwise.
+SQL_MACROS: Final = r"""
+CREATE OR REPLACE TEMP MACRO fs_part(x) AS
+    coalesce(nullif(regexp_replace(regexp_replace(upper(trim(x::VARCHAR)), '\s+', '_', 'g'), '/{2,}', '/', 'g'), ''),
+             'UNK');
+CREATE OR REPLACE TEMP MACRO fs_ts(x) AS TRY_CAST(trim(x::VARCHAR) AS TIMESTAMP);
+CREATE OR REPLACE TEMP MACRO fs_kind(code) AS
+    CASE WHEN code LIKE 'MEDS\_%' ESCAPE '\' THEN 'MEDS' ELSE split_part(code, '//', 1) END;
+CREATE OR REPLACE TEMP MACRO fs_id(x) AS TRY_CAST(trim(x::VARCHAR) AS BIGINT);
+CREATE OR REPLACE TEMP MACRO fs_num(x) AS TRY_CAST(trim(x::VARCHAR) AS DOUBLE);
+-- ICD-style hierarchy by truncation, nearest ancestor first: fs_prefixes('DX//ICD10CM//', 'E1165', 3)
+-- = ['DX//ICD10CM//E116', 'DX//ICD10CM//E11'].
+CREATE OR REPLACE TEMP MACRO fs_prefixes(prefix, value, min_len) AS
+    list_transform(range(length(value) - 1, min_len - 1, -1), lambda i: prefix || left(value, i));
+-- Row checks shared by every source. Each returns a reason (naming the column and the raw value) or NULL;
+-- a row's quarantine reason is the coalesce() of its checks, so the first failing check is reported.
+CREATE OR REPLACE TEMP MACRO fs_check_subject(raw, known) AS
+    CASE WHEN raw IS NULL THEN 'missing subject_id'
+         WHEN fs_id(raw) IS NULL THEN 'non-integer subject_id: ' || raw
+         WHEN known IS NULL THEN 'unknown subject_id (not in the patients table): ' || raw END;
+CREATE OR REPLACE TEMP MACRO fs_check_id(col, raw, required) AS
+    CASE WHEN raw IS NULL THEN CASE WHEN required THEN 'missing ' || col END
+         WHEN fs_id(raw) IS NULL THEN 'non-integer ' || col || ': ' || raw END;
+CREATE OR REPLACE TEMP MACRO fs_check_time(col, raw, required) AS
+    CASE WHEN raw IS NULL THEN CASE WHEN required THEN 'missing ' || col END
+         WHEN fs_ts(raw) IS NULL THEN 'unparseable ' || col || ': ' || raw
+         WHEN year(fs_ts(raw)) NOT BETWEEN 1800 AND 2300 THEN 'implausible ' || col || ': ' || raw END;
+CREATE OR REPLACE TEMP MACRO fs_check_num(col, raw, nonnegative) AS
+    CASE WHEN raw IS NULL THEN NULL
+         WHEN fs_num(raw) IS NULL THEN 'non-numeric ' || col || ': ' || raw
+         WHEN NOT isfinite(fs_num(raw)) OR abs(fs_num(raw)) > 1e9 THEN 'absurd ' || col || ': ' || raw
+         WHEN nonnegative AND fs_num(raw) < 0 THEN 'negative ' || col || ': ' || raw END;
+CREATE OR REPLACE TEMP MACRO fs_check_order(first_col, first_time, then_col, then_time) AS
+    CASE WHEN then_time < first_time THEN then_col || ' before ' || first_col END;
+CREATE OR REPLACE TEMP MACRO fs_check_birth(t, birth_floor) AS
+    CASE WHEN t < birth_floor THEN 'time before birth: ' || strftime(t, '%Y-%m-%d %H:%M:%S') END;
+CREATE OR REPLACE TEMP MACRO fs_split(subject_id) AS
+    CASE WHEN ('0x' || substr(md5(subject_id::VARCHAR), 1, 8))::UBIGINT % 100 < 80 THEN 'train'
+         WHEN ('0x' || substr(md5(subject_id::VARCHAR), 1, 8))::UBIGINT % 100 < 90 THEN 'tuning'
+         ELSE 'held_out' END;
+"""
+
+
+def split_of(subject_id: int) -> str:
+    """The MEDS split of a subject: a stable hash, so it never changes when data is added.
+
+    Same rule as the ``fs_split`` SQL macro (md5 of the decimal id, first 32 bits, mod 100).
+
+    >>> split_of(10000032)
+    'tuning'
+    """
+    import hashlib
+
+    bucket = int(hashlib.md5(str(subject_id).encode()).hexdigest()[:8], 16) % 100
+    for split, (lo, hi) in SPLIT_BUCKETS.items():
+        if lo <= bucket < hi:
+            return split
+    raise AssertionError("unreachable: buckets cover 0..99")
+
+
+# --- Warehouse DDL -----------------------------------------------------------------------------------------
+
+WAREHOUSE_DDL: Final = """
+CREATE TABLE IF NOT EXISTS events (
+    subject_id    BIGINT    NOT NULL,
+    time          TIMESTAMP,              -- NULL only for static facts
+    code          VARCHAR   NOT NULL,
+    numeric_value FLOAT,
+    text_value    VARCHAR,
+    unit          VARCHAR,
+    encounter_id  VARCHAR,
+    source        VARCHAR   NOT NULL,     -- the load that owns this row (replaced on re-load)
+    source_table  VARCHAR   NOT NULL,     -- input table/file it came from
+    load_id       VARCHAR   NOT NULL      -- etl_runs.run_id
+);
+
+CREATE TABLE IF NOT EXISTS codes (
+    code         VARCHAR PRIMARY KEY,
+    description  VARCHAR,
+    kind         VARCHAR NOT NULL,
+    parent_codes VARCHAR[],               -- ancestors, nearest first, in Foresight code form
+    source       VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS subject_splits (
+    subject_id BIGINT PRIMARY KEY,
+    split      VARCHAR NOT NULL CHECK (split IN ('train', 'tuning', 'held_out'))
+);
+
+CREATE TABLE IF NOT EXISTS subject_map (
+    source     VARCHAR NOT NULL,
+    source_id  VARCHAR NOT NULL,
+    subject_id BIGINT  NOT NULL,
+    PRIMARY KEY (source, source_id)
+);
+
+CREATE TABLE IF NOT EXISTS etl_runs (
+    run_id           VARCHAR PRIMARY KEY,
+    source           VARCHAR   NOT NULL,
+    source_kind      VARCHAR   NOT NULL,  -- mimic-iv, synthea, fhir, meds, notes, simulator
+    input_path       VARCHAR   NOT NULL,
+    input_checksums  JSON      NOT NULL,  -- {relative file: sha256}
+    started_at       TIMESTAMP NOT NULL,
+    finished_at      TIMESTAMP NOT NULL,
+    rows_read        BIGINT    NOT NULL,
+    rows_loaded      BIGINT    NOT NULL,
+    rows_quarantined BIGINT    NOT NULL,
+    rows_dropped     BIGINT    NOT NULL,
+    dropped_reasons  JSON      NOT NULL,  -- {reason: rows}
+    events_loaded    BIGINT    NOT NULL,
+    subjects         BIGINT    NOT NULL,
+    missing_tables   JSON      NOT NULL,  -- optional inputs that were absent
+    foresight_version VARCHAR  NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS etl_tables (
+    run_id           VARCHAR NOT NULL,
+    source_table     VARCHAR NOT NULL,
+    file             VARCHAR NOT NULL,
+    sha256           VARCHAR NOT NULL,
+    rows_read        BIGINT  NOT NULL,
+    rows_loaded      BIGINT  NOT NULL,
+    rows_quarantined BIGINT  NOT NULL,
+    rows_dropped     BIGINT  NOT NULL,
+    events           BIGINT  NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS quarantine (
+    run_id       VARCHAR NOT NULL,
+    source       VARCHAR NOT NULL,
+    source_file  VARCHAR NOT NULL,
+    row_number   BIGINT,                  -- 1-based line in the file (header = line 1); NULL if unknown
+    reason       VARCHAR NOT NULL,
+    raw          VARCHAR                  -- the offending row as read (never altered)
+);
+"""
+
+WAREHOUSE_TABLES: Final = (
+    "events",
+    "codes",
+    "subject_splits",
+    "subject_map",
+    "etl_runs",
+    "etl_tables",
+    "quarantine",
+)
