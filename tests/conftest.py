@@ -1,0 +1,125 @@
+"""Shared fixtures. Real-data tests use ../shared/data (marked `shared_data`) and skip cleanly without it."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Offline, quiet, hermetic settings for every library the tests touch (set before they are imported).
+_PREFECT_HOME = tempfile.mkdtemp(prefix="foresight-prefect-")
+os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MEDCAT_DISABLE_VERSION_CHECK", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FORESIGHT_SHARED_DATA", REPO.parent / "shared" / "data"))
+MIMIC_DEMO = SHARED_DATA / "mimic-iv-demo-2.2"
+
+requires_mimic = pytest.mark.skipif(
+    not (MIMIC_DEMO / "hosp" / "patients.csv.gz").exists(),
+    reason=f"MIMIC-IV demo not found at {MIMIC_DEMO} (../shared/data is absent)",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests that read the shared data carry the `shared_data` marker, so `-m "not shared_data"` selects the rest.
+    for item in items:
+        if "mimic_demo" in getattr(item, "fixturenames", ()) or "demo_db" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared_data)
+
+
+@pytest.fixture(scope="session")
+def mimic_demo() -> Path:
+    if not (MIMIC_DEMO / "hosp" / "patients.csv.gz").exists():
+        pytest.skip(f"MIMIC-IV demo not found at {MIMIC_DEMO} (../shared/data is absent)")
+    return MIMIC_DEMO
+
+
+@pytest.fixture(scope="session")
+def demo_db(mimic_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A warehouse with the MIMIC-IV demo loaded once for the whole session (tests must not modify it)."""
+    from foresight import warehouse
+    from foresight.sources import mimic_iv
+
+    db = tmp_path_factory.mktemp("demo") / "warehouse.duckdb"
+    con = warehouse.connect(db)
+    try:
+        mimic_iv.load(con, mimic_demo)
+    finally:
+        con.close()
+    return db
+
+
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """Rows of a (gzipped) CSV with Python's csv module: the independent reference for counts."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_csv_gz(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def tiny_mimic(tmp_path: Path) -> Path:
+    """A hand-written MIMIC-IV folder: 3 patients, 4 admissions, diagnoses, labs; one bad row in each table.
+
+    Subject 3 is 91 (top-coded age) and died in hospital; subject 1's admission 101 has a diagnosis list.
+    """
+    root = tmp_path / "mimic"
+    write_csv_gz(root / "hosp" / "patients.csv.gz", ["subject_id", "gender", "anchor_age", "anchor_year", "dod"], [
+        [1, "F", 50, 2150, ""],
+        [2, "M", 30, 2160, ""],
+        [3, "F", 91, 2170, "2171-03-04"],
+        ["x7", "M", 40, 2150, ""],                     # non-integer subject id
+    ])
+    adm_header = ["subject_id", "hadm_id", "admittime", "dischtime", "deathtime", "admission_type",
+                  "admission_location", "discharge_location", "insurance", "language", "marital_status", "race",
+                  "edregtime", "edouttime"]
+    write_csv_gz(root / "hosp" / "admissions.csv.gz", adm_header, [
+        [1, 101, "2150-05-01 10:00:00", "2150-05-06 12:00:00", "", "EW EMER.", "EMERGENCY ROOM", "HOME",
+         "Medicare", "ENGLISH", "MARRIED", "WHITE", "2150-05-01 08:00:00", "2150-05-01 10:30:00"],
+        [2, 201, "2160-01-10 09:00:00", "2160-01-12 09:00:00", "", "ELECTIVE", "PHYSICIAN REFERRAL", "HOME",
+         "Other", "ENGLISH", "", "ASIAN", "", ""],
+        [3, 301, "2171-03-01 00:00:00", "2171-03-04 06:00:00", "2171-03-04 06:00:00", "URGENT",
+         "TRANSFER FROM HOSPITAL", "DIED", "Medicare", "", "WIDOWED", "WHITE", "", ""],
+        [2, 202, "2160-02-10 09:00:00", "2160-02-01 09:00:00", "", "URGENT", "", "HOME", "", "", "", "",
+         "", ""],                                     # discharged before admitted
+    ])
+    write_csv_gz(root / "hosp" / "diagnoses_icd.csv.gz", ["subject_id", "hadm_id", "seq_num", "icd_code",
+                                                          "icd_version"], [
+        [1, 101, 1, "E1165", 10],
+        [1, 101, 2, "I10", 10],
+        [3, 301, 1, "4019", 9],
+        [2, 202, 1, "J189", 10],                      # its admission is quarantined: cannot be timed
+        [9, 101, 1, "I10", 10],                       # unknown subject
+    ])
+    write_csv_gz(root / "hosp" / "d_icd_diagnoses.csv.gz", ["icd_code", "icd_version", "long_title"], [
+        ["E1165", 10, "Type 2 diabetes mellitus with hyperglycemia"],
+        ["E11", 10, "Type 2 diabetes mellitus"],
+        ["I10", 10, "Essential (primary) hypertension"],
+        ["4019", 9, "Unspecified essential hypertension"],
+    ])
+    write_csv_gz(root / "hosp" / "labevents.csv.gz", ["labevent_id", "subject_id", "hadm_id", "specimen_id",
+                                                      "itemid", "charttime", "storetime", "value", "valuenum",
+                                                      "valueuom"], [
+        [1, 1, 101, 11, 50912, "2150-05-01 11:00:00", "2150-05-01 12:30:00", "1.1", "1.1", "mg/dL"],
+        [2, 1, 101, 11, 50931, "2150-05-01 11:00:00", "", "NEG", "", ""],
+        [3, 2, "", 12, 50912, "not a time", "", "0.9", "0.9", "mg/dL"],      # unparseable charttime
+        [4, 2, "", 13, 50912, "1900-01-01 00:00:00", "", "0.9", "0.9", "mg/dL"],  # before birth
+        [5, 1, 101, 14, 50912, "2150-05-02 11:00:00", "", "1e300", "1e300", "mg/dL"],  # absurd value
+    ])
+    return root
