@@ -1,0 +1,164 @@
+"""Benchmark the MIMIC-IV -> warehouse load: wall time, events/s and peak RSS.
+
+Inputs: the MIMIC-IV demo and copies replicated 10x and 100x (subject/admission/stay ids offset per copy,
+written once under bench/out/, which git ignores), so the growth of cost with size is visible.
+
+Each size runs ``foresight etl mimic-iv --json`` in a fresh process ``--runs`` times (median reported); peak
+RSS is the child's own ``ru_maxrss`` from ``os.wait4``. With ``--baseline VENV`` the reference MIMIC-IV MEDS
+ETL (PyPI mimic-iv-meds on MEDS-Extract, installed in that separate venv; never a project dependency) runs on
+the demo in the same session, so the ratio compares like with like on this machine.
+
+    python bench/etl.py                      # demo, 10x, 100x; 3 runs each
+    python bench/etl.py --sizes 1 --runs 5 --baseline /tmp/refbench/venv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = Path(os.environ.get("FORESIGHT_SHARED_DATA", REPO.parent / "shared" / "data")) / "mimic-iv-demo-2.2"
+OUT = REPO / "bench" / "out"
+# Columns that identify a subject or an encounter; offset per copy so copies never collide.
+ID_COLUMNS = ("subject_id", "hadm_id", "stay_id", "pharmacy_id")
+ID_OFFSET = 100_000_000
+
+
+def replicate(src: Path, dst: Path, copies: int) -> Path:
+    """Write ``copies`` concatenated copies of every CSV in ``src`` with offset ids (DuckDB, vectorised)."""
+    import duckdb
+
+    marker = dst / ".complete"
+    if marker.exists():
+        return dst
+    shutil.rmtree(dst, ignore_errors=True)
+    con = duckdb.connect()
+    for f in sorted(src.glob("*/*.csv.gz")):
+        out = dst / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if f.name.startswith("d_") or f.name in ("provider.csv.gz", "caregiver.csv.gz"):
+            shutil.copy(f, out)  # dictionaries are not per patient
+            continue
+        cols = [r[0] for r in con.execute("DESCRIBE SELECT * FROM read_csv(?, all_varchar=true)", [str(f)]).fetchall()]
+        select = ", ".join(
+            f"(TRY_CAST(\"{c}\" AS BIGINT) + k * {ID_OFFSET})::VARCHAR AS \"{c}\"" if c in ID_COLUMNS else f'"{c}"'
+            for c in cols
+        )
+        con.execute(
+            f"COPY (SELECT {select} FROM read_csv(?, all_varchar=true), range(?) t(k) ORDER BY k) "
+            f"TO '{out}' (HEADER, COMPRESSION gzip)",
+            [str(f), copies],
+        )
+    marker.touch()
+    return dst
+
+
+def run_once(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS MiB, stdout) of one child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    out, errs = proc.stdout.read().decode(), proc.stderr.read().decode()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{errs[-3000:]}")
+    return wall, usage.ru_maxrss / 1024, out
+
+
+def bench_foresight(inp: Path, runs: int) -> dict:
+    foresight = Path(sys.executable).with_name("foresight")
+    walls, rss, events = [], [], 0
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            wall, peak, out = run_once([str(foresight), "etl", "mimic-iv", "--input", str(inp),
+                                        "--db", f"{tmp}/w.duckdb", "--json"])
+        events = json.loads(out.strip().splitlines()[-1])["events"]
+        walls.append(wall)
+        rss.append(peak)
+    return {"wall_s": statistics.median(walls), "walls": walls, "rss_mib": statistics.median(rss), "events": events}
+
+
+def reference_input() -> Path:
+    """The reference ETL wants the raw tables and mimic-code's concept maps in one folder, and chartevents
+    present: symlinks, the concept maps from ../shared/data, and a header-only chartevents."""
+    import gzip
+
+    raw = OUT / "reference-input"
+    if (raw / ".complete").exists():
+        return raw
+    shutil.rmtree(raw, ignore_errors=True)
+    for folder in ("hosp", "icu"):
+        (raw / folder).mkdir(parents=True)
+        for f in (DEMO / folder).iterdir():
+            (raw / folder / f.name).symlink_to(f)
+    for f in (DEMO.parent / "mimic-code-concept-maps").glob("*.csv"):
+        (raw / f.name).symlink_to(f)
+    with gzip.open(raw / "icu" / "chartevents.csv.gz", "wt") as fh:
+        fh.write("subject_id,hadm_id,stay_id,caregiver_id,charttime,storetime,itemid,value,valuenum,valueuom,warning\n")
+    (raw / ".complete").touch()
+    return raw
+
+
+def bench_reference(venv: Path, runs: int) -> dict:
+    """The reference ETL: `meds-extract-run spec=MIMIC-IV` on the demo (its stages are child processes;
+    wait4's ru_maxrss covers them)."""
+    import pyarrow.parquet as pq
+
+    raw = reference_input()
+    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
+    walls, rss, events = [], [], 0
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [str(venv / "bin" / "meds-extract-run"), "spec=MIMIC-IV", f"output_dir={tmp}/out",
+                   "do_download=False", f"input_dir={raw}"]
+            wall, peak, _ = run_once(cmd, env)
+            events = sum(pq.read_metadata(p).num_rows for p in Path(tmp, "out", "data").rglob("*.parquet"))
+        walls.append(wall)
+        rss.append(peak)
+    return {"wall_s": statistics.median(walls), "walls": walls, "rss_mib": statistics.median(rss), "events": events}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100], help="replication factors")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--baseline", type=Path, help="venv with mimic-iv-meds installed (reference ETL)")
+    args = ap.parse_args()
+    if not DEMO.exists():
+        sys.exit(f"MIMIC-IV demo not found at {DEMO}")
+
+    rows = []
+    if args.baseline:
+        ref = bench_reference(args.baseline, args.runs)
+        rows.append(("reference mimic-iv-meds 0.2.0, demo", ref))
+    for k in args.sizes:
+        inp = DEMO if k == 1 else replicate(DEMO, OUT / f"mimic-x{k}", k)
+        r = bench_foresight(inp, args.runs)
+        rows.append((f"foresight etl mimic-iv, demo x{k}", r))
+        print(f"x{k}: {r}", file=sys.stderr)
+
+    print(f"\n### {date.today()} - ETL, {platform.node()} ({os.cpu_count()} cores), median of {args.runs}\n")
+    print("| input | events | wall s (median) | events/s | peak RSS MiB | runs (s) |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['events']:,} | {r['wall_s']:.2f} | {r['events'] / r['wall_s']:,.0f} | "
+              f"{r['rss_mib']:.0f} | {', '.join(f'{w:.2f}' for w in r['walls'])} |")
+    if args.baseline and any(n.endswith("demo x1") for n, _ in rows):
+        ours = next(r for n, r in rows if n.endswith("demo x1"))
+        print(f"\nratio (reference / foresight) on the demo: wall {rows[0][1]['wall_s'] / ours['wall_s']:.1f}x, "
+              f"peak RSS {rows[0][1]['rss_mib'] / ours['rss_mib']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
