@@ -129,6 +129,44 @@ def export_meds(
 
 
 @app.command()
+def tokenize(
+    db: Annotated[Path, typer.Option("--db", help="Warehouse file (DuckDB) to read.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for vocab.json and the token shards.")],
+    min_subjects: Annotated[int, typer.Option(help="Privacy floor: train subjects a token must cover.")] = 10,
+    dedup_window_minutes: Annotated[
+        float, typer.Option(help="Drop repeats of the same code within this many minutes (0 keeps all).")] = 0.0,
+    config: Annotated[Path | None, typer.Option(help="JSON file with any TokenizerConfig fields.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Fit the vocabulary on the train split and write packed token shards for train/tuning/held_out."""
+    from rich.progress import Progress
+
+    from foresight import tokenizer
+
+    fields: dict[str, Any] = json.loads(config.read_text()) if config else {}
+    fields.setdefault("min_subjects", min_subjects)
+    fields.setdefault("dedup_window_minutes", dedup_window_minutes)
+    try:
+        cfg = tokenizer.TokenizerConfig.from_dict(fields)
+    except TypeError as exc:
+        _fail(f"{config}: {exc}")
+    try:
+        with Progress(console=err, transient=True) as progress:
+            tasks: dict[str, Any] = {}
+
+            def report(split: str, done: int, total: int) -> None:
+                if split not in tasks:
+                    tasks[split] = progress.add_task(f"encoding {split}", total=total)
+                progress.update(tasks[split], completed=done)
+
+            summary = tokenizer.tokenize(db, out, cfg, progress=report)
+    except tokenizer.TokenizeError as exc:
+        _fail(str(exc))
+    _emit(summary, as_json, f"vocabulary of {summary['vocab_size']:,} tokens; tokens per split {summary['tokens']}; "
+                            f"rare-code rules {summary['rare_mapping']}; written to {out}")
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its warehouse, model and reports.")] = Path(
         "work/demo"

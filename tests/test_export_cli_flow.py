@@ -51,7 +51,7 @@ def test_meds_export_is_valid_meds(demo_db, tmp_path):
     assert meta["meds_version"] == schema.MEDS_VERSION and meta["etl_name"] == "foresight"
 
 
-@pytest.mark.parametrize("cmd", [[], ["etl"], ["etl", "mimic-iv"], ["export", "meds"], ["demo"]])
+@pytest.mark.parametrize("cmd", [[], ["etl"], ["etl", "mimic-iv"], ["export", "meds"], ["tokenize"], ["demo"]])
 def test_every_command_has_help(cmd):
     proc = _cli(*cmd, "--help")
     assert "Usage" in proc.stdout

@@ -1,0 +1,182 @@
+"""Packed token shards and the training rows drawn from them.
+
+A split on disk (written by :func:`foresight.tokenizer.tokenize`) is a flat memory-mapped array of token ids,
+the token clock per token, and an index of subject boundaries. Training reads fixed-length rows:
+
+- **Document masking, not one-patient windows.** A row is filled with consecutive pieces of different
+  subjects; ``position_ids`` restart at 0 at every piece, which makes transformers build a block-diagonal
+  causal mask (its packed-sequence path), so no token ever attends to another subject's tokens. The label that
+  would predict across a piece boundary is ignored (-100). Nothing is padded except the few slots at the end
+  of a row that cannot hold another prefix plus one token (reported as ``padding_fraction``; ~1% at 512).
+- **Every piece starts with the static prefix.** A long timeline is cut into pieces; a continuation piece
+  starts with the subject's head (BOS, sex, race, birth band) followed by the YEAR and AGE markers that hold
+  at the cut, so the model always knows who the tokens are about and when. Cuts never separate a value token
+  from its code.
+- **Reproducible and resumable.** The row plan of an epoch is a pure function of (seed, epoch): subjects are
+  shuffled, then packed; resuming at (epoch, row) continues exactly where an interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from foresight.tokenizer import (
+    INDEX_DTYPE,
+    MINUTE,
+    NO_TIME,
+    PAD,
+    QUANTILE_PREFIX,
+    Vocabulary,
+    _ages,
+    _years_of,
+)
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Which token slices fill which row; arrays are parallel over pieces (in row order)."""
+
+    seq_len: int
+    row: np.ndarray  # (n_pieces,) row index
+    subject: np.ndarray  # index into the split's subject index
+    start: np.ndarray  # absolute token offset of the piece's body slice
+    length: np.ndarray  # body tokens in the piece
+    continuation: np.ndarray  # bool: the piece continues a cut timeline (head + markers re-inserted)
+    n_rows: int
+    padding: int  # padded slots over all rows
+
+    @property
+    def padding_fraction(self) -> float:
+        return self.padding / max(1, self.n_rows * (self.seq_len + 1))
+
+
+class PackedSplit:
+    """One split of a tokenized dataset: memory-mapped tokens, token clock and subject index."""
+
+    def __init__(self, data_dir: str | Path, split: str, vocab: Vocabulary | None = None) -> None:
+        data_dir = Path(data_dir)
+        if not (data_dir / f"{split}.bin").exists():
+            raise FileNotFoundError(f"{data_dir / (split + '.bin')}: no such split (run `foresight tokenize` first)")
+        self.vocab = vocab or Vocabulary.load(data_dir / "vocab.json")
+        self.split = split
+        n = (data_dir / f"{split}.bin").stat().st_size // np.dtype(self.vocab.dtype).itemsize
+        self.tokens = np.memmap(data_dir / f"{split}.bin", dtype=self.vocab.dtype, mode="r", shape=(n,)) if n else \
+            np.zeros(0, dtype=self.vocab.dtype)
+        self.clock_min = np.memmap(data_dir / f"{split}.clock.bin", dtype=np.int32, mode="r", shape=(n,)) if n else \
+            np.zeros(0, dtype=np.int32)
+        self.index = np.load(data_dir / f"{split}.index.npy")
+        assert self.index.dtype == INDEX_DTYPE, f"{split}.index.npy has an unexpected layout"
+        self._q_ids = np.array([i for i, t in enumerate(self.vocab.tokens) if t.startswith(QUANTILE_PREFIX)
+                                and t[1:].isdigit()])
+        self._pad = self.vocab.index[PAD]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def subject_tokens(self, i: int) -> np.ndarray:
+        r = self.index[i]
+        return np.asarray(self.tokens[r["offset"]:r["offset"] + r["length"]], dtype=np.int64)
+
+    def continuation_prefix(self, i: int, pos: int) -> np.ndarray:
+        """Head of subject ``i`` plus the YEAR/AGE markers that hold at absolute token position ``pos``."""
+        r = self.index[i]
+        head = np.asarray(self.tokens[r["offset"]:r["offset"] + r["head_len"]], dtype=np.int64)
+        cfg = self.vocab.config
+        if r["t0"] == NO_TIME:
+            return head
+        clock = np.array([int(r["t0"]) + int(self.clock_min[pos]) * MINUTE], dtype=np.int64)
+        markers = []
+        if cfg.year_tokens:
+            markers.append(int(self.vocab.marker_ids("YEAR", _years_of(clock))[0]))
+        if cfg.age_tokens:
+            if r["birth"] == NO_TIME:
+                markers.append(self.vocab.index["AGE//UNK"])
+            else:
+                markers.append(int(self.vocab.marker_ids("AGE", _ages(clock, np.array([r["birth"]])))[0]))
+        return np.concatenate([head, np.array(markers, dtype=np.int64)])
+
+    def _continuation_len(self, i: int) -> int:
+        cfg = self.vocab.config
+        return int(self.index[i]["head_len"]) + (int(cfg.year_tokens) + int(cfg.age_tokens)
+                                                  if self.index[i]["t0"] != NO_TIME else 0)
+
+    def plan(self, seq_len: int, *, seed: int, epoch: int, min_body: int = 2) -> RowPlan:
+        """Pack every subject's timeline into rows of ``seq_len + 1`` tokens (inputs + shifted labels)."""
+        width = seq_len + 1
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(self.index))
+        rows, subj, start, length, cont = [], [], [], [], []
+        row, fill, padding = 0, 0, 0
+        q_ids = set(self._q_ids.tolist())
+        for i in order:
+            r = self.index[i]
+            pos, end = int(r["offset"] + r["prefix_len"]), int(r["offset"] + r["length"])
+            first = True
+            while first or pos < end:
+                pre = int(r["prefix_len"]) if first else self._continuation_len(i)
+                if pre + min(min_body, end - pos) > width:
+                    raise ValueError(f"seq_len {seq_len} cannot hold a prefix of {pre} tokens plus a token")
+                space = width - fill
+                if space < pre + min(min_body, max(end - pos, 1)):
+                    padding += space
+                    row, fill = row + 1, 0
+                    continue
+                take = min(end - pos, space - pre)
+                if pos + take < end and take > 1 and int(self.tokens[pos + take]) in q_ids:
+                    take -= 1  # never separate a value token from its code
+                rows.append(row)
+                subj.append(i)
+                start.append(pos)
+                length.append(take)
+                cont.append(not first)
+                fill += pre + take
+                pos += take
+                first = False
+                if fill == width:
+                    row, fill = row + 1, 0
+        if fill:
+            padding += width - fill
+            row += 1
+        return RowPlan(seq_len, np.array(rows, dtype=np.int64), np.array(subj, dtype=np.int64),
+                       np.array(start, dtype=np.int64), np.array(length, dtype=np.int64),
+                       np.array(cont, dtype=bool), row, padding)
+
+    def row(self, plan: RowPlan, r: int) -> dict[str, np.ndarray]:
+        """Row ``r`` of a plan: ``input_ids``, ``labels`` and ``position_ids``, each of ``plan.seq_len``."""
+        lo, hi = np.searchsorted(plan.row, [r, r + 1])
+        ids, pos_ids, starts = [], [], []
+        n = 0
+        for p in range(lo, hi):
+            i, s, ln = int(plan.subject[p]), int(plan.start[p]), int(plan.length[p])
+            if plan.continuation[p]:
+                pre = self.continuation_prefix(i, s)
+            else:
+                off = int(self.index[i]["offset"])
+                pre = np.asarray(self.tokens[off:s], dtype=np.int64)
+            piece = np.concatenate([pre, np.asarray(self.tokens[s:s + ln], dtype=np.int64)])
+            ids.append(piece)
+            pos_ids.append(np.arange(len(piece)))
+            starts.append(n)
+            n += len(piece)
+        width = plan.seq_len + 1
+        if n < width:  # the row's unusable tail: PAD, its own masked block, no loss
+            ids.append(np.full(width - n, self._pad, dtype=np.int64))
+            pos_ids.append(np.arange(width - n))
+            starts.append(n)
+        seq = np.concatenate(ids)
+        positions = np.concatenate(pos_ids)
+        labels = seq[1:].copy()
+        boundary = np.zeros(width, dtype=bool)
+        boundary[np.array(starts[1:], dtype=np.int64)] = True
+        labels[boundary[1:]] = IGNORE_INDEX  # never predict the first token of the next piece
+        labels[seq[1:] == self._pad] = IGNORE_INDEX
+        return {"input_ids": seq[:-1], "labels": labels, "position_ids": positions[:-1]}
