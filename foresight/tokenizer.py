@@ -745,14 +745,19 @@ def register_code_map(con: Any, vocab: Vocabulary) -> None:
 
 
 def encode_subjects(con: Any, vocab: Vocabulary, lo: int, hi: int, split: str | None = None,
-                    as_of: datetime | None = None) -> EncodedChunk:
-    """Encode the subjects with ids in [lo, hi] (of ``split`` when given), from events up to ``as_of``."""
+                    as_of: datetime | None = None, cohort_table: str | None = None) -> EncodedChunk:
+    """Encode the subjects with ids in [lo, hi] (of ``split`` / in ``cohort_table(subject_id)`` when given),
+    from their events up to ``as_of``. ``register_code_map`` must have run on ``con``."""
     cfg = vocab.config
     where = ["e.subject_id BETWEEN ? AND ?"]
     params: list[Any] = [lo, hi]
     if split is not None:
         where.append("e.subject_id IN (SELECT subject_id FROM subject_splits WHERE split = ?)")
         params.append(split)
+    if cohort_table is not None:
+        if not cohort_table.isidentifier():
+            raise ValueError(f"not a table name: {cohort_table!r}")
+        where.append(f"e.subject_id IN (SELECT subject_id FROM {cohort_table})")
     if as_of is not None:
         where.append("(e.time IS NULL OR e.time <= ?)")
         params.append(as_of)

@@ -1,0 +1,74 @@
+"""The "forecast hospitalisation rates" flow: cohort as of a date -> weekly expected admissions with intervals.
+
+Writes the forecast JSON and PNG next to each other and publishes both as Prefect artifacts (a table of the
+weekly figures and a markdown summary naming the files), so analysts see every Monday's run in the UI.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from foresight import warehouse
+from foresight.forecast import Forecaster, cohort_as_of, plot_population, population_rates, weekly_history
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
+def select_cohort(db: Path, as_of: datetime, split: str | None, max_subjects: int | None,
+                  codes: tuple[str, ...], history_weeks: int) -> tuple[list[int], list[tuple[datetime, int]]]:
+    """The cohort alive at ``as_of`` and its observed weekly history."""
+    con = warehouse.connect(db, read_only=True)
+    try:
+        ids = cohort_as_of(con, as_of, split=split, limit=max_subjects)
+        return ids, weekly_history(con, ids, as_of, history_weeks, codes)
+    finally:
+        con.close()
+
+
+@task(cache_policy=NO_CACHE)
+def forecast_rates(model: Path, db: Path, ids: list[int], as_of: datetime, horizon_days: float, samples: int,
+                   codes: tuple[str, ...], history: list[tuple[datetime, int]], seed: int) -> dict[str, Any]:
+    """Sample futures for the cohort and aggregate weekly counts."""
+    fc = Forecaster.from_pretrained(model)
+    con = warehouse.connect(db, read_only=True)
+    try:
+        timelines = fc.timelines_from_warehouse(con, ids, as_of)
+    finally:
+        con.close()
+    return population_rates(fc, timelines, as_of, horizon_days, samples=samples, codes=codes, seed=seed,
+                            history=history).to_json()
+
+
+@flow(name="forecast hospitalisation rates")
+def forecast(model: Path, db: Path, as_of: datetime, horizon_days: float = 28, out_dir: Path = Path("work/forecast"),
+             samples: int = 20, codes: tuple[str, ...] = ("ADMIT//*",), split: str | None = None,
+             max_subjects: int | None = None, history_weeks: int = 52, seed: int = 0) -> dict[str, Any]:
+    """Forecast weekly ``codes`` events (admissions by default) for the cohort alive at ``as_of``."""
+    ids, history = select_cohort(db, as_of, split, max_subjects, tuple(codes), history_weeks)
+    if not ids:
+        raise ValueError(f"no living subject with events before {as_of} in {db}")
+    result = forecast_rates(model, db, ids, as_of, horizon_days, samples, tuple(codes), history, seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"forecast-{as_of:%Y%m%d}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    from foresight.forecast import PopulationForecast
+
+    png = plot_population(PopulationForecast(**result), out_dir / f"{stem}.png")
+    create_table_artifact(key="weekly-forecast", table=result["weeks"],
+                          description=f"Expected {', '.join(codes)} per week from {as_of:%Y-%m-%d}")
+    total = sum(w["mean"] for w in result["weeks"])
+    create_markdown_artifact(
+        key="forecast-summary",
+        markdown=f"**{total:.1f}** expected {', '.join(codes)} events for **{len(ids):,}** subjects over "
+                 f"{horizon_days:g} days from {as_of:%Y-%m-%d}.\n\nJSON: `{out_dir / (stem + '.json')}`  \n"
+                 f"Plot: `{png}`",
+    )
+    result["json"], result["plot"] = str(out_dir / f"{stem}.json"), str(png)
+    return result
