@@ -1,7 +1,10 @@
-"""Benchmark the MIMIC-IV -> warehouse load: wall time, events/s and peak RSS.
+"""Benchmark the loads into the warehouse: wall time, events/s and peak RSS.
 
 Inputs: the MIMIC-IV demo and copies replicated 10x and 100x (subject/admission/stay ids offset per copy,
-written once under bench/out/, which git ignores), so the growth of cost with size is visible.
+written once under bench/out/, which git ignores), so the growth of cost with size is visible. With
+``--sources`` the other sources run too, on the same sizes: the Synthea CSV and the FHIR bundles of
+../shared/data/synthea-ca-59pt (copies get every UUID rewritten per copy) and a MEDS dataset exported from the
+MIMIC demo warehouse (copies offset the subject ids).
 
 Each size runs ``foresight etl mimic-iv --json`` in a fresh process ``--runs`` times (median reported); peak
 RSS is the child's own ``ru_maxrss`` from ``os.wait4``. With ``--baseline VENV`` the reference MIMIC-IV MEDS
@@ -10,6 +13,7 @@ the demo in the same session, so the ratio compares like with like on this machi
 
     python bench/etl.py                      # demo, 10x, 100x; 3 runs each
     python bench/etl.py --sizes 1 --runs 5 --baseline /tmp/refbench/venv
+    python bench/etl.py --sources synthea fhir meds --sizes 1 10
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = Path(os.environ.get("FORESIGHT_SHARED_DATA", REPO.parent / "shared" / "data")) / "mimic-iv-demo-2.2"
+SHARED = Path(os.environ.get("FORESIGHT_SHARED_DATA", REPO.parent / "shared" / "data"))
+DEMO = SHARED / "mimic-iv-demo-2.2"
+SYNTHEA = SHARED / "synthea-ca-59pt"
 OUT = REPO / "bench" / "out"
 # Columns that identify a subject or an encounter; offset per copy so copies never collide.
 ID_COLUMNS = ("subject_id", "hadm_id", "stay_id", "pharmacy_id")
@@ -76,12 +82,12 @@ def run_once(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, 
     return wall, usage.ru_maxrss / 1024, out
 
 
-def bench_foresight(inp: Path, runs: int) -> dict:
+def bench_foresight(inp: Path, runs: int, kind: str = "mimic-iv") -> dict:
     foresight = Path(sys.executable).with_name("foresight")
     walls, rss, events = [], [], 0
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as tmp:
-            wall, peak, out = run_once([str(foresight), "etl", "mimic-iv", "--input", str(inp),
+            wall, peak, out = run_once([str(foresight), "etl", kind, "--input", str(inp),
                                         "--db", f"{tmp}/w.duckdb", "--json"])
         events = json.loads(out.strip().splitlines()[-1])["events"]
         walls.append(wall)
@@ -129,24 +135,127 @@ def bench_reference(venv: Path, runs: int) -> dict:
     return {"wall_s": statistics.median(walls), "walls": walls, "rss_mib": statistics.median(rss), "events": events}
 
 
+# --- inputs of the other sources ---------------------------------------------------------------------------
+
+SYNTHEA_TABLES = ("patients", "encounters", "conditions", "medications", "procedures", "immunizations", "allergies",
+                  "careplans", "devices", "imaging_studies", "observations")
+SYNTHEA_IDS = ("Id", "PATIENT", "ENCOUNTER")  # id columns a copy makes unique
+
+
+def synthea_input(copies: int) -> Path:
+    """The Synthea CSV export, or ``copies`` of its loaded tables with every id suffixed per copy (DuckDB)."""
+    if copies == 1:
+        return SYNTHEA / "csv"
+    import duckdb
+
+    dst = OUT / f"synthea-x{copies}"
+    if (dst / ".complete").exists():
+        return dst
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    con = duckdb.connect()
+    for name in SYNTHEA_TABLES:
+        src = SYNTHEA / "csv" / f"{name}.csv"
+        desc = con.execute("DESCRIBE SELECT * FROM read_csv(?, all_varchar=true)", [str(src)]).fetchall()
+        cols = [r[0] for r in desc]
+        select = ", ".join(f"CASE WHEN k = 0 THEN \"{c}\" ELSE \"{c}\" || '-c' || k END AS \"{c}\"" if c in SYNTHEA_IDS
+                           else f'"{c}"' for c in cols)
+        con.execute(f"COPY (SELECT {select} FROM read_csv(?, all_varchar=true), range(?) t(k) ORDER BY k) "
+                    f"TO '{dst / (name + '.csv')}' (HEADER)", [str(src), copies])
+    (dst / ".complete").touch()
+    return dst
+
+
+def fhir_input(copies: int) -> Path:
+    """The FHIR bundles, or ``copies`` of them with every UUID rewritten per copy (references stay consistent)."""
+    if copies == 1:
+        return SYNTHEA / "fhir"
+    import gzip
+    import re
+    import uuid
+
+    dst = OUT / f"fhir-x{copies}"
+    if (dst / ".complete").exists():
+        return dst
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    uuid_re = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+    for f in sorted((SYNTHEA / "fhir").glob("*.json.gz")):
+        data = gzip.decompress(f.read_bytes())
+        for k in range(copies):
+            text = data if k == 0 else uuid_re.sub(
+                lambda m, k=k: str(uuid.uuid5(uuid.NAMESPACE_URL, f"{k}:{m.group().decode()}")).encode(), data)
+            (dst / f"{k}-{f.name}").write_bytes(gzip.compress(text, compresslevel=1))
+    (dst / ".complete").touch()
+    return dst
+
+
+def meds_input(copies: int) -> Path:
+    """A MEDS dataset exported from the MIMIC demo warehouse; copies offset the subject ids (one shard each)."""
+    import duckdb
+
+    base = OUT / "meds-mimic-demo"
+    if not (base / ".complete").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        sys.path.insert(0, str(REPO))
+        from foresight import warehouse
+        from foresight.sources import mimic_iv
+
+        with tempfile.TemporaryDirectory() as tmp:
+            con = warehouse.connect(Path(tmp) / "w.duckdb")
+            mimic_iv.load(con, DEMO)
+            warehouse.export_meds(con, base)
+            con.close()
+        (base / ".complete").touch()
+    if copies == 1:
+        return base
+    dst = OUT / f"meds-mimic-demo-x{copies}"
+    if (dst / ".complete").exists():
+        return dst
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(base / "metadata", dst / "metadata")
+    (dst / "data").mkdir(parents=True)
+    (dst / "metadata" / "subject_splits.parquet").unlink()  # the copies' subjects get the stable hash split
+    con = duckdb.connect()
+    for k in range(copies):
+        con.execute(f"COPY (SELECT * REPLACE (subject_id + {k * ID_OFFSET} AS subject_id) FROM read_parquet(?)) "
+                    f"TO '{dst / 'data' / f'{k}.parquet'}'", [str(base / "data" / "0.parquet")])
+    (dst / ".complete").touch()
+    return dst
+
+
+INPUTS = {"synthea": (synthea_input, "Synthea CSV, synthea-ca-59pt"), "fhir": (fhir_input, "FHIR bundles, "
+          "synthea-ca-59pt (50 patients)"), "meds": (meds_input, "MEDS export of the MIMIC demo warehouse")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100], help="replication factors")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--baseline", type=Path, help="venv with mimic-iv-meds installed (reference ETL)")
+    ap.add_argument("--sources", nargs="+", default=["mimic-iv"], choices=["mimic-iv", *INPUTS],
+                    help="which loads to time (default: mimic-iv only)")
     args = ap.parse_args()
     if not DEMO.exists():
         sys.exit(f"MIMIC-IV demo not found at {DEMO}")
+    if set(args.sources) & {"synthea", "fhir"} and not SYNTHEA.exists():
+        sys.exit(f"Synthea export not found at {SYNTHEA}")
 
     rows = []
     if args.baseline:
         ref = bench_reference(args.baseline, args.runs)
         rows.append(("reference mimic-iv-meds 0.2.0, demo", ref))
-    for k in args.sizes:
+    for k in args.sizes if "mimic-iv" in args.sources else ():
         inp = DEMO if k == 1 else replicate(DEMO, OUT / f"mimic-x{k}", k)
         r = bench_foresight(inp, args.runs)
         rows.append((f"foresight etl mimic-iv, demo x{k}", r))
         print(f"x{k}: {r}", file=sys.stderr)
+    for kind in (s for s in args.sources if s in INPUTS):
+        make, label = INPUTS[kind]
+        for k in args.sizes:
+            r = bench_foresight(make(k), args.runs, kind)
+            rows.append((f"foresight etl {kind}, {label} x{k}", r))
+            print(f"{kind} x{k}: {r}", file=sys.stderr)
 
     print(f"\n### {date.today()} - ETL, {platform.node()} ({os.cpu_count()} cores), median of {args.runs}\n")
     print("| input | events | wall s (median) | events/s | peak RSS MiB | runs (s) |")

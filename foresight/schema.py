@@ -116,6 +116,13 @@ KINDS: Final = {
     "NOTE": "concept found in free text",
     "IMMUNIZATION": "vaccination",
     "ALLERGY": "allergy",
+    "DX_END": "diagnosis resolved (Synthea condition STOP, FHIR Condition.abatement)",
+    "CAREPLAN": "care plan started",
+    "CAREPLAN_END": "care plan ended",
+    "DEVICE": "device in use (start)",
+    "DEVICE_END": "device removed / no longer in use",
+    "IMAGING": "imaging series: IMAGING//<DICOM modality>//<SNOMED body site>",
+    "REPORT": "diagnostic report issued (FHIR DiagnosticReport, e.g. a lab panel)",
 }
 
 _PART_WS = re.compile(r"\s+")
@@ -197,6 +204,23 @@ CREATE OR REPLACE TEMP MACRO fs_check_order(first_col, first_time, then_col, the
     CASE WHEN then_time < first_time THEN then_col || ' before ' || first_col END;
 CREATE OR REPLACE TEMP MACRO fs_check_birth(t, birth_floor) AS
     CASE WHEN t < birth_floor THEN 'time before birth: ' || strftime(t, '%Y-%m-%d %H:%M:%S') END;
+-- ISO 8601 text with a UTC offset ('2021-08-22T20:26:50-07:00', '...Z') as UTC wall-clock time. fs_ts() alone
+-- drops the offset (keeps local wall-clock), which would shift FHIR times by hours against Synthea's UTC CSV times.
+CREATE OR REPLACE TEMP MACRO fs_ts_utc(x) AS
+    CASE WHEN regexp_matches(trim(x::VARCHAR), '[+-]\d\d:\d\d$')
+         THEN fs_ts(left(trim(x::VARCHAR), length(trim(x::VARCHAR)) - 6))
+              - to_minutes((CASE WHEN substr(trim(x::VARCHAR), -6, 1) = '-' THEN -1 ELSE 1 END)
+                           * (TRY_CAST(substr(trim(x::VARCHAR), -5, 2) AS INTEGER) * 60
+                              + TRY_CAST(substr(trim(x::VARCHAR), -2, 2) AS INTEGER)))
+         ELSE fs_ts(regexp_replace(trim(x::VARCHAR), '[Zz]$', '')) END;
+-- "Future" is after the moment the load runs (UTC, like every event time of the UUID-keyed sources).
+CREATE OR REPLACE TEMP MACRO fs_check_future(col, t) AS
+    CASE WHEN t > (now() AT TIME ZONE 'UTC')
+         THEN 'time in the future (after the load ran): ' || col || ' ' || strftime(t, '%Y-%m-%d %H:%M:%S') END;
+-- Stable subject id for a non-integer patient id (Synthea/FHIR UUIDs), same rule as uuid_subject_id().
+CREATE OR REPLACE TEMP MACRO fs_uuid_subject(x) AS
+    (4611686018427387904 + (('0x' || substr(md5(lower(trim(x::VARCHAR))), 1, 16))::UBIGINT
+                            % 4611686018427387904::UBIGINT))::BIGINT;
 CREATE OR REPLACE TEMP MACRO fs_split(subject_id) AS
     CASE WHEN ('0x' || substr(md5(subject_id::VARCHAR), 1, 8))::UBIGINT % 100 < 80 THEN 'train'
          WHEN ('0x' || substr(md5(subject_id::VARCHAR), 1, 8))::UBIGINT % 100 < 90 THEN 'tuning'
@@ -219,6 +243,29 @@ def split_of(subject_id: int) -> str:
         if lo <= bucket < hi:
             return split
     raise AssertionError("unreachable: buckets cover 0..99")
+
+
+# Subject ids for sources whose patient ids are not integers (Synthea and FHIR use UUIDs). The id is a stable
+# hash of the normalised (trimmed, lower-case) patient id, so it is the same in every warehouse, in every load
+# order, and for the CSV and the FHIR copy of one Synthea export; ids live in [2**62, 2**63), above any integer id
+# a source such as MIMIC-IV or a MEDS dataset uses, so the two never collide. With 62 bits a collision between two
+# patients has probability ~n**2 / 2**63 (1e-5 for 10 million patients); loads check for one and refuse it.
+UUID_SUBJECT_BASE: Final = 1 << 62
+
+
+def uuid_subject_id(source_id: str) -> int:
+    """The subject id of a UUID-keyed patient (same rule as the ``fs_uuid_subject`` SQL macro).
+
+    >>> a = uuid_subject_id("593aaa05-d864-1df7-5b96-155fbdb19f28")
+    >>> a == uuid_subject_id(" 593AAA05-D864-1DF7-5B96-155FBDB19F28")
+    True
+    >>> a >= UUID_SUBJECT_BASE
+    True
+    """
+    import hashlib
+
+    digest = int(hashlib.md5(source_id.strip().lower().encode()).hexdigest()[:16], 16)
+    return UUID_SUBJECT_BASE + digest % UUID_SUBJECT_BASE
 
 
 # --- Warehouse DDL -----------------------------------------------------------------------------------------
@@ -288,6 +335,20 @@ CREATE TABLE IF NOT EXISTS etl_tables (
     events           BIGINT  NOT NULL
 );
 
+-- Free-text clinical notes (FHIR DocumentReference text, decoded), for the notes source to annotate. ``time`` is
+-- when the note became available (leak-free, like events); rows are replaced per source on re-load.
+CREATE TABLE IF NOT EXISTS notes (
+    subject_id   BIGINT  NOT NULL,
+    time         TIMESTAMP,
+    note_id      VARCHAR NOT NULL,        -- the source's document id
+    note_type    VARCHAR,                 -- e.g. LOINC//34117-2 (History and physical note)
+    encounter_id VARCHAR,
+    text         VARCHAR NOT NULL,
+    source       VARCHAR NOT NULL,
+    source_table VARCHAR NOT NULL,
+    load_id      VARCHAR NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS quarantine (
     run_id       VARCHAR NOT NULL,
     source       VARCHAR NOT NULL,
@@ -306,4 +367,5 @@ WAREHOUSE_TABLES: Final = (
     "etl_runs",
     "etl_tables",
     "quarantine",
+    "notes",
 )

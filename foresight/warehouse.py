@@ -11,6 +11,12 @@ A load is staged, then published. Every source adapter works the same way:
 3. ``session.publish(codes_sql)`` replaces this source's rows in ONE transaction (delete its old events and
    quarantine rows, insert the staged ones, add codes, splits and the ``etl_runs`` row) and commits.
 
+Inputs that are not one CSV per table (FHIR bundles, MEDS parquet shards) stage ``fs_stage.raw_<table>``
+themselves and account for it with ``register_scan(CsvScan(...))``; their ``v_<table>`` may carry
+``_source_file`` and ``_source_row`` so a quarantined row names the exact bundle/shard and its position. A table
+may also produce free-text notes (view ``n_<table>``), and a source may stage ``subject_map`` rows
+(:meth:`Load.stage_subject_map`) and given splits (:meth:`Load.stage_splits`); all are written by ``publish``.
+
 Staging lives in TEMP tables, outside any transaction, so a failing table can be retried and a crash at any
 point before the commit leaves the warehouse exactly as it was.
 """
@@ -70,6 +76,7 @@ def connect(path: str | Path, *, read_only: bool = False, memory_limit: str | No
     con = duckdb.connect(str(path), read_only=read_only)
     con.execute(f"SET memory_limit = '{memory_limit or os.environ.get('FORESIGHT_DUCKDB_MEMORY', '2GB')}'")
     con.execute("SET preserve_insertion_order = true")  # row numbers of CSV scans follow the file
+    con.execute("SET enable_progress_bar = false")  # our CLI shows its own progress on stderr
     if not read_only:
         con.execute(WAREHOUSE_DDL)
     con.execute(SQL_MACROS)
@@ -116,6 +123,7 @@ class TableResult:
     rows_dropped: int = 0
     events: int = 0
     dropped_reasons: dict[str, int] = field(default_factory=dict)
+    notes: int = 0
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,7 @@ class LoadSummary:
     tables: list[TableResult]
     missing_tables: list[str]
     warnings: list[str]
+    notes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -190,9 +199,15 @@ class Load:
         con.execute(
             """
             CREATE OR REPLACE TEMP TABLE staged_events AS SELECT * FROM events LIMIT 0;
-            CREATE OR REPLACE TEMP TABLE staged_quarantine AS SELECT * FROM quarantine LIMIT 0;
+            -- source_table: which input table staged the row, so a retried table can forget exactly its own rows
+            -- (multi-file tables name a different source_file per row)
+            CREATE OR REPLACE TEMP TABLE staged_quarantine AS
+                SELECT *, NULL::VARCHAR AS source_table FROM quarantine LIMIT 0;
             CREATE OR REPLACE TEMP TABLE staged_codes (
                 code VARCHAR, description VARCHAR, parent_codes VARCHAR[], priority INTEGER);
+            CREATE OR REPLACE TEMP TABLE staged_notes AS SELECT * FROM notes LIMIT 0;
+            CREATE OR REPLACE TEMP TABLE staged_subject_map AS SELECT * FROM subject_map LIMIT 0;
+            CREATE OR REPLACE TEMP TABLE staged_splits AS SELECT * FROM subject_splits LIMIT 0;
             """
         )
 
@@ -315,7 +330,8 @@ class Load:
     def register_scan(self, scan: CsvScan) -> int:
         """Record a finished :meth:`scan_csv` in this load (checksum, quarantine, warnings)."""
         self.reset_table(scan.table)
-        self.checksums[scan.file] = scan.sha256
+        if scan.sha256:  # multi-file tables (FHIR, MEDS shards) record each file's checksum themselves
+            self.checksums[scan.file] = scan.sha256
         self.tables[scan.table] = TableResult(
             table=scan.table,
             file=scan.file,
@@ -325,8 +341,9 @@ class Load:
         )
         if scan.quarantine:
             self.con.executemany(
-                "INSERT INTO staged_quarantine VALUES (?, ?, ?, ?, ?, ?)",
-                [[self.run_id, self.source, scan.file, line, why, raw] for line, why, raw in scan.quarantine],
+                "INSERT INTO staged_quarantine VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [[self.run_id, self.source, scan.file, line, why, raw, scan.table]
+                 for line, why, raw in scan.quarantine],
             )
         if scan.unknown_columns:
             self.warnings.append(f"{scan.file}: ignored unknown column(s) {scan.unknown_columns}")
@@ -365,8 +382,8 @@ class Load:
     def reset_table(self, table: str) -> None:
         """Forget anything staged for ``table`` (used when a table is retried)."""
         self.con.execute("DELETE FROM staged_events WHERE source_table = ?", [table])
-        if table in self.tables:
-            self.con.execute("DELETE FROM staged_quarantine WHERE source_file = ?", [self.tables[table].file])
+        self.con.execute("DELETE FROM staged_quarantine WHERE source_table = ?", [table])
+        self.con.execute("DELETE FROM staged_notes WHERE source_table = ?", [table])
         self.tables.pop(table, None)
 
     def finish_table(self, table: str) -> TableResult:
@@ -375,20 +392,33 @@ class Load:
         Expects TEMP tables ``v_<table>(_line, _quarantine, _drop, ...)`` with one row per raw row, and
         ``e_<table>(_line, subject_id, time, code, numeric_value, text_value, unit, encounter_id)``.
         Rows with a ``_quarantine`` reason are quarantined (raw row kept as JSON); rows that produced no
-        event must carry a ``_drop`` reason. Raises ``ReconciliationError`` otherwise.
+        event (nor note) must carry a ``_drop`` reason. Raises ``ReconciliationError`` otherwise.
+
+        Optional: ``v_<table>`` columns ``_source_file``/``_source_row`` name the file and row a quarantined row
+        came from (multi-file inputs; default: the table's file and ``_line``), and a TEMP view
+        ``n_<table>(_line, subject_id, time, note_id, note_type, encounter_id, text)`` stages free-text notes; a
+        row that produced a note counts as loaded.
         """
         table = _ident(table)
         res = self.tables[table]
         con = self.con
+        v_cols = {r[0] for r in con.execute(f"DESCRIBE v_{table}").fetchall()}
+        file_expr = "coalesce(v._source_file, ?)" if "_source_file" in v_cols else "?"
+        row_expr = "v._source_row" if "_source_row" in v_cols else "v._line"
         con.execute(
             f"""
             INSERT INTO staged_quarantine
-            SELECT ?, ?, ?, v._line, v._quarantine, to_json(r)
+            SELECT ?, ?, {file_expr}, {row_expr}, v._quarantine, to_json(r), ?
             FROM v_{table} v JOIN raw_{table} r USING (_line)
             WHERE v._quarantine IS NOT NULL;
             """,
-            [self.run_id, self.source, res.file],
+            [self.run_id, self.source, res.file, table],
         )
+        has_notes = bool(con.execute(
+            "SELECT 1 FROM duckdb_views() WHERE view_name = ? AND temporary", [f"n_{table}"]
+        ).fetchall())
+        # every line that produced something: events, or (for note tables) notes
+        produced = f"(SELECT _line FROM e_{table}" + (f" UNION SELECT _line FROM n_{table})" if has_notes else ")")
         n_raw, n_q, dups = con.execute(
             f"SELECT count(*), count(_quarantine), count(*) - count(DISTINCT _line) FROM v_{table}"
         ).fetchall()[0]
@@ -406,6 +436,7 @@ class Load:
             SELECT coalesce(v._drop, 'UNEXPLAINED'), count(*)
             FROM v_{table} v
             WHERE v._quarantine IS NULL AND NOT EXISTS (SELECT 1 FROM e_{table} e WHERE e._line = v._line)
+              {f"AND NOT EXISTS (SELECT 1 FROM n_{table} n WHERE n._line = v._line)" if has_notes else ""}
             GROUP BY ALL
             """
         ).fetchall()
@@ -414,7 +445,23 @@ class Load:
             raise ReconciliationError(
                 f"{res.file}: {dropped['UNEXPLAINED']} valid rows produced no event and have no drop reason"
             )
-        loaded = con.execute(f"SELECT count(DISTINCT _line) FROM e_{table}").fetchall()[0][0]
+        loaded = con.execute(f"SELECT count(DISTINCT _line) FROM {produced}").fetchall()[0][0]
+        if has_notes:
+            bad_notes = con.execute(
+                f"""SELECT count(*) FROM n_{table} n JOIN v_{table} v USING (_line)
+                    WHERE v._quarantine IS NOT NULL OR n.subject_id IS NULL OR n.text IS NULL"""
+            ).fetchall()[0][0]
+            if bad_notes:
+                raise ReconciliationError(
+                    f"{res.file}: {bad_notes} notes from quarantined rows or without subject/text"
+                )
+            res.notes = con.execute(
+                f"""
+                INSERT INTO staged_notes
+                SELECT subject_id, time, note_id, note_type, encounter_id, text, ?, ?, ? FROM n_{table}
+                """,
+                [self.source, table, self.run_id],
+            ).fetchall()[0][0]
         n_events = con.execute(
             f"""
             INSERT INTO staged_events
@@ -440,7 +487,8 @@ class Load:
         for t in tables:
             t = _ident(t)
             self.con.execute(
-                f"DROP VIEW IF EXISTS e_{t}; DROP TABLE IF EXISTS fs_stage.raw_{t}; DROP TABLE IF EXISTS v_{t}"
+                f"DROP VIEW IF EXISTS e_{t}; DROP VIEW IF EXISTS n_{t}; DROP TABLE IF EXISTS fs_stage.raw_{t}; "
+                f"DROP TABLE IF EXISTS v_{t}"
             )
 
     def add_codes(
@@ -473,6 +521,37 @@ class Load:
             params or {},
         )
 
+    def stage_subject_map(self, sql: str, params: dict[str, Any] | None = None) -> None:
+        """Stage ``subject_map`` rows: ``sql`` selects (source_id, subject_id) for this load's source.
+
+        Written in publish's transaction (existing rows are kept). Raises ``SourceError`` if one subject id would
+        stand for two different source ids, in this load or against the warehouse's map (a hash collision).
+        """
+        self.con.execute("DELETE FROM staged_subject_map WHERE source = $source", {"source": self.source})
+        self.con.execute(
+            f"INSERT INTO staged_subject_map SELECT DISTINCT $source, m.* FROM ({sql}) m(source_id, subject_id)",
+            {**(params or {}), "source": self.source},
+        )
+        clash = self.con.execute(
+            """
+            SELECT subject_id, list(DISTINCT source_id ORDER BY source_id)[:3]
+            FROM (SELECT source_id, subject_id FROM staged_subject_map
+                  UNION ALL SELECT source_id, subject_id FROM subject_map
+                  WHERE subject_id IN (SELECT subject_id FROM staged_subject_map))
+            GROUP BY subject_id HAVING count(DISTINCT source_id) > 1 LIMIT 1
+            """
+        ).fetchall()
+        if clash:
+            raise SourceError(f"subject id {clash[0][0]} would stand for several patients {clash[0][1]} "
+                              "(hash collision in subject_map); rename one patient id and re-load")
+
+    def stage_splits(self, sql: str, params: dict[str, Any] | None = None) -> None:
+        """Stage splits given by the input (``sql`` selects subject_id, split); publish writes them for subjects
+        that have no split yet, before the stable-hash default covers the rest."""
+        self.con.execute(
+            f"INSERT INTO staged_splits SELECT * FROM ({sql}) s(subject_id, split)", params or {}
+        )
+
     # -- publish --
 
     def publish(self, *, check: bool = True) -> LoadSummary:
@@ -494,7 +573,10 @@ class Load:
             con.execute("DELETE FROM events WHERE source = ?", [self.source])
             con.execute("DELETE FROM quarantine WHERE source = ?", [self.source])
             con.execute("INSERT INTO events SELECT * FROM staged_events")
-            con.execute("INSERT INTO quarantine SELECT * FROM staged_quarantine")
+            con.execute("INSERT INTO quarantine SELECT * EXCLUDE (source_table) FROM staged_quarantine")
+            con.execute("DELETE FROM notes WHERE source = ?", [self.source])
+            con.execute("INSERT INTO notes SELECT * FROM staged_notes")
+            con.execute("INSERT OR IGNORE INTO subject_map SELECT * FROM staged_subject_map")
             con.execute(
                 """
                 INSERT OR REPLACE INTO codes
@@ -513,6 +595,15 @@ class Load:
                 ) c USING (code)
                 """,
                 [self.source],
+            )
+            con.execute(
+                """
+                INSERT INTO subject_splits
+                SELECT subject_id, any_value(split) FROM staged_splits
+                WHERE subject_id IN (SELECT subject_id FROM staged_events)
+                  AND subject_id NOT IN (SELECT subject_id FROM subject_splits)
+                GROUP BY subject_id
+                """
             )
             con.execute(
                 """
@@ -561,7 +652,8 @@ class Load:
         except BaseException:
             con.execute("ROLLBACK")
             raise
-        con.execute("DROP TABLE staged_events; DROP TABLE staged_quarantine; DROP TABLE staged_codes")
+        con.execute("DROP TABLE staged_events; DROP TABLE staged_quarantine; DROP TABLE staged_codes; "
+                    "DROP TABLE staged_notes; DROP TABLE staged_subject_map; DROP TABLE staged_splits")
         con.execute("SET search_path = 'main'")
         con.execute("DETACH fs_stage")
         if check:
@@ -585,6 +677,7 @@ class Load:
             tables=list(self.tables.values()),
             missing_tables=self.missing_tables,
             warnings=self.warnings,
+            notes=sum(t.notes for t in self.tables.values()),
         )
 
 
@@ -643,8 +736,10 @@ class _Truncation:
 def _read_header(path: Path) -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8", newline="") as fh:
-            line = fh.readline()
+        # Bytes first: a text-mode readline decodes a whole buffer, so a bad byte in a later ROW (which the scan
+        # quarantines by line) would fail the header.
+        with opener(path, "rb") as fh:
+            line = fh.readline().decode("utf-8")
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise SourceError(f"{path}: cannot read the header line: {exc}") from exc
     if not line.strip():

@@ -13,6 +13,9 @@ from types import ModuleType
 # source kind -> module; imported lazily so one source's dependencies never slow another's CLI.
 SOURCES: dict[str, str] = {
     "mimic-iv": "foresight.sources.mimic_iv",
+    "synthea": "foresight.sources.synthea",
+    "fhir": "foresight.sources.fhir",
+    "meds": "foresight.sources.meds",
 }
 
 

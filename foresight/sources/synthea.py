@@ -1,0 +1,195 @@
+"""Synthea CSV export -> MEDS events in the warehouse.
+
+Input: the CSV folder of a Synthea export (``csv/``, or the export root that contains it), files ``<table>.csv``
+(or ``.csv.gz``). Only ``patients.csv`` is required; every other table is optional (a minimal export, e.g. the
+project's simulator output, may lack it: the absence is reported in ``missing_tables``, not an error), and in each
+table only the columns the SQL truly needs are required. All the work is DuckDB SQL (``foresight/sql/synthea``,
+macros shared with the FHIR source in ``foresight/sql/common/ehr_macros.sql``); Python only sequences table
+groups and does the accounting through :class:`foresight.warehouse.Load`.
+
+Coverage: patients (gender, race, ethnicity as static codes; MEDS_BIRTH, MEDS_DEATH), encounters (ADMIT/DISCHARGE
+for inpatient and emergency, ENCOUNTER//<class> otherwise), conditions (DX at diagnosis, DX_END at resolution),
+medications (RX_START/RX_STOP, RxNorm), procedures (PX, SNOMED), observations (VITAL or LAB, LOINC; numeric or
+categorical values), immunizations (CVX), allergies, careplans, devices, imaging_studies. Not loaded: claims,
+claims_transactions, payers, payer_transitions, organizations, providers (billing and directory data, no clinical
+events) and supplies (consumables); allergy STOP and reactions.
+
+Subject ids: patient UUIDs map through ``subject_map`` to the stable hash :func:`foresight.schema.uuid_subject_id`
+(existing map rows of this source win), so re-loads keep their ids and the FHIR copy of the same export gets the
+same ids.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+
+from foresight.warehouse import Load, LoadSummary, SourceError
+
+SOURCE_KIND = "synthea"
+REQUIRED_TABLE = "patients"
+
+
+@dataclass(frozen=True)
+class Table:
+    """One Synthea CSV table: the columns the SQL needs, those it reads if present, and those it ignores."""
+
+    name: str
+    columns: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()  # Synthea columns deliberately not used (others are reported as unknown)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Tables staged together by one SQL file (also the unit a Prefect task retries)."""
+
+    name: str
+    tables: tuple[Table, ...]
+
+
+def _t(name: str, columns: str, optional: str = "", ignored: str = "") -> Table:
+    return Table(name, tuple(columns.split()), tuple(optional.split()), tuple(ignored.split()))
+
+
+GROUPS: tuple[Group, ...] = (
+    Group("core", (
+        _t("patients", "Id BIRTHDATE", "DEATHDATE GENDER RACE ETHNICITY",
+           "SSN DRIVERS PASSPORT PREFIX FIRST MIDDLE LAST SUFFIX MAIDEN MARITAL BIRTHPLACE ADDRESS CITY STATE "
+           "COUNTY FIPS ZIP LAT LON HEALTHCARE_EXPENSES HEALTHCARE_COVERAGE INCOME"),
+        _t("encounters", "Id START PATIENT ENCOUNTERCLASS", "STOP DESCRIPTION",
+           "ORGANIZATION PROVIDER PAYER CODE BASE_ENCOUNTER_COST TOTAL_CLAIM_COST PAYER_COVERAGE REASONCODE "
+           "REASONDESCRIPTION"),
+    )),
+    Group("clinical", (
+        _t("conditions", "START PATIENT CODE", "STOP ENCOUNTER SYSTEM DESCRIPTION"),
+        _t("medications", "START PATIENT CODE", "STOP ENCOUNTER DESCRIPTION",
+           "PAYER BASE_COST PAYER_COVERAGE DISPENSES TOTALCOST REASONCODE REASONDESCRIPTION"),
+        # START (Synthea >= 2.7) or DATE (older exports): one of them must be in the header
+        _t("procedures", "PATIENT CODE", "START STOP DATE ENCOUNTER SYSTEM DESCRIPTION",
+           "BASE_COST REASONCODE REASONDESCRIPTION"),
+        _t("immunizations", "DATE PATIENT CODE", "ENCOUNTER DESCRIPTION", "BASE_COST"),
+        _t("allergies", "START PATIENT CODE", "ENCOUNTER SYSTEM DESCRIPTION",
+           "STOP TYPE CATEGORY REACTION1 DESCRIPTION1 SEVERITY1 REACTION2 DESCRIPTION2 SEVERITY2"),
+        _t("careplans", "START PATIENT CODE", "STOP ENCOUNTER DESCRIPTION", "Id REASONCODE REASONDESCRIPTION"),
+        _t("devices", "START PATIENT CODE", "STOP ENCOUNTER DESCRIPTION", "UDI"),
+        _t("imaging_studies", "DATE PATIENT MODALITY_CODE BODYSITE_CODE",
+           "Id SERIES_UID ENCOUNTER MODALITY_DESCRIPTION BODYSITE_DESCRIPTION",
+           "INSTANCE_UID SOP_CODE SOP_DESCRIPTION PROCEDURE_CODE"),
+    )),
+    Group("observations", (
+        _t("observations", "DATE PATIENT CODE", "ENCOUNTER CATEGORY DESCRIPTION VALUE UNITS TYPE"),
+    )),
+)
+
+# Alternatives where Synthea versions differ: at least one column of each set must be in the header.
+ONE_OF: dict[str, tuple[str, ...]] = {"procedures": ("START", "DATE")}
+
+
+def _sql(folder: str, name: str) -> str:
+    return resources.files("foresight").joinpath("sql", folder, f"{name}.sql").read_text()
+
+
+def _find(root: Path, name: str) -> Path | None:
+    for suffix in (".csv", ".csv.gz"):
+        p = root / f"{name}{suffix}"
+        if p.exists():
+            return p
+    return None
+
+
+def _header(path: Path) -> list[str]:
+    """The header row (only read to check version-dependent column alternatives; the scan validates the rest)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:  # bytes: a bad byte in a later row must not fail the header
+            return [c.strip() for c in next(csv.reader([fh.readline().decode("utf-8")]), [])]
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{path}: cannot read the header line: {exc}") from exc
+
+
+def _code_sections() -> Iterator[tuple[str, str]]:
+    """(group, sql) for each ``-- data: <group>`` section of codes.sql."""
+    text = _sql("synthea", "codes")
+    parts = text.split("\n-- data: ")
+    for part in parts[1:]:
+        name, _, body = part.partition("\n")
+        yield name.split()[0], body.strip().rstrip(";")
+
+
+def check_input(path: Path) -> Path:
+    """The Synthea CSV folder under ``path`` (``path`` itself or ``path/csv``); ``SourceError`` naming the path
+    when there is no ``patients.csv``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SourceError(f"{path}: not a folder (expected a Synthea CSV export folder with patients.csv)")
+    for root in (path, path / "csv"):
+        if _find(root, REQUIRED_TABLE) is not None:
+            return root
+    raise SourceError(f"{path / 'patients.csv'}: required file missing (expected a Synthea CSV export folder, "
+                      "the csv/ folder of `run_synthea --exporter.csv.export true`)")
+
+
+def prepare(load: Load) -> None:
+    """Install the EHR macros and this load's name (SQL reads it from ``fs_load``) on the connection."""
+    load.con.execute(_sql("common", "ehr_macros"))
+    load.con.execute("CREATE OR REPLACE TEMP TABLE fs_load AS SELECT $source::VARCHAR AS source",
+                     {"source": load.source})
+
+
+def stage_group(load: Load, root: Path, group: Group) -> list[str]:
+    """Read, validate and account for one table group; safe to call again after a failure (Prefect retries)."""
+    prepare(load)
+    for table in group.tables:
+        path = _find(root, table.name)
+        if path is None:
+            if table.name == REQUIRED_TABLE:
+                raise SourceError(f"{root / (table.name + '.csv')}: required file missing")
+            load.empty_table(table.name, f"{table.name}.csv", table.columns + table.optional)
+            continue
+        if table.name in ONE_OF and not set(ONE_OF[table.name]) & set(_header(path)):
+            raise SourceError(f"{path}: missing required column: one of {list(ONE_OF[table.name])}")
+        load.read_csv(table.name, path, table.columns, optional_columns=table.optional, ignored_columns=table.ignored)
+    load.con.execute(_sql("synthea", group.name))
+    if group.name == "core":
+        load.stage_subject_map("SELECT pid, subject_id FROM synthea_subjects")
+    for table in group.tables:
+        load.finish_table(table.name)
+    for name, sql in _code_sections():
+        if name == group.name:
+            load.add_codes(sql)
+    # synthea_subjects / synthea_encounters (separate TEMP tables) carry what later groups need from core.
+    load.drop_staging(t.name for t in group.tables)
+    return [t.name for t in group.tables]
+
+
+def stage_codes(load: Load, root: Path) -> None:
+    """Synthea ships no code dictionary: descriptions come from the rows, staged with each group."""
+
+
+def load(
+    con: duckdb.DuckDBPyConnection,
+    input_path: str | Path,
+    *,
+    source: str = SOURCE_KIND,
+    on_group_done: Callable[[str], None] | None = None,
+) -> LoadSummary:
+    """Load a Synthea CSV export into the warehouse, replacing any earlier load of the same ``source``.
+
+    ``on_group_done(group_name)`` is called after each table group is staged. Nothing is visible in the
+    warehouse until every group is staged and the final transaction commits.
+    """
+    root = check_input(Path(input_path))
+    session = Load(con, source=source, source_kind=SOURCE_KIND, input_path=root)
+    for group in GROUPS:
+        stage_group(session, root, group)
+        if on_group_done is not None:
+            on_group_done(group.name)
+    stage_codes(session, root)
+    return session.publish()

@@ -1,0 +1,171 @@
+"""The MEDS source: a round trip through `foresight export meds` gives identical events, splits and codes; schema
+validation accepts compatible types and rejects what is not MEDS; bad rows are quarantined with shard and row."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from foresight import warehouse
+from foresight.sources import meds
+
+CLI = [sys.executable, "-m", "foresight.cli"]
+CORE = "subject_id, time, code, numeric_value, text_value"
+
+
+def _load(root: Path, db: Path, **kw) -> warehouse.LoadSummary:
+    con = warehouse.connect(db)
+    try:
+        return meds.load(con, root, **kw)
+    finally:
+        con.close()
+
+
+def _rows(db: Path, sql: str, params=None) -> list[tuple]:
+    con = warehouse.connect(db, read_only=True)
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
+def _cli(*args: str) -> dict:
+    proc = subprocess.run([*CLI, *args, "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_round_trip_of_the_mimic_warehouse_is_identical(demo_db, tmp_path):
+    """MIMIC demo warehouse -> `foresight export meds` -> `foresight etl meds` into a new warehouse."""
+    out, db = tmp_path / "meds", tmp_path / "w.duckdb"
+    exported = _cli("export", "meds", "--db", str(demo_db), "--out", str(out), "--subjects-per-shard", "30")
+    loaded = _cli("etl", "meds", "--input", str(out), "--db", str(db))
+    assert loaded["events"] == exported["events"] and loaded["subjects"] == 100 == exported["subjects"]
+    assert loaded["rows_quarantined"] == 0 and loaded["rows_read"] == loaded["rows_loaded"] == loaded["events"]
+    con = warehouse.connect(db)
+    try:
+        con.execute(f"ATTACH '{demo_db}' AS src (READ_ONLY)")
+        diff = lambda a, b, cols: con.execute(  # noqa: E731
+            f"SELECT count(*) FROM (SELECT {cols} FROM {a} EXCEPT ALL SELECT {cols} FROM {b})").fetchall()[0][0]
+        assert diff("src.events", "events", CORE) == diff("events", "src.events", CORE) == 0
+        assert diff("src.subject_splits", "subject_splits", "*") == 0
+        assert diff("subject_splits", "src.subject_splits", "*") == 0
+        used = "(SELECT code, description, parent_codes FROM {} WHERE code IN (SELECT code FROM src.events))"
+        assert diff(used.format("src.codes"), used.format("codes"), "*") == 0
+        shards = con.execute("SELECT count(*) FROM etl_runs, json_each(input_checksums) WHERE key LIKE 'data/%'"
+                             ).fetchall()[0][0]
+    finally:
+        con.close()
+    assert shards == exported["shards"] == 4  # every shard's checksum is in the lineage
+
+
+def _table(**cols: pa.Array) -> pa.Table:
+    return pa.table(cols)
+
+
+def _dataset(root: Path, tables: dict[str, pa.Table], splits: pa.Table | None = None) -> Path:
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for name, t in tables.items():
+        (root / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(t, root / "data" / name)
+    if splits is not None:
+        (root / "metadata").mkdir(exist_ok=True)
+        pq.write_table(splits, root / "metadata" / "subject_splits.parquet")
+    return root
+
+
+def test_compatible_types_bad_rows_splits_and_units(tmp_path):
+    t0 = datetime(2020, 1, 1)
+    # shard 1 in MEDS v0.4 types; shard 2 in compatible ones (int32 ids, ns timestamps, float64, large_string,
+    # a dictionary-encoded code) with an extra column and a unit
+    a = _table(subject_id=pa.array([1, 1, 1, None, 2], pa.int64()),
+               time=pa.array([None, t0, datetime(2021, 1, 1), t0, t0], pa.timestamp("us")),
+               code=pa.array(["GENDER//F", "MEDS_BIRTH", "LAB//X", "LAB//X", None], pa.string()),
+               numeric_value=pa.array([None, None, 1.5, None, None], pa.float32()),
+               text_value=pa.array([None, None, None, None, None], pa.large_string()))
+    b = _table(subject_id=pa.array([2, 2, 3, 3], pa.int32()),
+               time=pa.array([datetime(2019, 5, 1), datetime(2019, 5, 2), datetime(2019, 1, 1), t0],
+                             pa.timestamp("ns")),
+               code=pa.array(["MEDS_BIRTH", "LAB//Y", "MEDS_BIRTH", "LAB//Z"]).dictionary_encode(),
+               numeric_value=pa.array([None, float("nan"), None, 1e39], pa.float64()),
+               text_value=pa.array([None, "high", None, None], pa.large_string()),
+               unit=pa.array([None, "mg/dL", None, None], pa.string()),
+               site=pa.array(["x"] * 4))
+    # subject 2: born 2019-05-01 but with an event before (in shard 1: 2020 is after, fine); subject 3's LAB//Z
+    # is 1e39 (no float32); a NaN value; a row without subject; a row without code
+    c = _table(subject_id=pa.array([2], pa.int64()), time=pa.array([datetime(2018, 1, 1)], pa.timestamp("us")),
+               code=pa.array(["LAB//EARLY"]))
+    splits = _table(subject_id=pa.array([1, 2, 3], pa.int64()), split=pa.array(["held_out", "validation", "train"]))
+    root = _dataset(tmp_path / "ds", {"1.parquet": a, "train/2.parquet": b, "train/3.parquet": c}, splits)
+    db = tmp_path / "w.duckdb"
+    s = _load(root, db)
+    assert s.rows_read == 10 == s.rows_loaded + s.rows_quarantined
+    q = {(f, r): why for f, r, why in _rows(db, "SELECT source_file, row_number, reason FROM quarantine")}
+    assert q == {
+        ("data/1.parquet", 4): "missing subject_id",
+        ("data/1.parquet", 5): "missing code",
+        ("data/train/2.parquet", 2): "non-finite numeric_value: nan",
+        ("data/train/2.parquet", 4): "numeric_value does not fit float32: 1e+39",
+        ("data/train/3.parquet", 1): "time before MEDS_BIRTH (2019-05-01 00:00:00): 2018-01-01 00:00:00",
+    }
+    assert any("ignored non-MEDS column(s) ['site']" in w for w in s.warnings)
+    assert any("validation" in w for w in s.warnings)
+    events = _rows(db, f"SELECT {CORE}, unit FROM events ORDER BY subject_id, time NULLS FIRST, code")
+    assert events[0] == (1, None, "GENDER//F", None, None, None)
+    assert (1, datetime(2021, 1, 1), "LAB//X", 1.5, None, None) in events
+    # a subject's split from the dataset; an unknown split name falls back to the stable hash split
+    splits_got = dict(_rows(db, "SELECT subject_id, split FROM subject_splits"))
+    assert splits_got[1] == "held_out" and splits_got[3] == "train"
+    from foresight.schema import split_of
+    assert splits_got[2] == split_of(2)
+
+
+def test_unit_column_is_kept(tmp_path):
+    t = _table(subject_id=pa.array([7], pa.int64()), time=pa.array([datetime(2020, 1, 1)], pa.timestamp("us")),
+               code=pa.array(["LAB//K"]), numeric_value=pa.array([4.2], pa.float32()), unit=pa.array(["mmol/L"]))
+    db = tmp_path / "w.duckdb"
+    _load(_dataset(tmp_path / "ds", {"0.parquet": t}), db)
+    got = _rows(db, "SELECT code, numeric_value::DOUBLE, unit FROM events")
+    assert got == [("LAB//K", pytest.approx(4.2), "mmol/L")]
+
+
+def test_not_meds_is_rejected_naming_the_path(tmp_path):
+    db = tmp_path / "w.duckdb"
+    with pytest.raises(warehouse.SourceError, match="not a folder"):
+        _load(tmp_path / "nowhere", db)
+    (tmp_path / "csvs").mkdir()
+    (tmp_path / "csvs" / "patients.csv").write_text("Id\n1\n")
+    with pytest.raises(warehouse.SourceError, match=rf"{tmp_path / 'csvs'}: not a MEDS dataset: no data/"):
+        _load(tmp_path / "csvs", db)
+    no_code = _table(subject_id=pa.array([1], pa.int64()), time=pa.array([datetime(2020, 1, 1)]))
+    root = _dataset(tmp_path / "a", {"0.parquet": no_code})
+    with pytest.raises(warehouse.SourceError, match=r"0\.parquet: not MEDS data: missing required column\(s\) "
+                                                    r"\['code'\]"):
+        _load(root, db)
+    str_ids = _table(subject_id=pa.array(["p1"]), time=pa.array([datetime(2020, 1, 1)]), code=pa.array(["X"]))
+    root = _dataset(tmp_path / "b", {"0.parquet": str_ids})
+    with pytest.raises(warehouse.SourceError, match="column subject_id has type string, not compatible with MEDS"):
+        _load(root, db)
+    (tmp_path / "c" / "data").mkdir(parents=True)
+    (tmp_path / "c" / "data" / "0.parquet").write_text("not parquet")
+    with pytest.raises(warehouse.SourceError, match="not a readable parquet file"):
+        _load(tmp_path / "c", db)
+    assert _rows(db, "SELECT count(*) FROM events")[0][0] == 0
+
+
+def test_reload_replaces_its_own_rows(tmp_path):
+    t = _table(subject_id=pa.array([1, 2], pa.int64()), time=pa.array([None, None], pa.timestamp("us")),
+               code=pa.array(["GENDER//F", "GENDER//M"]))
+    root = _dataset(tmp_path / "ds", {"0.parquet": t})
+    db = tmp_path / "w.duckdb"
+    _load(root, db)
+    _load(root, db)
+    assert _rows(db, "SELECT count(*) FROM events") == [(2,)]
+    assert _rows(db, "SELECT count(*) FROM etl_runs") == [(2,)]
