@@ -1,0 +1,103 @@
+"""Benchmark `foresight tokenize`: events/s and peak RSS.
+
+Inputs: the MIMIC-IV demo warehouse (built once under bench/out/) and, with ``--simulate N ...``, simulated
+cohorts of N subjects (``foresight simulate`` then ``foresight etl meds``, built once under bench/out/).
+Each input is tokenized ``--runs`` times in a fresh process; the median wall time is reported with the
+child's own peak RSS (``os.wait4``), so flat memory as the cohort grows is visible.
+
+    python bench/tokenize_bench.py                         # demo only
+    python bench/tokenize_bench.py --simulate 10000 100000 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = Path(os.environ.get("FORESIGHT_SHARED_DATA", REPO.parent / "shared" / "data")) / "mimic-iv-demo-2.2"
+OUT = REPO / "bench" / "out"
+FORESIGHT = str(Path(sys.executable).with_name("foresight"))
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    out, errs = proc.stdout.read().decode(), proc.stderr.read().decode()
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{errs[-3000:]}")
+    return wall, usage.ru_maxrss / 1024, out
+
+
+def demo_warehouse() -> Path:
+    db = OUT / "tokenize-demo.duckdb"
+    if not db.exists():
+        OUT.mkdir(parents=True, exist_ok=True)
+        run_measured([FORESIGHT, "etl", "mimic-iv", "--input", str(DEMO), "--db", str(db)])
+    return db
+
+
+def simulated_warehouse(n: int) -> Path:
+    db = OUT / f"tokenize-sim-{n}.duckdb"
+    if not db.exists():
+        sim = OUT / f"sim-{n}"
+        run_measured([FORESIGHT, "simulate", "--subjects", str(n), "--out", str(sim), "--seed", "1"])
+        run_measured([FORESIGHT, "etl", "meds", "--input", str(sim), "--db", str(db)])
+    return db
+
+
+def events_in(db: Path) -> int:
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute("SELECT count(*) FROM events").fetchall()[0][0]
+    finally:
+        con.close()
+
+
+def bench(db: Path, runs: int) -> dict:
+    walls, rss, tokens = [], [], 0
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            wall, peak, out = run_measured([FORESIGHT, "tokenize", "--db", str(db), "--out", tmp, "--json"])
+        tokens = sum(json.loads(out.strip().splitlines()[-1])["tokens"].values())
+        walls.append(wall)
+        rss.append(peak)
+    return {"wall_s": statistics.median(walls), "walls": walls, "rss_mib": max(rss), "tokens": tokens,
+            "events": events_in(db)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--simulate", type=int, nargs="*", default=[], help="simulated cohort sizes")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-demo", action="store_true")
+    args = ap.parse_args()
+    rows = []
+    if not args.no_demo:
+        rows.append(("MIMIC-IV demo warehouse", bench(demo_warehouse(), args.runs)))
+    for n in args.simulate:
+        rows.append((f"simulated, {n:,} subjects", bench(simulated_warehouse(n), args.runs)))
+        print(rows[-1], file=sys.stderr)
+    print(f"\n### {date.today()} - tokenize, {platform.node()} ({os.cpu_count()} cores), median of {args.runs}\n")
+    print("| input | events | tokens | wall s (median) | events/s | peak RSS MiB | runs (s) |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['events']:,} | {r['tokens']:,} | {r['wall_s']:.2f} | {r['events'] / r['wall_s']:,.0f} | "
+              f"{r['rss_mib']:.0f} | {', '.join(f'{w:.2f}' for w in r['walls'])} |")
+
+
+if __name__ == "__main__":
+    main()
