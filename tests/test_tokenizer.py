@@ -279,3 +279,40 @@ def test_continuation_prefix_carries_current_age_and_year(tmp_path):
     assert pre[-2] == [t for t in toks if t.startswith("YEAR//")][-1]
     assert pre[-1] == [t for t in toks if t.startswith("AGE//")][-1]
     assert pre[0] == "[BOS]"
+
+
+# --- simulator output ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sim_tokens(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from foresight.simulate import simulate
+    from foresight.sources import meds
+
+    d = tmp_path_factory.mktemp("simtok")
+    simulate(400, d / "sim", seed=3)
+    con = warehouse.connect(d / "w.duckdb")
+    try:
+        meds.load(con, d / "sim")
+    finally:
+        con.close()
+    T.tokenize(d / "w.duckdb", d / "tok", T.TokenizerConfig(min_subjects=10))
+    return d / "w.duckdb", d / "tok"
+
+
+def test_simulator_output_round_trips_and_keeps_the_floor(sim_tokens):
+    _, data = sim_tokens
+    n, fails = _round_trip_failures(data)
+    assert n >= 390 and fails == 0
+    vocab = T.Vocabulary.load(data / "vocab.json")
+    idx, toks, clock = _split_arrays(data, "train", vocab)
+    subj_of_tok = np.repeat(np.arange(len(idx)), idx["length"])
+    pairs_seen = np.unique(np.stack([toks, subj_of_tok]), axis=1)
+    counts = np.bincount(pairs_seen[0], minlength=len(vocab.tokens))
+    below = {vocab.tokens[t]: int(c) for t, c in enumerate(counts) if 0 < c < 10 and not EXEMPT.match(vocab.tokens[t])}
+    assert not below, below
+    # the simulator's lab values become value tokens, and ages/years are real calendar markers here
+    assert len(vocab.quantile_edges) > 3
+    assert any(t.startswith("AGE//") and t != "AGE//RARE" for t in vocab.tokens)
+    for r in idx:
+        assert (np.diff(clock[r["offset"]:r["offset"] + r["length"]]) >= 0).all()
