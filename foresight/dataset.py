@@ -14,6 +14,9 @@ the token clock per token, and an index of subject boundaries. Training reads fi
   from its code.
 - **Reproducible and resumable.** The row plan of an epoch is a pure function of (seed, epoch): subjects are
   shuffled, then packed; resuming at (epoch, row) continues exactly where an interrupted run stopped.
+- **Time to the next event.** Each row also carries ``time_to_next_days``: at a position that ends a timestamp
+  group (its label starts a later token-clock time) the gap in days to that next time, else 0. It feeds the
+  optional exponential waiting-time loss of :mod:`foresight.model`; nothing else reads it.
 """
 
 from __future__ import annotations
@@ -151,32 +154,46 @@ class PackedSplit:
                        np.array(cont, dtype=bool), row, padding)
 
     def row(self, plan: RowPlan, r: int) -> dict[str, np.ndarray]:
-        """Row ``r`` of a plan: ``input_ids``, ``labels`` and ``position_ids``, each of ``plan.seq_len``."""
+        """Row ``r`` of a plan: ``input_ids``, ``labels``, ``position_ids`` and ``time_to_next_days``.
+
+        Each array has ``plan.seq_len`` entries. ``time_to_next_days[t]`` is the token-clock gap in days from
+        position ``t`` to its label when the label starts a later timestamp (0 elsewhere, and wherever the
+        label is ignored).
+        """
         lo, hi = np.searchsorted(plan.row, [r, r + 1])
-        ids, pos_ids, starts = [], [], []
+        ids, pos_ids, clocks, starts = [], [], [], []
         n = 0
         for p in range(lo, hi):
             i, s, ln = int(plan.subject[p]), int(plan.start[p]), int(plan.length[p])
             if plan.continuation[p]:
                 pre = self.continuation_prefix(i, s)
+                # the re-inserted head stands for the state just before the cut, so the clock of the last token
+                # before the cut: a piece that starts with a TIME token then still shows the gap it encodes
+                pre_clock = np.full(len(pre), int(self.clock_min[s - 1]), dtype=np.int64)
             else:
                 off = int(self.index[i]["offset"])
                 pre = np.asarray(self.tokens[off:s], dtype=np.int64)
+                pre_clock = np.asarray(self.clock_min[off:s], dtype=np.int64)
             piece = np.concatenate([pre, np.asarray(self.tokens[s:s + ln], dtype=np.int64)])
             ids.append(piece)
             pos_ids.append(np.arange(len(piece)))
+            clocks.append(np.concatenate([pre_clock, np.asarray(self.clock_min[s:s + ln], dtype=np.int64)]))
             starts.append(n)
             n += len(piece)
         width = plan.seq_len + 1
         if n < width:  # the row's unusable tail: PAD, its own masked block, no loss
             ids.append(np.full(width - n, self._pad, dtype=np.int64))
             pos_ids.append(np.arange(width - n))
+            clocks.append(np.zeros(width - n, dtype=np.int64))
             starts.append(n)
         seq = np.concatenate(ids)
         positions = np.concatenate(pos_ids)
+        clock = np.concatenate(clocks)
         labels = seq[1:].copy()
         boundary = np.zeros(width, dtype=bool)
         boundary[np.array(starts[1:], dtype=np.int64)] = True
         labels[boundary[1:]] = IGNORE_INDEX  # never predict the first token of the next piece
         labels[seq[1:] == self._pad] = IGNORE_INDEX
-        return {"input_ids": seq[:-1], "labels": labels, "position_ids": positions[:-1]}
+        gap_min = np.where(labels != IGNORE_INDEX, clock[1:] - clock[:-1], 0)
+        return {"input_ids": seq[:-1], "labels": labels, "position_ids": positions[:-1],
+                "time_to_next_days": np.maximum(gap_min, 0).astype(np.float32) / np.float32(1440.0)}
