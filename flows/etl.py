@@ -57,13 +57,21 @@ def reconcile(db: Path, run_id: str) -> dict[str, int]:
 
 
 @flow(name="etl", log_prints=True)
-def etl(source: str, input: Path, db: Path, name: str | None = None) -> dict[str, Any]:
-    """Load ``input`` (a ``source`` such as ``mimic-iv``) into the warehouse ``db``; returns the load summary."""
+def etl(source: str, input: Path, db: Path, name: str | None = None, exclude_subjects: Path | None = None
+        ) -> dict[str, Any]:
+    """Load ``input`` (a ``source`` such as ``mimic-iv``) into the warehouse ``db``; returns the load summary.
+
+    ``exclude_subjects``: the national data opt-out list (one patient id per line); their rows are dropped.
+    """
+    from foresight.optout import read_subjects_file
+
     module = get_source(source)
     root = module.check_input(Path(input))
+    excluded = read_subjects_file(exclude_subjects) if exclude_subjects else None
     con = warehouse.connect(db)
     try:
-        load = warehouse.Load(con, source=name or source, source_kind=module.SOURCE_KIND, input_path=root)
+        load = warehouse.Load(con, source=name or source, source_kind=module.SOURCE_KIND, input_path=root,
+                              exclude_subjects=excluded)
         for group in module.GROUPS:
             stage_table_group(load, source, root, group.name)
         summary = publish(load, source, root)

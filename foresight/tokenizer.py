@@ -820,6 +820,7 @@ def tokenize(
     config: TokenizerConfig | None = None,
     *,
     progress: Any = None,
+    exclude_subjects: Iterable[int] | None = None,
 ) -> dict[str, Any]:
     """Fit the vocabulary on train and write packed token shards for every split.
 
@@ -828,10 +829,16 @@ def tokenize(
     the token clock since the subject's first event) and ``<split>.index.npy`` (one row per subject: id,
     offset, length, prefix length, head length, first-event time, birth time). ``progress(split, done, total)``
     is called after each chunk of subjects.
+
+    ``exclude_subjects`` (the national data opt-out, :mod:`foresight.optout`): these subjects are invisible to
+    every step (vocabulary counts, code map, value deciles, shards), as if the warehouse did not hold them. Only
+    their number and the list's sha256 are recorded (``vocab.report["opt_out"]``), and the list's digest is folded
+    into the data fingerprint so a model trained before the opt-out cannot be resumed on data after it.
     """
+    import hashlib
     import time
 
-    from foresight import warehouse
+    from foresight import optout, warehouse
     from foresight.schema import SPLITS
 
     t_start = time.perf_counter()
@@ -843,7 +850,14 @@ def tokenize(
         raise TokenizeError(f"{db}: warehouse not found")
     con = warehouse.connect(db, read_only=True)
     try:
+        excluded = set(exclude_subjects or ())
+        n_hidden = optout.hide_subjects(con, excluded) if excluded else 0
         vocab = fit_vocabulary(con, config)
+        if excluded:
+            list_digest = optout.digest(excluded)
+            vocab.fingerprint = hashlib.md5(f"{vocab.fingerprint}:{list_digest}".encode()).hexdigest()
+            vocab.report["opt_out"] = {"subjects_listed": len(excluded), "subjects_excluded": n_hidden,
+                                       "list_sha256": list_digest}
         register_code_map(con, vocab)
         summary: dict[str, Any] = {"out": str(out), "vocab_size": len(vocab.tokens), "rare_mapping": vocab.report,
                                    "tokens": {}, "subjects": {}, "unseen_codes": {}}

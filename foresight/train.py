@@ -742,6 +742,8 @@ def train(
     if master:
         engine.module.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
         shutil.copyfile(data_dir / "vocab.json", out / "vocab.json")
+        if (data_dir / "code_descriptions.json").exists():  # readable names for predictions and the model card
+            shutil.copyfile(data_dir / "code_descriptions.json", out / "code_descriptions.json")
         card = {
             "format_version": 1,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -19,6 +19,12 @@ may also produce free-text notes (view ``n_<table>``), and a source may stage ``
 
 Staging lives in TEMP tables, outside any transaction, so a failing table can be retried and a crash at any
 point before the commit leaves the warehouse exactly as it was.
+
+**National data opt-out.** ``Load(..., exclude_subjects=ids)`` (or, for code that builds the ``Load`` inside a
+source adapter, ``with excluding_subjects(ids): module.load(...)``) drops every row of a listed subject in
+``finish_table`` with the reason ``national data opt-out``, including rows that would have been quarantined (the
+quarantine keeps raw rows, so it would keep their data); their notes and ``subject_map`` rows are not written.
+Accounting still balances. See :mod:`foresight.optout`.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +49,7 @@ from typing import Any
 import duckdb
 
 from foresight import __version__
+from foresight.optout import OPT_OUT_REASON
 from foresight.schema import (
     EVENT_COLUMNS,
     MEDS_VERSION,
@@ -169,6 +178,20 @@ class LoadSummary:
 
 # --- the load session --------------------------------------------------------------------------------------
 
+# The opt-out list a Load uses when it is not given one: set by `excluding_subjects`, so every source adapter
+# honours the opt-out without each of them passing it through.
+_EXCLUDED_SUBJECTS: ContextVar[frozenset[int] | None] = ContextVar("foresight_excluded_subjects", default=None)
+
+
+@contextmanager
+def excluding_subjects(subject_ids: Iterable[int] | None) -> Iterator[None]:
+    """Within the block, every :class:`Load` created without ``exclude_subjects`` drops these subjects' rows."""
+    token = _EXCLUDED_SUBJECTS.set(frozenset(int(s) for s in subject_ids) if subject_ids else None)
+    try:
+        yield
+    finally:
+        _EXCLUDED_SUBJECTS.reset(token)
+
 
 class Load:
     """One staged, all-or-nothing load of a source into the warehouse (see module docstring)."""
@@ -180,6 +203,7 @@ class Load:
         source: str,
         source_kind: str,
         input_path: str | Path,
+        exclude_subjects: Iterable[int] | None = None,
     ) -> None:
         self.con = con
         self.source = source
@@ -210,12 +234,20 @@ class Load:
             CREATE OR REPLACE TEMP TABLE staged_splits AS SELECT * FROM subject_splits LIMIT 0;
             """
         )
+        # national data opt-out: subject ids whose rows are dropped (see the module docstring)
+        excluded = _EXCLUDED_SUBJECTS.get() if exclude_subjects is None else frozenset(exclude_subjects)
+        self.excluded_subjects: frozenset[int] = frozenset(int(s) for s in excluded or ())
+        con.execute("CREATE OR REPLACE TEMP TABLE fs_optout (subject_id BIGINT PRIMARY KEY)")
+        if self.excluded_subjects:
+            con.execute("INSERT INTO fs_optout SELECT unnest(?::BIGINT[])", [sorted(self.excluded_subjects)])
 
     # -- inputs --
 
     def relpath(self, path: Path) -> str:
+        # An input that is one file (a notes CSV) names itself, not ".".
+        base = self.input_path.parent if self.input_path.is_file() else self.input_path
         try:
-            return str(path.relative_to(self.input_path))
+            return str(path.relative_to(base))
         except ValueError:
             return str(path)
 
@@ -405,22 +437,25 @@ class Load:
         v_cols = {r[0] for r in con.execute(f"DESCRIBE v_{table}").fetchall()}
         file_expr = "coalesce(v._source_file, ?)" if "_source_file" in v_cols else "?"
         row_expr = "v._source_row" if "_source_row" in v_cols else "v._line"
+        has_notes = bool(con.execute(
+            "SELECT 1 FROM duckdb_views() WHERE view_name = ? AND temporary", [f"n_{table}"]
+        ).fetchall())
+        n_optout, keep = self._optout_lines(table, v_cols, has_notes)
         con.execute(
             f"""
             INSERT INTO staged_quarantine
             SELECT ?, ?, {file_expr}, {row_expr}, v._quarantine, to_json(r), ?
             FROM v_{table} v JOIN raw_{table} r USING (_line)
-            WHERE v._quarantine IS NOT NULL;
+            WHERE v._quarantine IS NOT NULL {keep("v")};
             """,
             [self.run_id, self.source, res.file, table],
         )
-        has_notes = bool(con.execute(
-            "SELECT 1 FROM duckdb_views() WHERE view_name = ? AND temporary", [f"n_{table}"]
-        ).fetchall())
         # every line that produced something: events, or (for note tables) notes
-        produced = f"(SELECT _line FROM e_{table}" + (f" UNION SELECT _line FROM n_{table})" if has_notes else ")")
+        produced = (f"(SELECT _line FROM e_{table} x WHERE true {keep('x')}"
+                    + (f" UNION SELECT _line FROM n_{table} x WHERE true {keep('x')})" if has_notes else ")"))
         n_raw, n_q, dups = con.execute(
-            f"SELECT count(*), count(_quarantine), count(*) - count(DISTINCT _line) FROM v_{table}"
+            f"SELECT count(*), count(v._quarantine) FILTER (WHERE true {keep('v')}), count(*) - count(DISTINCT _line) "
+            f"FROM v_{table} v"
         ).fetchall()[0]
         staged = con.execute(f"SELECT count(*) FROM raw_{table}").fetchall()[0][0]
         if n_raw != staged or dups:
@@ -437,10 +472,13 @@ class Load:
             FROM v_{table} v
             WHERE v._quarantine IS NULL AND NOT EXISTS (SELECT 1 FROM e_{table} e WHERE e._line = v._line)
               {f"AND NOT EXISTS (SELECT 1 FROM n_{table} n WHERE n._line = v._line)" if has_notes else ""}
+              {keep("v")}
             GROUP BY ALL
             """
         ).fetchall()
         dropped = {reason: n for reason, n in drops}
+        if n_optout:
+            dropped[OPT_OUT_REASON] = dropped.get(OPT_OUT_REASON, 0) + n_optout
         if "UNEXPLAINED" in dropped:
             raise ReconciliationError(
                 f"{res.file}: {dropped['UNEXPLAINED']} valid rows produced no event and have no drop reason"
@@ -458,7 +496,8 @@ class Load:
             res.notes = con.execute(
                 f"""
                 INSERT INTO staged_notes
-                SELECT subject_id, time, note_id, note_type, encounter_id, text, ?, ?, ? FROM n_{table}
+                SELECT subject_id, time, note_id, note_type, encounter_id, text, ?, ?, ? FROM n_{table} x
+                WHERE true {keep("x")}
                 """,
                 [self.source, table, self.run_id],
             ).fetchall()[0][0]
@@ -466,7 +505,7 @@ class Load:
             f"""
             INSERT INTO staged_events
             SELECT subject_id, time, code, numeric_value, text_value, unit, encounter_id, ?, ?, ?
-            FROM e_{table}
+            FROM e_{table} x WHERE true {keep("x")}
             """,
             [self.source, table, self.run_id],
         ).fetchall()[0][0]
@@ -481,6 +520,25 @@ class Load:
                 f"{res.rows_quarantined} + dropped {res.rows_dropped}"
             )
         return res
+
+    def _optout_lines(self, table: str, v_cols: set[str], has_notes: bool) -> tuple[int, Any]:
+        """Lines of ``table`` that belong to opted-out subjects (TEMP ``optout_lines``) and a SQL filter maker.
+
+        A line is opted out when it produced an event or note of a listed subject, or when ``v_<table>`` has a
+        ``subject_id`` column naming one (so their invalid rows are dropped rather than quarantined). Returns
+        (line count, ``keep(alias)`` giving ``AND <alias>._line NOT IN optout_lines``, or "" with no list).
+        """
+        if not self.excluded_subjects:
+            return 0, lambda alias: ""
+        optout = "(SELECT subject_id FROM fs_optout)"
+        parts = [f"SELECT _line FROM e_{table} WHERE subject_id IN {optout}"]
+        if has_notes:
+            parts.append(f"SELECT _line FROM n_{table} WHERE subject_id IN {optout}")
+        if "subject_id" in v_cols:
+            parts.append(f"SELECT _line FROM v_{table} WHERE TRY_CAST(subject_id AS BIGINT) IN {optout}")
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE optout_lines AS {' UNION '.join(parts)}")
+        n = self.con.execute("SELECT count(*) FROM optout_lines").fetchall()[0][0]
+        return int(n), lambda alias: f"AND {alias}._line NOT IN (SELECT _line FROM optout_lines)"
 
     def drop_staging(self, tables: Iterable[str]) -> None:
         """Free the TEMP tables of finished input tables (big loads would otherwise hold them in memory)."""
@@ -576,7 +634,11 @@ class Load:
             con.execute("INSERT INTO quarantine SELECT * EXCLUDE (source_table) FROM staged_quarantine")
             con.execute("DELETE FROM notes WHERE source = ?", [self.source])
             con.execute("INSERT INTO notes SELECT * FROM staged_notes")
-            con.execute("INSERT OR IGNORE INTO subject_map SELECT * FROM staged_subject_map")
+            con.execute("INSERT OR IGNORE INTO subject_map SELECT * FROM staged_subject_map "
+                        "WHERE subject_id NOT IN (SELECT subject_id FROM fs_optout)")
+            # an earlier load of this source may have mapped (and split) a subject who has since opted out
+            con.execute("DELETE FROM subject_map WHERE source = ? AND subject_id IN (SELECT subject_id FROM fs_optout)",
+                        [self.source])
             con.execute(
                 """
                 INSERT OR REPLACE INTO codes
@@ -612,6 +674,8 @@ class Load:
                 WHERE subject_id NOT IN (SELECT subject_id FROM subject_splits)
                 """
             )
+            con.execute("DELETE FROM subject_splits WHERE subject_id IN (SELECT subject_id FROM fs_optout) "
+                        "AND subject_id NOT IN (SELECT subject_id FROM events)")
             subjects = con.execute("SELECT count(DISTINCT subject_id) FROM staged_events").fetchall()[0][0]
             by_kind = dict(
                 con.execute(
@@ -652,6 +716,11 @@ class Load:
         except BaseException:
             con.execute("ROLLBACK")
             raise
+        opted_out = sum(t.dropped_reasons.get(f"{t.table}: {OPT_OUT_REASON}", 0) for t in self.tables.values())
+        if self.excluded_subjects:
+            self.warnings.append(f"{OPT_OUT_REASON}: {len(self.excluded_subjects)} subject(s) listed, "
+                                 f"{opted_out} row(s) dropped")
+        con.execute("DROP TABLE IF EXISTS fs_optout; DROP TABLE IF EXISTS optout_lines")
         con.execute("DROP TABLE staged_events; DROP TABLE staged_quarantine; DROP TABLE staged_codes; "
                     "DROP TABLE staged_notes; DROP TABLE staged_subject_map; DROP TABLE staged_splits")
         con.execute("SET search_path = 'main'")

@@ -1,0 +1,247 @@
+"""Canaries (Carlini et al. 2019, "The Secret Sharer"): synthetic subjects planted in the training data.
+
+**Insertion** (:func:`insert`, before training): a copy of a tokenized data directory whose train split has extra
+canary subjects appended. A canary is a standard prefix (the most common static prefix of the train split:
+``[BOS]``, sex, race, birth band and the first YEAR/AGE markers — a start many real timelines share) followed by
+a *secret*: ``length`` event-code tokens drawn uniformly from the vocabulary's code tokens, each after the first
+preceded by a random interval token with probability ``time_token_rate``, then ``[END]``. Canaries are made to
+look like timelines on purpose: a canary format the model can tell apart from real data after a token or two
+becomes its own tiny "population", whose code frequencies the model learns from the few canaries in it, and
+then even once-seen canaries score better than references without any memorisation of their order.
+Each secret is planted ``r`` times as ``r`` separate subjects, for every ``r`` in ``repeats``. Never-inserted
+reference secrets R are drawn from the same generator. Canary subjects have negative
+subject ids (no real subject has one) and no clock (``t0`` unknown), and the copy stays a valid
+:class:`foresight.dataset.PackedSplit`. ``canaries.json`` (the manifest) lists every canary (id, repeats, token
+ids, subject ids), the prefix, the generator and R.
+
+**Audit** (:func:`exposure`): the log-perplexity of a secret is ``-sum log p(secret token | prefix, earlier
+secret tokens)``. A canary's exposure is ``log2 |R| - log2 rank`` among R (plus itself), and, because that
+saturates at ``log2 |R|``, also extrapolated from a skew-normal fitted to the references' log-perplexities:
+``p = P(reference <= canary)`` and exposure ``-log2 p``. A canary is *exposed* when ``p`` stays below alpha after a
+Bonferroni correction over the canaries with the same repeat count. The gate fails if any r=1 canary is exposed
+(one copy in the data is enough for the model to single it out), and the audit is **invalid** if the r=16
+canaries are not detected: a probe that cannot see a sequence repeated 16 times proves nothing by passing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from foresight.tokenizer import END, INDEX_DTYPE, NO_TIME, PAD, Vocabulary
+from privacy import metrics
+from privacy.scoring import score_pieces, sequence_pieces
+
+MANIFEST = "canaries.json"
+SPLIT_FILES = ("bin", "clock.bin", "index.npy")
+
+
+class CanaryError(Exception):
+    """Canaries cannot be inserted or audited; the message says why."""
+
+
+@dataclass(frozen=True)
+class Generator:
+    """How secrets are drawn: ``length`` codes from ``pool`` (token ids), an interval token before each code after
+    the first with probability ``time_token_rate`` (0: none)."""
+
+    pool: tuple[int, ...]
+    length: int
+    time_ids: tuple[int, ...]
+    time_token_rate: float
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        codes = rng.choice(np.array(self.pool, dtype=np.int64), size=self.length, replace=True)
+        if not self.time_ids or self.time_token_rate <= 0:
+            return codes
+        out: list[int] = []
+        for j, c in enumerate(codes.tolist()):
+            if j and rng.random() < self.time_token_rate:
+                out.append(int(rng.choice(self.time_ids)))
+            out.append(int(c))
+        return np.array(out, dtype=np.int64)
+
+
+def code_pool(vocab: Vocabulary) -> list[int]:
+    """Token ids a secret is drawn from: event-code tokens, without catch-alls (RARE) and death (it ends a record)."""
+    from foresight.model import event_token_mask
+
+    mask = event_token_mask(vocab)
+    return [i for i, t in enumerate(vocab.tokens) if mask[i] and not t.endswith("RARE") and t != "MEDS_DEATH"]
+
+
+def standard_prefix(train: Any) -> tuple[list[int], int]:
+    """The most common static prefix among train subjects — head (BOS, statics, birth band) plus the first YEAR/AGE
+    markers — and its head length: canaries then start like many real timelines do."""
+    heads = Counter()
+    for r in train.index:
+        off = int(r["offset"])
+        heads[(tuple(int(t) for t in train.tokens[off:off + int(r["prefix_len"])]), int(r["head_len"]))] += 1
+    if not heads:
+        raise CanaryError("the train split has no subjects to take a canary prefix from")
+    prefix, head_len = heads.most_common(1)[0][0]
+    return list(prefix), head_len
+
+
+def insert(data_dir: str | Path, out_data_dir: str | Path, repeats: tuple[int, ...] = (1, 2, 4, 16),
+           per_repeat: int = 5, length: int = 20, seed: int = 0, n_references: int = 5000,
+           time_token_rate: float = 0.5) -> dict[str, Any]:
+    """Write a copy of ``data_dir`` to ``out_data_dir`` with canary subjects appended to its train split.
+
+    ``per_repeat`` secrets for each repeat count r (each planted r times); ``n_references`` never-inserted secrets
+    from the same generator form R. Returns the manifest (also written to ``out_data_dir/canaries.json``).
+    """
+    from foresight.dataset import PackedSplit
+
+    src, dst = Path(data_dir), Path(out_data_dir)
+    if src.resolve() == dst.resolve():
+        raise CanaryError("out_data_dir must differ from data_dir (the original data stays untouched)")
+    if (src / MANIFEST).exists():
+        raise CanaryError(f"{src} already holds canaries ({MANIFEST}); insert into the data without them")
+    if any(r < 1 for r in repeats) or per_repeat < 1 or length < 1:
+        raise CanaryError("repeats, per_repeat and length must be positive")
+    train = PackedSplit(src, "train")
+    vocab = train.vocab
+    pool = code_pool(vocab)
+    if len(pool) < 2:
+        raise CanaryError(f"{src}: the vocabulary has {len(pool)} code token(s); canaries need at least 2")
+    gen = Generator(tuple(pool), length, tuple(int(t) for t in vocab.time_ids), time_token_rate)
+    prefix, head_len = standard_prefix(train)
+    rng = np.random.default_rng(seed)
+    secrets = {r: [gen.draw(rng) for _ in range(per_repeat)] for r in repeats}
+    references = [gen.draw(rng) for _ in range(n_references)]
+    planted = {tuple(s.tolist()) for group in secrets.values() for s in group}
+    references = [s for s in references if tuple(s.tolist()) not in planted]  # R must hold no planted secret
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():  # everything but the train split is copied as is
+        if f.is_file() and not f.name.startswith("train."):
+            shutil.copyfile(f, dst / f.name)
+    end_id = vocab.index[END]
+    canaries, seqs = [], []
+    next_id = -1
+    for r in repeats:
+        for j, secret in enumerate(secrets[r]):
+            ids = list(range(next_id, next_id - r, -1))
+            next_id -= r
+            canaries.append({"id": f"r{r}-{j}", "repeats": r, "tokens": secret.tolist(), "subject_ids": ids})
+            seqs += [np.concatenate([prefix, secret, [end_id]]).astype(np.int64)] * r
+    n_old = train.n_tokens
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    extra = np.zeros(len(seqs), dtype=INDEX_DTYPE)
+    extra["subject_id"] = [sid for c in canaries for sid in c["subject_ids"]]
+    extra["offset"] = n_old + np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(seqs) else []
+    extra["length"] = lengths
+    extra["prefix_len"] = len(prefix)
+    extra["head_len"] = head_len
+    extra["t0"] = NO_TIME
+    extra["birth"] = NO_TIME
+    tokens = np.concatenate([np.asarray(train.tokens, dtype=vocab.dtype), *[s.astype(vocab.dtype) for s in seqs]])
+    clock = np.concatenate([np.asarray(train.clock_min, dtype=np.int32), np.zeros(int(lengths.sum()), np.int32)])
+    tokens.tofile(dst / "train.bin")
+    clock.tofile(dst / "train.clock.bin")
+    np.save(dst / "train.index.npy", np.concatenate([train.index, extra]))
+
+    manifest = {
+        "format_version": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source_data": str(src.resolve()),
+        "seed": seed,
+        "repeats": list(repeats),
+        "per_repeat": per_repeat,
+        "prefix": prefix,
+        "prefix_tokens": [vocab.tokens[t] for t in prefix],
+        "generator": {**asdict(gen), "pool": list(gen.pool), "time_ids": list(gen.time_ids)},
+        "canary_subjects": len(seqs),
+        "canary_tokens": int(lengths.sum()),
+        "canaries": canaries,
+        "references": [s.tolist() for s in references],
+    }
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+    # the data changed: a checkpoint of a run on the original data must not resume on this copy
+    import hashlib
+
+    vocab.fingerprint = hashlib.md5(f"{vocab.fingerprint}:canaries:{seed}:{len(seqs)}".encode()).hexdigest()
+    vocab.save(dst / "vocab.json")
+    return manifest
+
+
+def load_manifest(data_dir: str | Path) -> dict[str, Any] | None:
+    """The canary manifest of a data directory, or None when it holds no canaries."""
+    path = Path(data_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def canary_subject_ids(manifest: dict[str, Any] | None) -> set[int]:
+    """Subject ids of every planted canary copy (they are synthetic: excluded from the real-subject probes)."""
+    return {int(s) for c in (manifest or {}).get("canaries", []) for s in c["subject_ids"]}
+
+
+def log_perplexities(model: Any, prefix: list[int], secrets: list[list[int]], context: int, pad_id: int
+                     ) -> np.ndarray:
+    """``-sum log p`` of each secret after the prefix (nats), one batched pass."""
+    seqs = [np.array(prefix + list(s), dtype=np.int64) for s in secrets]
+    stats = score_pieces(model, sequence_pieces(seqs, [len(prefix)] * len(seqs), context), len(seqs), pad_id=pad_id)
+    return np.array([-float(s.logp.sum()) for s in stats])
+
+
+def exposure(model: Any, vocab: Vocabulary, manifest: dict[str, Any], context: int, *, alpha: float = 0.05,
+             validity_repeats: int = 16, detect_share: float = 0.5) -> dict[str, Any]:
+    """Exposure of every canary against the manifest's references, per-repeat summaries and audit validity."""
+    pad_id = vocab.index[PAD]
+    prefix = [int(t) for t in manifest["prefix"]]
+    if manifest["prefix_tokens"] != [vocab.tokens[t] for t in prefix]:
+        raise CanaryError("the canary manifest's prefix tokens differ from the model's vocabulary: the data "
+                          "directory is not the one the model was trained on")
+    refs = manifest["references"]
+    if len(refs) < 10:
+        raise CanaryError(f"only {len(refs)} reference sequences: exposure needs many (thousands)")
+    ref_scores = log_perplexities(model, prefix, refs, context, pad_id)
+    can_scores = log_perplexities(model, prefix, [c["tokens"] for c in manifest["canaries"]], context, pad_id)
+    fit = metrics.skewnorm_fit(ref_scores)
+    rows = []
+    for c, score in zip(manifest["canaries"], can_scores, strict=True):
+        p, exp_ext = metrics.skewnorm_tail(float(score), fit)
+        rows.append({"id": c["id"], "repeats": c["repeats"], "log_perplexity": round(float(score), 4),
+                     "exposure_rank": round(metrics.exposure_rank(float(score), ref_scores), 4),
+                     "exposure_extrapolated": round(exp_ext, 4), "p_value": p})
+    groups: dict[int, dict[str, Any]] = {}
+    for r in sorted({row["repeats"] for row in rows}):
+        members = [row for row in rows if row["repeats"] == r]
+        sig = metrics.bonferroni_significant(np.array([row["p_value"] for row in members]), alpha)
+        for row, s in zip(members, sig, strict=True):
+            row["exposed"] = bool(s)
+        groups[r] = {
+            "repeats": r,
+            "canaries": len(members),
+            "exposed": int(sig.sum()),
+            "share_exposed": float(sig.mean()),
+            "detected": bool(sig.mean() >= detect_share),
+            "median_exposure_rank": float(np.median([row["exposure_rank"] for row in members])),
+            "median_exposure_extrapolated": float(np.median([row["exposure_extrapolated"] for row in members])),
+            "max_exposure_extrapolated": float(max(row["exposure_extrapolated"] for row in members)),
+        }
+    has_validity = any(r >= validity_repeats for r in groups)
+    # None: no canary planted often enough to tell whether this audit can see memorisation at all
+    valid = all(g["detected"] for r, g in groups.items() if r >= validity_repeats) if has_validity else None
+    return {
+        "references": len(refs),
+        "max_rank_exposure": math.log2(len(refs) + 1),
+        "reference_log_perplexity": {"mean": float(ref_scores.mean()), "sd": float(ref_scores.std()),
+                                     "min": float(ref_scores.min())},
+        "skew_normal": asdict(fit),
+        "alpha": alpha,
+        "groups": [groups[r] for r in sorted(groups)],
+        "canaries": rows,
+        "validity_repeats": validity_repeats,
+        "validity_checkable": has_validity,
+        "valid": valid,
+    }
