@@ -170,12 +170,20 @@ class Vocabulary:
     def dtype(self) -> type[np.unsignedinteger]:
         return np.uint16 if len(self.tokens) < 2**16 else np.uint32
 
-    def token_for(self, code: str, parents: Sequence[str] = ()) -> str:
-        """The token of a code: itself, its mapped token, its nearest tokenised ancestor, or a RARE token."""
+    def token_for(self, code: str, parents: Sequence[str] | None = None) -> str:
+        """The token of a code: itself, its nearest tokenised ancestor, or a RARE token.
+
+        ``parents`` is the code's ancestor chain (``codes.parent_codes``, nearest first). When it is unknown
+        (``None``, e.g. a timeline posted to the server), codes of prefix-hierarchical vocabularies (ICD, ATC)
+        climb by truncation, which is the same chain. This reproduces the fitted mapping (a rare code maps to its
+        first ancestor that is a token) without the vocabulary ever naming a code below the floor.
+        """
         if code in self.code_map:
             return self.code_map[code]
-        if code in self.index:
+        if code in self.index and not _is_marker(code):
             return code
+        if parents is None:
+            parents = _prefix_parents(code)
         for p in parents:
             if p in self.index and not _is_marker(p):
                 return p
@@ -186,7 +194,9 @@ class Vocabulary:
         payload = {
             "config": asdict(self.config),
             "tokens": self.tokens,
-            "code_map": self.code_map,
+            # only codes that are tokens themselves: naming a code below the floor (even as "maps to its parent")
+            # would disclose that some train subject had it; token_for() re-derives every other mapping
+            "code_map": {c: t for c, t in self.code_map.items() if c == t},
             "quantile_edges": self.quantile_edges,
             "marker_map": self.marker_map,
             "report": self.report,
@@ -206,6 +216,18 @@ class Vocabulary:
             report=d.get("report", {}),
             fingerprint=d.get("fingerprint", ""),
         )
+
+
+PREFIX_HIERARCHIES = ("ICD9CM", "ICD10CM", "ICD9PROC", "ICD10PCS", "ATC")
+
+
+def _prefix_parents(code: str) -> list[str]:
+    """Ancestors by truncation for prefix-hierarchical vocabularies (DX//ICD10CM//E1165 -> E116, E11, ...)."""
+    parts = code.split(SEP)
+    if len(parts) != 3 or parts[1] not in PREFIX_HIERARCHIES:
+        return []
+    head, value = f"{parts[0]}{SEP}{parts[1]}{SEP}", parts[2]
+    return [head + value[:n] for n in range(len(value) - 1, 0, -1)]
 
 
 def _is_marker(token: str) -> bool:
@@ -432,8 +454,11 @@ def _fit_markers(con: Any, config: TokenizerConfig) -> dict[str, dict[str, str]]
         con.execute("DROP TABLE marker_pairs")
 
         prefix = f"{kind}{SEP}"
-        for v, (lo, w) in _partition(values, widths, counts, k).items():
-            out[kind][str(v)] = _band_name(prefix, lo, w)
+        # every value of a band maps to it, seen in train or not: a value missing from the map would become
+        # RARE and mark its holder as a non-member, and the map would list exactly the values train subjects had
+        for lo, w in set(_partition(values, widths, counts, k).values()):
+            for v in range(lo, lo + w):
+                out[kind][str(v)] = _band_name(prefix, lo, w)
     return out
 
 
@@ -736,12 +761,20 @@ INDEX_DTYPE = np.dtype([("subject_id", "<i8"), ("offset", "<i8"), ("length", "<i
                         ("head_len", "<i4"), ("t0", "<i8"), ("birth", "<i8")])
 
 
+def map_codes(con: Any, vocab: Vocabulary) -> dict[str, str]:
+    """Every code in the warehouse -> its token (through ``codes.parent_codes``; see Vocabulary.token_for)."""
+    rows = con.execute(
+        "SELECT DISTINCT e.code, c.parent_codes FROM events e LEFT JOIN codes c USING (code) WHERE e.code <> ?",
+        [BIRTH_CODE]).fetchall()
+    return {code: vocab.token_for(code, list(parents) if parents is not None else None) for code, parents in rows}
+
+
 def register_code_map(con: Any, vocab: Vocabulary) -> None:
     """TEMP table ``vocab_map(code, tok)``: every warehouse code -> token id, for the SQL side of encoding."""
-    codes = list(vocab.code_map)
+    mapping = map_codes(con, vocab)
     con.execute("CREATE OR REPLACE TEMP TABLE vocab_map (code VARCHAR, tok INTEGER)")
     con.execute("INSERT INTO vocab_map SELECT unnest(?::VARCHAR[]), unnest(?::INTEGER[])",
-                [codes, [vocab.index[vocab.code_map[c]] for c in codes]])
+                [list(mapping), [vocab.index[t] for t in mapping.values()]])
 
 
 def encode_subjects(con: Any, vocab: Vocabulary, lo: int, hi: int, split: str | None = None,
@@ -824,10 +857,11 @@ def tokenize(
 ) -> dict[str, Any]:
     """Fit the vocabulary on train and write packed token shards for every split.
 
-    Output (``out_dir``): ``vocab.json`` (config, tokens, code map, value deciles, rule report, data
-    fingerprint); per split ``<split>.bin`` (token ids, uint16/uint32), ``<split>.clock.bin`` (int32 minutes of
-    the token clock since the subject's first event) and ``<split>.index.npy`` (one row per subject: id,
-    offset, length, prefix length, head length, first-event time, birth time). ``progress(split, done, total)``
+    Output (``out_dir``): ``vocab.json`` (config, tokens, value deciles, marker bands, rule report, data
+    fingerprint), ``code_descriptions.json`` (token -> description); per split ``<split>.bin`` (token ids,
+    uint16/uint32), ``<split>.clock.bin`` (int32 minutes of the token clock since the subject's first event) and
+    ``<split>.index.npy`` (one row per subject: id, offset, length, prefix length, head length, first-event time,
+    birth time). ``progress(split, done, total)``
     is called after each chunk of subjects.
 
     ``exclude_subjects`` (the national data opt-out, :mod:`foresight.optout`): these subjects are invisible to
@@ -859,6 +893,10 @@ def tokenize(
             vocab.report["opt_out"] = {"subjects_listed": len(excluded), "subjects_excluded": n_hidden,
                                        "list_sha256": list_digest}
         register_code_map(con, vocab)
+        # readable names of the code tokens (predictions, the server, model cards), from the codes table
+        descriptions = dict(con.execute(
+            "SELECT code, description FROM codes WHERE description IS NOT NULL AND code IN "
+            "(SELECT unnest(?::VARCHAR[]))", [vocab.tokens]).fetchall())
         summary: dict[str, Any] = {"out": str(out), "vocab_size": len(vocab.tokens), "rare_mapping": vocab.report,
                                    "tokens": {}, "subjects": {}, "unseen_codes": {}}
         for split in SPLITS:
@@ -880,6 +918,7 @@ def tokenize(
     finally:
         con.close()
     vocab.save(out / "vocab.json")
+    (out / "code_descriptions.json").write_text(json.dumps(descriptions, indent=0, sort_keys=True))
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
     (out / "tokenize_summary.json").write_text(json.dumps(summary, indent=1))
     return summary

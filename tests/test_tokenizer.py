@@ -90,9 +90,14 @@ def test_demo_vocabulary_respects_the_privacy_floor(demo_db, demo_tokens):
                             "USING (subject_id) WHERE s.split = 'train' AND e.code <> 'MEDS_BIRTH'").fetchall()
     finally:
         con.close()
+    con = warehouse.connect(demo_db, read_only=True)
+    try:
+        mapping = T.map_codes(con, vocab)
+    finally:
+        con.close()
     per_token: dict[str, set[int]] = {}
     for code, sid in pairs:
-        per_token.setdefault(vocab.code_map[code], set()).add(sid)
+        per_token.setdefault(mapping[code], set()).add(sid)
     low = {t: len(s) for t, s in per_token.items() if len(s) < k and not EXEMPT.match(t)}
     assert not low, f"tokens below the floor of {k}: {low}"
     # 2. everything the model sees: distinct train subjects per token id in the train shards
@@ -144,7 +149,30 @@ def test_quantile_edges_come_from_train_only(demo_db, demo_tokens, tmp_path):
     original = T.Vocabulary.load(data / "vocab.json")
     perturbed = T.Vocabulary.load(tmp_path / "tok" / "vocab.json")
     assert perturbed.quantile_edges == original.quantile_edges
-    assert perturbed.tokens == original.tokens and perturbed.code_map == original.code_map
+    assert perturbed.tokens == original.tokens and perturbed.marker_map == original.marker_map
+    con = warehouse.connect(copy, read_only=True)
+    try:
+        assert T.map_codes(con, perturbed) == T.map_codes(con, original)
+    finally:
+        con.close()
+
+
+def test_vocabulary_file_names_no_code_below_the_floor(demo_db, demo_tokens):
+    data, _ = demo_tokens
+    vocab = T.Vocabulary.load(data / "vocab.json")
+    text = (data / "vocab.json").read_text()
+    con = warehouse.connect(demo_db, read_only=True)
+    try:
+        mapping = T.map_codes(con, vocab)
+    finally:
+        con.close()
+    rare = [c for c, t in mapping.items() if t != c]
+    assert len(rare) > 100
+    assert not [c for c in rare if f'"{c}"' in text]  # not one rare code appears in the shipped vocabulary
+    # and ages unseen in train but inside a token's band still get that band (no RARE that marks non-members)
+    for kind, table in vocab.marker_map.items():
+        values = sorted(int(v) for v in table)
+        assert values == list(range(values[0], values[-1] + 1)) or kind == "YEAR", kind
 
 
 def test_cli_tokenize_json(demo_db, tmp_path):
