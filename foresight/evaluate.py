@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from foresight.dataset import IGNORE_INDEX, PackedSplit
-from foresight.forecast import Forecaster, TaskSpec, Timeline, risk_from_futures
+from foresight.forecast import Forecaster, TaskSpec, Timeline
 from foresight.schema import code_kind
 
 # --- metrics -------------------------------------------------------------------------------------------------
@@ -320,11 +320,12 @@ def evaluate_task(forecaster: Forecaster, con: Any, task: TaskSpec, points: Sequ
     """Model risk vs observed outcome for ``points``, with baselines (and the oracle when given)."""
     from sklearn.linear_model import LogisticRegression
 
-    y = observed_labels(con, task, points)
     timelines = _timelines_at(forecaster, con, points)
-    futures = forecaster.sample_futures(timelines, samples, task.window_days, seed=seed)
-    p_model = np.array([risk_from_futures(task, f, t.as_of).probability for f, t in zip(futures, timelines,
-                                                                                        strict=True)])
+    p_model, _ = forecaster.task_risks(timelines, task, samples, seed=seed)  # Rao-Blackwellised futures
+    alive = ~np.isnan(p_model)  # a subject dead at the prediction time is at no risk of anything: not scored
+    points = [p for p, a in zip(points, alive, strict=True) if a]
+    p_model = p_model[alive]
+    y = observed_labels(con, task, points)
     groups = np.array([pt.subject_id for pt in points])
     result: dict[str, Any] = {"task": task.name, "samples": samples, "points": len(points)}
     preds = {"model": p_model}

@@ -4,6 +4,10 @@
   paths "c at the current timestamp" and "a gap token, then c" (one batched forward over the 16 gap tokens
   with the prompt's KV cache), so probabilities are over events, not over tokens, and sum to at most 1. The
   time until the next event is the distribution over the gap bins (plus "same timestamp").
+  :meth:`Forecaster.next_events_batch` / :meth:`Forecaster.event_distributions` answer many timelines with
+  one left-padded forward pass (the server's micro-batcher uses them).
+- :meth:`Forecaster.explain_next_events` — leave-one-event-out attribution: the timeline re-encoded without
+  each past event, all variants in one batched pass; which events moved P(target) and by how much.
 - :meth:`Forecaster.sample_futures` — futures for many timelines at once: the prompt is run once per timeline,
   its KV cache is repeated for the samples, and all (timeline, sample) rows are decoded together one token at a
   time (no Python loop over samples, no per-sample ``generate``). Rows stop at the horizon (the token clock
@@ -73,8 +77,34 @@ class NextEvents:
     expected_days_to_next: float | None
 
 
+@dataclass
+class EventDistribution:
+    """One timeline's next-event distribution over the vocabulary (float64, CPU)."""
+
+    p_event: torch.Tensor  # (V,) P(the next event is v): at this timestamp, or after one gap; 0 for non-events
+    p_same_timestamp: float  # P(the next token is an event at the current timestamp)
+    p_gap: torch.Tensor  # (G,) P(the next token is gap g), in vocab.time_ids order
+
+
+@dataclass
+class Explanation:
+    """Leave-one-event-out attribution of a next-event prediction (see :meth:`Forecaster.explain_next_events`)."""
+
+    method: str
+    target: list[str]  # glob patterns over event tokens whose total probability is explained
+    target_tokens: int  # how many vocabulary tokens the patterns match
+    probability: float  # P(target) given the full timeline
+    events_considered: int
+    events: list[dict[str, Any]]  # index, time, code, token, probability_without, delta, total_variation
+
+
 class Forecaster:
     """A trained model and its vocabulary, ready to answer forecasting questions (CLI, server, flows)."""
+
+    # Memory bound of one chunk in :meth:`event_distributions` (attention scores, or the KV cache repeated per gap).
+    max_cache_bytes: int = 512 * 2**20
+    # Row length when :meth:`event_distributions` packs timelines (longer prompts get a row of their own).
+    pack_tokens: int = 256
 
     def __init__(self, model: Any, vocab: Vocabulary, meta: dict[str, Any] | None = None,
                  descriptions: dict[str, str] | None = None) -> None:
@@ -101,6 +131,7 @@ class Forecaster:
         self.time_upper_s[torch.tensor(vocab.time_ids)] = torch.tensor(upper, dtype=torch.float64)
         self.year_id = int(vocab.time_ids[-1])
         self.death_id = vocab.index.get(DEATH_CODE, -1)
+        self.token_kinds = np.array([code_kind(t) for t in toks])
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | None = None) -> Forecaster:
@@ -154,8 +185,33 @@ class Forecaster:
         clock_s = int(chunk.clock_s[chunk.offsets[i + 1] - 1]) if len(toks) else 0
         clock = from_epoch(clock_s) if chunk.t0_s[i] != NO_TIME else (as_of or from_epoch(0))
         birth = from_epoch(chunk.birth_s[i]) if chunk.birth_s[i] != NO_TIME else None
-        return Timeline(np.asarray(toks, dtype=np.int64), clock, max(as_of or clock, clock), birth,
-                        int(chunk.subject_ids[i]), dead)
+        return Timeline(self.fit_context(np.asarray(toks, dtype=np.int64)), clock, max(as_of or clock, clock),
+                        birth, int(chunk.subject_ids[i]), dead)
+
+    @property
+    def context(self) -> int:
+        """Longest prompt the model was trained on (its training rows), else its position table."""
+        trained = int(self.meta.get("training", {}).get("seq_len") or 0)
+        return trained or int(getattr(self.model.config, "max_position_embeddings", 512))
+
+    def fit_context(self, tokens: np.ndarray) -> np.ndarray:
+        """Cut a long timeline the way training cut it: head (BOS, sex, race, birth band) + the current YEAR and
+        AGE markers + the most recent tokens, ``context`` tokens in all. Positions past the trained row length
+        were never seen in training, so a longer prompt would only be out of distribution."""
+        ctx = self.context
+        if len(tokens) <= ctx:
+            return tokens
+        names = [self.vocab.tokens[int(t)] for t in tokens]
+        head = 1
+        while head < len(names) and (self.vocab.is_static[int(tokens[head])] or names[head].startswith(BIRTH_PREFIX)):
+            head += 1
+        markers = [next((int(tokens[j]) for j in range(len(names) - 1, -1, -1) if names[j].startswith(p)), None)
+                   for p in (YEAR_PREFIX, AGE_PREFIX)]
+        markers = [m for m in markers if m is not None]
+        start = len(tokens) - (ctx - head - len(markers))
+        while start < len(tokens) - 1 and self.is_value[int(tokens[start])]:
+            start += 1  # never begin with a value token cut off from its code
+        return np.concatenate([tokens[:head], np.array(markers, dtype=np.int64), tokens[start:]])
 
     def timeline_from_events(self, events: Sequence[dict[str, Any]], as_of: datetime | None = None) -> Timeline:
         """A timeline posted as MEDS-shaped events (``time``, ``code``, optional ``numeric_value``).
@@ -185,36 +241,176 @@ class Forecaster:
     def next_events(self, timeline: Timeline, top_k: int = 10, kinds: Sequence[str] | None = None,
                     new_only: bool = False) -> NextEvents:
         """Top-k next events with probabilities, and the distribution of the time until the next event."""
-        ids = torch.tensor(timeline.tokens[None, :], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True)
-        p0 = torch.softmax(out.logits[0, -1].double(), -1).cpu()
-        # one batched step over every gap token, reusing the prompt's cache
-        gaps = torch.tensor(self.vocab.time_ids, device=self.device)
+        return self.next_events_batch([timeline], top_k, kinds, new_only)[0]
+
+    def next_events_batch(self, timelines: Sequence[Timeline], top_k: int = 10, kinds: Sequence[str] | None = None,
+                          new_only: bool = False) -> list[NextEvents]:
+        """:meth:`next_events` for many timelines with one batched forward pass (see :meth:`event_distributions`)."""
+        dists = self.event_distributions(timelines)
+        return [self.summarise_next(tl, d, top_k, kinds, new_only) for tl, d in zip(timelines, dists, strict=True)]
+
+    @torch.no_grad()
+    def event_distributions(self, timelines: Sequence[Timeline]) -> list[EventDistribution]:
+        """The next-event distribution of every timeline, batched; the result is in the input order.
+
+        With SDPA or eager attention (CPU, and GPUs without flash-attention) all timelines run in ONE forward
+        pass, packed without padding: each prompt is followed by the 16 gap tokens, and a block-diagonal
+        "tree" mask lets every prompt token see its own prompt causally and every gap see its prompt and itself
+        only (all gaps sit at the position after the prompt). P(next token) and P(next token | gap g) come out
+        of the same pass, and the output layer runs only at those 1 + 16 positions per timeline. Other
+        attention kernels (no custom masks) run the left-padded prompts, then one step over the gaps with the
+        KV cache repeated per gap. Chunks keep one pass's attention scores or cache under ``max_cache_bytes``.
+        """
+        out: list[EventDistribution | None] = [None] * len(timelines)
+        order = sorted(range(len(timelines)), key=lambda i: len(timelines[i].tokens))
+        n_gaps = len(self.vocab.time_ids)
+        cfg = self.model.config
+        packed = getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager")
+        run = self._distributions_packed if packed else self._distributions_cached
+
+        def cost(n: int, longest: int, total: int) -> int:
+            if packed:  # attention scores (rows, heads, row, row) in float32 for rows of pack_tokens
+                row = max(self.pack_tokens, longest + n_gaps)
+                return math.ceil((total + n * n_gaps) / row) * cfg.num_attention_heads * row * row * 4
+            return n * n_gaps * (longest + 1) * self._cache_bytes_per_token()
+
+        chunk: list[int] = []
+        total = 0
+        for i in order:  # ascending length: the last timeline of a chunk is its longest
+            length = len(timelines[i].tokens)
+            if chunk and cost(len(chunk) + 1, length, total + length) > self.max_cache_bytes:
+                for j, d in zip(chunk, run([timelines[j] for j in chunk]), strict=True):
+                    out[j] = d
+                chunk, total = [], 0
+            chunk.append(i)
+            total += length
+        if chunk:
+            for j, d in zip(chunk, run([timelines[j] for j in chunk]), strict=True):
+                out[j] = d
+        return out  # type: ignore[return-value]
+
+    def _distributions_packed(self, tls: Sequence[Timeline]) -> list[EventDistribution]:
+        dev = self.device
+        lens = [len(t.tokens) for t in tls]
+        if min(lens) == 0:
+            raise ValueError("a timeline has no tokens")
+        gaps = torch.tensor(self.vocab.time_ids)
+        g = len(gaps)
+        seg = [n + g for n in lens]  # a prompt and its gaps
+        cap = max(self.pack_tokens, max(seg))
+        rows: list[list[int]] = []  # first-fit decreasing: few rows, little padding
+        fill: list[int] = []
+        for i in sorted(range(len(tls)), key=lambda i: -seg[i]):
+            r = next((r for r in range(len(rows)) if fill[r] + seg[i] <= cap), None)
+            if r is None:
+                rows.append([])
+                fill.append(0)
+                r = len(rows) - 1
+            rows[r].append(i)
+            fill[r] += seg[i]
+        width = max(fill)
+        ids = torch.full((len(rows), width), self.vocab.index[PAD], dtype=torch.long)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        keep = torch.zeros((len(rows), width, width), dtype=torch.bool)  # (row, query, key)
+        at = torch.zeros((len(tls), 1 + g, 2), dtype=torch.long)  # (row, column) of each timeline's 1 + G outputs
+        causal = torch.tril(torch.ones((max(lens), max(lens)), dtype=torch.bool))
+        eye = torch.eye(g, dtype=torch.bool)
+        for r, members in enumerate(rows):
+            o = 0
+            for i in members:
+                n, q = lens[i], o + lens[i]  # prompt at [o, q), gaps at [q, q + g)
+                ids[r, o:q] = torch.from_numpy(tls[i].tokens)
+                ids[r, q:q + g] = gaps
+                pos[r, o:q] = torch.arange(n)
+                pos[r, q:q + g] = n  # every gap is "the next token"
+                keep[r, o:q, o:q] = causal[:n, :n]
+                keep[r, q:q + g, o:q] = True  # a gap sees the whole prompt ...
+                keep[r, q:q + g, q:q + g] = eye  # ... and itself, never another gap
+                at[i, :, 0] = r
+                at[i, 0, 1] = q - 1
+                at[i, 1:, 1] = torch.arange(q, q + g)
+                o = q + g
+            keep[r, torch.arange(o, width), torch.arange(o, width)] = True  # padding attends to itself
+        mask = keep[:, None].to(dev)
+        if self.model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+            mask = torch.zeros(mask.shape, device=dev).masked_fill(~mask, torch.finfo(torch.float32).min)
+        hidden = self.model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
+                                          use_cache=False).last_hidden_state  # (rows, width, d)
+        picked = hidden[at[..., 0].to(dev), at[..., 1].to(dev)]  # (B, 1 + G, d)
+        logits = self.model.get_output_embeddings()(picked)
+        probs = torch.softmax(logits.double(), -1).cpu()  # (B, 1 + G, V): after the prompt, then after each gap
+        return self._combine(probs[:, 0], probs[:, 1:])
+
+    def _combine(self, p0: torch.Tensor, p1: torch.Tensor) -> list[EventDistribution]:
+        """p0 (B, V): P(next token); p1 (B, G, V): P(token after gap g) -> each timeline's event distribution."""
+        gaps = torch.tensor(self.vocab.time_ids)
+        p_gap = p0[:, gaps]  # (B, G)
+        event = torch.from_numpy(self.is_event)
+        p_event = p0 * event + (p_gap[:, :, None] * p1 * event).sum(1)  # (B, V)
+        same = (p0 * event).sum(-1)
+        return [EventDistribution(p_event[r], float(same[r]), p_gap[r]) for r in range(len(p0))]
+
+    def _cache_bytes_per_token(self) -> int:
+        cfg = self.model.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return 2 * cfg.num_hidden_layers * heads * head_dim * next(self.model.parameters()).element_size()
+
+    def _distributions_cached(self, tls: Sequence[Timeline]) -> list[EventDistribution]:
+        dev = self.device
+        lens = [len(t.tokens) for t in tls]
+        if min(lens) == 0:
+            raise ValueError("a timeline has no tokens")
+        width, b = max(lens), len(tls)
+        ids = torch.full((b, width), self.vocab.index[PAD], dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for r, t in enumerate(tls):  # left padding: every row's last prompt token is in the last column
+            ids[r, width - lens[r]:] = torch.from_numpy(t.tokens)
+            mask[r, width - lens[r]:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {"attention_mask": mask.to(dev)} if b > 1 else {}
+        # logits_to_keep=1: only the last position's logits (B x width x V of them would dwarf the model's work)
+        out = self.model(input_ids=ids.to(dev), position_ids=pos.to(dev), use_cache=True, logits_to_keep=1, **kwargs)
+        p0 = torch.softmax(out.logits[:, -1].double(), -1).cpu()  # (B, V)
+        # one batched step over every gap token, reusing the prompt's cache: rows (b0 g0, b0 g1, ..., b1 g0, ...)
+        gaps = torch.tensor(self.vocab.time_ids)
+        g = len(gaps)
         cache = out.cache
-        cache.batch_repeat_interleave(len(gaps))
-        pos = torch.full((len(gaps), 1), ids.shape[1], device=self.device)
-        step = self.model(input_ids=gaps[:, None], cache=cache, position_ids=pos, use_cache=False)
-        p1 = torch.softmax(step.logits[:, -1].double(), -1).cpu()  # (G, V)
-        p_gap = p0[gaps.cpu()]  # (G,)
-        event = torch.tensor(self.is_event)
-        p_event = p0 * event + (p_gap[:, None] * p1 * event).sum(0)
-        allowed = event.clone()
+        cache.batch_repeat_interleave(g)
+        step_ids = gaps.repeat(b)[:, None].to(dev)
+        step_pos = (pos[:, -1] + 1).repeat_interleave(g)[:, None].to(dev)
+        if b > 1:
+            step_mask = torch.cat([mask.repeat_interleave(g, 0), torch.ones((b * g, 1), dtype=mask.dtype)], 1)
+            kwargs = {"attention_mask": step_mask.to(dev)}
+        step = self.model(input_ids=step_ids, cache=cache, position_ids=step_pos, use_cache=False, **kwargs)
+        p1 = torch.softmax(step.logits[:, -1].double(), -1).cpu().view(b, g, -1)  # (B, G, V)
+        return self._combine(p0, p1)
+
+    def summarise_next(self, timeline: Timeline, dist: EventDistribution, top_k: int = 10,
+                       kinds: Sequence[str] | None = None, new_only: bool = False) -> NextEvents:
+        """Top-k events (optionally of some kinds, or not yet in the timeline) and the time-to-next bins."""
+        allowed = self.is_event.copy()
         if kinds:
-            wanted = {k.upper() for k in kinds}
-            allowed &= torch.tensor([code_kind(t) in wanted for t in self.vocab.tokens])
-        seen = set(timeline.tokens.tolist())
+            allowed &= np.isin(self.token_kinds, [k.upper() for k in kinds])
+        seen = np.zeros(len(allowed), dtype=bool)
+        seen[np.unique(timeline.tokens)] = True
         if new_only:
-            allowed &= torch.tensor([i not in seen for i in range(len(self.vocab.tokens))])
-        masked = torch.where(allowed, p_event, torch.zeros_like(p_event))
-        top = torch.topk(masked, min(top_k, int(allowed.sum()))) if int(allowed.sum()) else None
+            allowed &= ~seen
+        allowed_t = torch.from_numpy(allowed)
+        p_event = dist.p_event
+        masked = torch.where(allowed_t, p_event, torch.zeros_like(p_event))
+        n_allowed = int(allowed.sum())
         events = []
-        if top is not None:
+        if n_allowed and top_k > 0:
+            top = torch.topk(masked, min(top_k, n_allowed))
             for prob, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
                 tok = self.vocab.tokens[i]
                 events.append({"token": tok, "kind": code_kind(tok), "description": self.descriptions.get(tok),
-                               "probability": prob, "new": i not in seen})
+                               "probability": prob, "new": not bool(seen[i])})
         # time to the next event: "same timestamp" or one of the gap bins, normalised over those outcomes
-        same = float((p0 * event).sum())
+        gaps = self.vocab.time_ids
+        p_gap = dist.p_gap
+        same = dist.p_same_timestamp
         total = same + float(p_gap.sum())
         norm = total if total > 0 else 1.0
         times = [{"bin": "same timestamp", "probability": same / norm}]
@@ -223,6 +419,55 @@ class Forecaster:
         reps = torch.tensor(self.vocab.time_reps_s)
         expected = float((p_gap * reps).sum() / DAY / total) if total > 0 else None
         return NextEvents(events, times, float(masked.sum()), expected)
+
+    # -- explanations --
+
+    def explain_next_events(self, events: Sequence[dict[str, Any]], as_of: datetime | None = None,
+                            target: Sequence[str] | None = None, max_events: int = 64) -> Explanation:
+        """Which past events moved the next-event prediction: leave-one-event-out, in one batched pass.
+
+        The timeline is re-encoded once per removed event (so gaps, ages and value tokens stay consistent, as if
+        the event had never been recorded) and all variants run through :meth:`event_distributions` together.
+        ``target`` is a list of glob patterns over event tokens (default: the top-1 predicted event); each
+        event's ``delta`` is P(target | full timeline) - P(target | timeline without it), so a positive delta
+        means the event made the target more likely. ``total_variation`` is how much the whole next-event
+        distribution moved (half the L1 distance). Only the ``max_events`` most recent timed events are tried.
+        """
+        base = self.timeline_from_events(events, as_of)
+        candidates = [i for i, e in enumerate(events) if e.get("time") is not None and e["code"] != "MEDS_BIRTH"
+                      and (as_of is None or e["time"] <= as_of)]
+        candidates = candidates[-max_events:] if max_events > 0 else []
+        variants, kept = [], []
+        for i in candidates:
+            rest = [e for j, e in enumerate(events) if j != i]
+            try:
+                variants.append(self.timeline_from_events(rest, as_of))
+            except ValueError:  # removing the only event leaves nothing to predict from: no counterfactual
+                continue
+            kept.append(i)
+        dists = self.event_distributions([base, *variants])
+        full = dists[0].p_event
+        if target:
+            tmask = np.array([self.is_event[i] and any(fnmatch.fnmatchcase(t, p) for p in target)
+                              for i, t in enumerate(self.vocab.tokens)])
+            patterns = list(target)
+        else:
+            masked = torch.where(torch.from_numpy(self.is_event), full, torch.zeros_like(full))
+            top = int(torch.argmax(masked))
+            tmask = np.zeros(len(self.vocab.tokens), dtype=bool)
+            tmask[top] = True
+            patterns = [self.vocab.tokens[top]]
+        tm = torch.from_numpy(tmask)
+        p_full = float(full[tm].sum())
+        rows = []
+        for i, d in zip(kept, dists[1:], strict=True):
+            e = events[i]
+            p_without = float(d.p_event[tm].sum())
+            rows.append({"index": i, "time": e["time"], "code": e["code"], "token": self.vocab.token_for(e["code"]),
+                         "probability_without": p_without, "delta": p_full - p_without,
+                         "total_variation": 0.5 * float((full - d.p_event).abs().sum())})
+        rows.sort(key=lambda r: abs(r["delta"]), reverse=True)
+        return Explanation("leave-one-event-out", patterns, int(tmask.sum()), p_full, len(candidates), rows)
 
     # -- futures --
 
@@ -252,7 +497,7 @@ class Forecaster:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         for b in range(0, len(live), per_batch):
             group = live[b:b + per_batch]
-            toks = self._sample_batch([timelines[i] for i in group], n, horizon_days, temperature, top_p, gen,
+            toks, _ = self._sample_batch([timelines[i] for i in group], n, horizon_days, temperature, top_p, gen,
                                       max_new_tokens)
             for gi, i in enumerate(group):
                 tl = timelines[i]
@@ -260,8 +505,39 @@ class Forecaster:
                     results[i][j] = self._decode_future(tl, toks[gi * n + j], horizon_days)
         return results
 
+    @torch.no_grad()
+    def task_risks(self, timelines: Sequence[Timeline], task: TaskSpec, n: int = 10, *, seed: int = 0,
+                   max_new_tokens: int = 512, batch_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """P(``task`` fires) per timeline, with its Monte Carlo standard error: (risk, stderr) arrays.
+
+        Rao-Blackwellised futures: at every step the probability that the next event matches the task is
+        accumulated (survival ``S *= 1 - p_match``) and the path continues as if it did not match (matches are
+        masked and the rest renormalised), until the window ends, a stop code, or death. ``1 - S`` of one path is
+        an unbiased estimate of the risk with far less variance than counting hits, so a handful of paths
+        separate a 3% from a 6% risk — what AUROC at low prevalence needs. Dead subjects get NaN.
+        """
+        if task.value != "binary":
+            raise ValueError(f"task {task.name} is not binary")
+        match = torch.tensor([task.matches(t) for t in self.vocab.tokens])
+        stop = torch.tensor([bool(task.stop_codes) and task.matches(t, task.stop_codes) for t in self.vocab.tokens])
+        risk = np.full(len(timelines), np.nan)
+        se = np.full(len(timelines), np.nan)
+        live = [i for i, t in enumerate(timelines) if not t.dead]
+        per_batch = max(1, batch_rows // n)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for b in range(0, len(live), per_batch):
+            group = live[b:b + per_batch]
+            _, surv = self._sample_batch([timelines[i] for i in group], n, task.window_days, 1.0, 1.0, gen,
+                                         max_new_tokens, match=match, stop=stop)
+            hit = (1.0 - surv.numpy()).reshape(len(group), n)
+            risk[group] = hit.mean(1)
+            se[group] = hit.std(1, ddof=1) / np.sqrt(n) if n > 1 else np.nan
+        return risk, se
+
     def _sample_batch(self, tls: Sequence[Timeline], n: int, horizon_days: float, temperature: float,
-                      top_p: float, gen: torch.Generator, max_new_tokens: int) -> list[list[int]]:
+                      top_p: float, gen: torch.Generator, max_new_tokens: int, *, match: torch.Tensor | None = None,
+                      stop: torch.Tensor | None = None) -> tuple[list[list[int]], torch.Tensor]:
+        """Decode ``n`` futures per prompt; with ``match`` also the survival of each path (see task_risks)."""
         dev = self.device
         lens = [len(t.tokens) for t in tls]
         width = max(lens)
@@ -287,7 +563,9 @@ class Forecaster:
         active = torch.arange(rows)  # original row index of each batch row
         generated = torch.full((rows, max_new_tokens), -1, dtype=torch.long)
         length = torch.zeros(rows, dtype=torch.long)
+        survival = torch.ones(rows, dtype=torch.float64)
         is_time = torch.tensor(self.is_time)
+        match_d = match.to(dev) if match is not None else None
         for _ in range(max_new_tokens):
             logit = logits.float() / max(temperature, 1e-6)
             logit = logit.masked_fill(self.banned, float("-inf"))
@@ -302,6 +580,13 @@ class Forecaster:
             probs = torch.softmax(logit, -1)
             if top_p < 1.0:
                 probs = _top_p(probs, top_p)
+            no_way = torch.zeros(len(active), dtype=torch.bool)
+            if match_d is not None:  # accumulate P(match now), then continue down a non-matching path
+                p_match = (probs * match_d).sum(-1).double().cpu().clamp(0, 1)
+                survival[active] *= 1.0 - p_match
+                probs = probs.masked_fill(match_d, 0.0)
+                no_way = probs.sum(-1).cpu() <= 0  # only matches were possible: the path is settled
+                probs = torch.where(no_way.to(dev)[:, None], torch.ones_like(probs), probs)
             nxt = torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0]
             step_s = self.time_rep_s[nxt]
             new_elapsed = elapsed[active] + step_s
@@ -310,7 +595,9 @@ class Forecaster:
             generated[kept, length[kept]] = nxt[~over]
             length[kept] += 1
             elapsed[active] = new_elapsed
-            done = over | (nxt == self.death_id)
+            done = over | (nxt == self.death_id) | no_way
+            if stop is not None:
+                done |= stop[nxt]
             if bool(done.all()):
                 break
             keep = (~done).nonzero()[:, 0]
@@ -324,7 +611,7 @@ class Forecaster:
             cache = step.cache
             logits = step.logits[:, -1]
             next_pos = next_pos + 1
-        return [generated[r, : length[r]].tolist() for r in range(rows)]
+        return [generated[r, : length[r]].tolist() for r in range(rows)], survival
 
     def _decode_future(self, tl: Timeline, tokens: list[int], horizon_days: float) -> list[dict[str, Any]]:
         events = decode(self.vocab, tokens, start_time=tl.clock)

@@ -16,6 +16,7 @@ SOURCES: dict[str, str] = {
     "synthea": "foresight.sources.synthea",
     "fhir": "foresight.sources.fhir",
     "meds": "foresight.sources.meds",
+    "notes": "foresight.sources.notes",  # needs a MedCAT model pack: --model-pack or $FORESIGHT_MODEL_PACK
 }
 
 

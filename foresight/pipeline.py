@@ -1,0 +1,285 @@
+"""The chain's stages as plain functions with content fingerprints, for the ``pipeline`` flow and ``foresight demo``.
+
+Each stage is a function from documented inputs to outputs on disk plus a small JSON-able summary, and each has
+a fingerprint of exactly what decides its output (input file checksums, the warehouse's load history, the
+tokenized data, the model's checksum, the stage's parameters) and of whether its output is still on disk. The
+Prefect flow uses the fingerprints as cache keys, so re-running with unchanged inputs skips the work, and a
+deleted output is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class PipelinePaths:
+    """Where a pipeline run keeps its artifacts (all under one work folder)."""
+
+    workdir: Path
+    db: Path = field(init=False)
+    data: Path = field(init=False)
+    model: Path = field(init=False)
+    evaluation: Path = field(init=False)
+    privacy: Path = field(init=False)
+    registry: Path = field(init=False)
+    forecast: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir)
+        self.db = self.workdir / "warehouse.duckdb"
+        self.data = self.workdir / "tokens"
+        self.model = self.workdir / "model"
+        self.evaluation = self.workdir / "evaluation"
+        self.privacy = self.workdir / "privacy"
+        self.registry = self.workdir / "registry"
+        self.forecast = self.workdir / "forecast"
+
+
+# --- fingerprints ---------------------------------------------------------------------------------------------
+
+
+def digest(*parts: Any) -> str:
+    """sha256 of JSON-able parts: the cache key of a stage."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def files_fingerprint(path: str | Path) -> str:
+    """sha256 over every file under ``path`` (relative name and content): what an input folder holds."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+    for p in files:
+        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+        with open(p, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def warehouse_fingerprint(db: str | Path) -> str:
+    """The warehouse's load history (run ids and input checksums), or 'missing'."""
+    from foresight import warehouse
+
+    if not Path(db).exists():
+        return "missing"
+    con = warehouse.connect(db, read_only=True)
+    try:
+        rows = con.execute("SELECT run_id, input_checksums::VARCHAR FROM etl_runs ORDER BY run_id").fetchall()
+    finally:
+        con.close()
+    return digest(rows)
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """The tokenized data: its vocabulary and shard indexes (content), or 'missing'."""
+    d = Path(data_dir)
+    needed = [d / "vocab.json", *(d / f"{s}.index.npy" for s in ("train", "tuning", "held_out"))]
+    if not all(p.exists() for p in needed):
+        return "missing"
+    return digest([hashlib.sha256(p.read_bytes()).hexdigest() for p in needed],
+                   [(d / f"{s}.bin").stat().st_size for s in ("train", "tuning", "held_out")])
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """The model's release checksum (weights, config, vocabulary, card), or 'missing'."""
+    from privacy.release import model_checksum
+
+    if not (Path(model_dir) / "config.json").exists():
+        return "missing"
+    return model_checksum(model_dir)[0]
+
+
+# --- stages -----------------------------------------------------------------------------------------------------
+
+
+def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def load_stage(source: str, input_path: Path, db: Path, exclude_subjects: Path | None = None) -> dict[str, Any]:
+    """ETL: ``input_path`` (a ``source``: mimic-iv, synthea, fhir, meds, notes) into the warehouse ``db``."""
+    from foresight import warehouse
+    from foresight.optout import read_subjects_file
+    from foresight.sources import get_source
+
+    def run() -> dict[str, Any]:
+        module = get_source(source)
+        excluded = read_subjects_file(exclude_subjects) if exclude_subjects else None
+        con = warehouse.connect(db)
+        try:
+            with warehouse.excluding_subjects(excluded or ()):
+                summary = module.load(con, input_path).to_json()
+        finally:
+            con.close()
+        return {k: summary[k] for k in ("run_id", "subjects", "events", "rows_read", "rows_loaded",
+                                         "rows_quarantined", "rows_dropped")}
+
+    return _timed(run)
+
+
+def tokenize_stage(db: Path, data: Path, min_subjects: int = 10) -> dict[str, Any]:
+    """Vocabulary (train only) and packed shards."""
+    from foresight import tokenizer
+
+    def run() -> dict[str, Any]:
+        s = tokenizer.tokenize(db, data, tokenizer.TokenizerConfig(min_subjects=min_subjects))
+        return {"vocab_size": s["vocab_size"], "tokens": s["tokens"], "subjects": s["subjects"]}
+
+    return _timed(run)
+
+
+def train_stage(data: Path, model: Path, options: dict[str, Any], log: Callable[[str], None] | None = None
+                ) -> dict[str, Any]:
+    """Train (resuming a previous run of the same options when its checkpoints are there)."""
+    import shutil
+
+    from foresight.train import TrainConfig, train
+
+    def run() -> dict[str, Any]:
+        cfg = TrainConfig.from_dict(options)
+        card = model / "foresight.json"
+        if card.exists():  # a finished model of other data or options: start over rather than refuse
+            shutil.rmtree(model)
+        result = train(data, model, cfg, resume=True, log=log)
+        return {"metrics": result.get("metrics", result), "model": str(model)}
+
+    return _timed(run)
+
+
+def evaluate_stage(model: Path, data: Path, db: Path, out: Path, *, tasks: list[str], as_of: datetime | None,
+                   samples: int, max_points: int, oracle_dir: Path | None = None, max_rows: int | None = 200,
+                   seed: int = 0) -> dict[str, Any]:
+    """Evaluation report (next-event accuracy, risk tasks vs baselines and, on simulator data, the oracle)."""
+    from foresight.evaluate import evaluate_model
+    from foresight.forecast import load_task
+
+    def run() -> dict[str, Any]:
+        oracle = simulator_oracle(oracle_dir) if oracle_dir else None
+        report = evaluate_model(model, data, db=db, tasks=[load_task(t) for t in tasks], as_of=as_of,
+                                samples=samples, max_points=max_points, out_dir=out, oracle=oracle, seed=seed,
+                                max_rows=max_rows)
+        return {"report": report["report"], "next_event": report["next_event"], "tasks": report["tasks"],
+                "calibration_plot": report.get("calibration_plot")}
+
+    return _timed(run)
+
+
+# the simulator's oracle events for the built-in tasks
+ORACLE_EVENTS = {"admission_30d": "admission", "emergency_admission_30d": "emergency_admission",
+                 "mortality_30d": "death", "icu_admission_30d": "icu_admission", "readmission_30d": "admission"}
+
+
+def simulator_oracle(sim_dir: Path) -> Callable[[Any, Any], Any]:
+    """An ``oracle(task, points)`` for evaluate: the simulator's true risk for each (subject, time) pair."""
+    import numpy as np
+
+    from foresight.simulate import Oracle, read_history
+
+    orc = Oracle.from_dir(sim_dir)
+    history = read_history(sim_dir, orc.model)  # parsed once, reused for every task
+
+    def oracle(task: Any, points: Any) -> Any:
+        event = ORACLE_EVENTS.get(task.name)
+        if event is None or not len(points):
+            return np.full(len(points), np.nan)
+        r = orc.true_risk(history, np.array([np.datetime64(p.time, "us") for p in points]), task.window_days,
+                          event, subjects=np.array([p.subject_id for p in points]))
+        return np.asarray(r.probability, dtype=float)
+
+    return oracle
+
+
+def audit_stage(model: Path, data: Path, out: Path, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The privacy audit and the gate's decision."""
+    from privacy.audit import audit
+
+    def run() -> dict[str, Any]:
+        report = audit(model, data, out, progress=progress)
+        return {"decision": report["decision"], "valid": report["valid"], "reasons": report["reasons"],
+                "report": report["written"]}
+
+    return _timed(run)
+
+
+def release_stage(model: Path, registry: Path) -> dict[str, Any]:
+    """Copy the audited model into the registry (refused unless its latest audit passed)."""
+    from privacy.release import release
+
+    return _timed(lambda: release(model, registry))
+
+
+def latest_release(registry: Path) -> Path | None:
+    """The most recently released model in ``registry`` (its index), or None."""
+    index = Path(registry) / "index.jsonl"
+    if not index.exists():
+        return None
+    lines = [json.loads(x) for x in index.read_text().splitlines() if x.strip()]
+    for entry in reversed(lines):
+        if Path(entry["path"]).exists():
+            return Path(entry["path"])
+    return None
+
+
+def forecast_stage(model: Path, db: Path, out: Path, *, as_of: datetime, horizon_days: float, samples: int,
+                   split: str | None, max_subjects: int | None, codes: tuple[str, ...] = ("ADMIT//*",),
+                   oracle_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
+    """Weekly forecast for the cohort alive at ``as_of`` (JSON + PNG); with observed weeks after ``as_of``
+    when the warehouse has them (a backtest), and the simulator's expected counts when it is simulated."""
+    from foresight import warehouse
+    from foresight.evaluate import backtest_rates
+    from foresight.forecast import Forecaster, cohort_as_of, plot_population, population_rates, weekly_history
+
+    def run() -> dict[str, Any]:
+        fc = Forecaster.from_pretrained(model)
+        weeks = int(-(-horizon_days // 7))
+        con = warehouse.connect(db, read_only=True)
+        try:
+            ids = cohort_as_of(con, as_of, split=split, limit=max_subjects, seed=seed)
+            history = weekly_history(con, ids, as_of, 26, codes)
+            observed = weekly_history(con, ids, as_of + timedelta(days=7 * weeks), weeks, codes)
+            timelines = fc.timelines_from_warehouse(con, ids, as_of)
+            last = con.execute("SELECT max(time) FROM events").fetchall()[0][0]
+        finally:
+            con.close()
+        result = population_rates(fc, timelines, as_of, horizon_days, samples=samples, codes=codes, seed=seed,
+                                  history=history)
+        payload = result.to_json()
+        if last is not None and last >= as_of + timedelta(days=7 * weeks):
+            payload["observed_after"] = [{"week_start": d.date().isoformat(), "observed": n} for d, n in observed]
+            payload["backtest"] = backtest_rates(result.weeks, [n for _, n in observed])
+        if oracle_dir is not None:
+            payload["oracle_expected"] = _oracle_weekly(oracle_dir, as_of, weeks, ids)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "forecast.json").write_text(json.dumps(payload, indent=1, default=str))
+        plot = plot_population(result, out / "forecast.png")
+        return {"json": str(out / "forecast.json"), "plot": str(plot), "cohort": len(ids),
+                "forecast_total": sum(w["mean"] for w in result.weeks),
+                "backtest": payload.get("backtest"), "oracle_total": (sum(payload["oracle_expected"])
+                                                                       if "oracle_expected" in payload else None)}
+
+    return _timed(run)
+
+
+def _oracle_weekly(sim_dir: Path, as_of: datetime, weeks: int, ids: list[int]) -> list[float]:
+    """The simulator's expected weekly admissions for exactly this cohort."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from foresight.simulate import Oracle
+
+    table = ds.dataset(Path(sim_dir) / "data", format="parquet").to_table()
+    table = table.filter(pc.is_in(table["subject_id"], value_set=pa.array(ids)))
+    exp = Oracle.from_dir(sim_dir).expected_weekly_admissions(table, as_of, weeks=weeks)
+    return [float(x) for x in exp.expected]
