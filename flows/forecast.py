@@ -46,10 +46,24 @@ def forecast_rates(model: Path, db: Path, ids: list[int], as_of: datetime, horiz
 
 
 @flow(name="forecast hospitalisation rates")
-def forecast(model: Path, db: Path, as_of: datetime, horizon_days: float = 28, out_dir: Path = Path("work/forecast"),
-             samples: int = 20, codes: tuple[str, ...] = ("ADMIT//*",), split: str | None = None,
-             max_subjects: int | None = None, history_weeks: int = 52, seed: int = 0) -> dict[str, Any]:
-    """Forecast weekly ``codes`` events (admissions by default) for the cohort alive at ``as_of``."""
+def forecast(db: Path, model: Path | None = None, registry: Path | None = None, as_of: datetime | None = None,
+             horizon_days: float = 28, out_dir: Path = Path("work/forecast"), samples: int = 20,
+             codes: tuple[str, ...] = ("ADMIT//*",), split: str | None = None, max_subjects: int | None = None,
+             history_weeks: int = 52, seed: int = 0) -> dict[str, Any]:
+    """Forecast weekly ``codes`` events (admissions by default) for the cohort alive at ``as_of`` (default: today).
+
+    ``model``: a model directory, or ``registry``: use the last model the privacy gate released there (the
+    scheduled Monday run forecasts only with released models).
+    """
+    from foresight.pipeline import latest_release
+
+    if model is None:
+        if registry is None:
+            raise ValueError("give a model directory or a registry of released models")
+        model = latest_release(Path(registry))
+        if model is None:
+            raise ValueError(f"{registry} holds no released model yet: nothing passed the privacy gate")
+    as_of = as_of or datetime.combine(datetime.now().date(), datetime.min.time())
     ids, history = select_cohort(db, as_of, split, max_subjects, tuple(codes), history_weeks)
     if not ids:
         raise ValueError(f"no living subject with events before {as_of} in {db}")

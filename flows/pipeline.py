@@ -33,11 +33,13 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+# Cache keys are what decides each step's output (input contents and parameters). A step whose output has
+# gone missing is re-run with refresh_cache (see the flow), so a deleted folder is rebuilt.
+
+
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient, persist_result=True,
       cache_key_fn=lambda ctx, p: _key("etl", p["source"], P.files_fingerprint(p["input_path"]), str(p["db"]),
-                                       str(p["exclude_subjects"]),
-                                       P.files_fingerprint(p["exclude_subjects"]) if p["exclude_subjects"] else "",
-                                       P.warehouse_fingerprint(p["db"]) != "missing"))
+                                       P.files_fingerprint(p["exclude_subjects"]) if p["exclude_subjects"] else ""))
 def etl_step(source: str, input_path: Path, db: Path, exclude_subjects: Path | None) -> dict[str, Any]:
     """Load the source into the warehouse (cached on the input files' contents)."""
     return P.load_stage(source, input_path, db, exclude_subjects)
@@ -45,15 +47,14 @@ def etl_step(source: str, input_path: Path, db: Path, exclude_subjects: Path | N
 
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=_transient, persist_result=True,
       cache_key_fn=lambda ctx, p: _key("tokenize", P.warehouse_fingerprint(p["db"]), p["min_subjects"],
-                                       P.data_fingerprint(p["data"])))
+                                       str(p["data"])))
 def tokenize_step(db: Path, data: Path, min_subjects: int) -> dict[str, Any]:
-    """Vocabulary + shards (cached on the warehouse's load history)."""
+    """Vocabulary + shards (cached on what the warehouse holds)."""
     return P.tokenize_stage(db, data, min_subjects)
 
 
 @task(persist_result=True,
-      cache_key_fn=lambda ctx, p: _key("train", P.data_fingerprint(p["data"]), p["options"],
-                                       P.model_fingerprint(p["model"])))
+      cache_key_fn=lambda ctx, p: _key("train", P.data_fingerprint(p["data"]), p["options"], str(p["model"])))
 def train_step(data: Path, model: Path, options: dict[str, Any]) -> dict[str, Any]:
     """Train the model (cached on the data and the training options)."""
     logger = get_run_logger()
@@ -63,7 +64,7 @@ def train_step(data: Path, model: Path, options: dict[str, Any]) -> dict[str, An
 @task(persist_result=True,
       cache_key_fn=lambda ctx, p: _key("evaluate", P.model_fingerprint(p["model"]), P.data_fingerprint(p["data"]),
                                        p["tasks"], p["as_of"], p["samples"], p["max_points"], str(p["oracle_dir"]),
-                                       (Path(p["out"]) / "report.json").exists()))
+                                       str(p["out"])))
 def evaluate_step(model: Path, data: Path, db: Path, out: Path, tasks: list[str], as_of: datetime | None,
                   samples: int, max_points: int, oracle_dir: Path | None) -> dict[str, Any]:
     """Evaluation report (cached on the model checksum)."""
@@ -73,11 +74,16 @@ def evaluate_step(model: Path, data: Path, db: Path, out: Path, tasks: list[str]
 
 @task(persist_result=True,
       cache_key_fn=lambda ctx, p: _key("audit", P.model_fingerprint(p["model"]), P.data_fingerprint(p["data"]),
-                                       (Path(p["model"]) / "privacy" / "report.json").exists()))
+                                       str(p["out"])))
 def audit_step(model: Path, data: Path, out: Path) -> dict[str, Any]:
     """Privacy audit and gate decision (cached on the model checksum)."""
     logger = get_run_logger()
     return P.audit_stage(model, data, out, progress=logger.info)
+
+
+def _fresh(step: Any, output_missing: bool) -> Any:
+    """The step, forced to run again (and refresh its cache) when its output is no longer on disk."""
+    return step.with_options(refresh_cache=True) if output_missing else step
 
 
 @task(cache_policy=NO_CACHE)
@@ -118,12 +124,16 @@ def pipeline(
     paths = P.PipelinePaths(Path(workdir))
     registry = Path(registry) if registry else paths.registry
     out: dict[str, Any] = {"workdir": str(paths.workdir)}
-    out["etl"] = etl_step(source, Path(input), paths.db, exclude_subjects)
-    out["tokenize"] = tokenize_step(paths.db, paths.data, min_subjects)
-    out["train"] = train_step(paths.data, paths.model, train_options or {"preset": "tiny", "max_steps": 300})
-    out["evaluate"] = evaluate_step(paths.model, paths.data, paths.db, paths.evaluation,
-                                    tasks or ["admission_30d"], as_of, eval_samples, eval_points, oracle_dir)
-    out["privacy"] = audit_step(paths.model, paths.data, paths.privacy)
+    out["etl"] = _fresh(etl_step, not paths.db.exists())(source, Path(input), paths.db, exclude_subjects)
+    out["tokenize"] = _fresh(tokenize_step, P.data_fingerprint(paths.data) == "missing")(
+        paths.db, paths.data, min_subjects)
+    out["train"] = _fresh(train_step, P.model_fingerprint(paths.model) == "missing")(
+        paths.data, paths.model, train_options or {"preset": "tiny", "max_steps": 300})
+    out["evaluate"] = _fresh(evaluate_step, not (paths.evaluation / "report.json").exists())(
+        paths.model, paths.data, paths.db, paths.evaluation, tasks or ["admission_30d"], as_of, eval_samples,
+        eval_points, oracle_dir)
+    out["privacy"] = _fresh(audit_step, not (paths.model / "privacy" / "report.json").exists())(
+        paths.model, paths.data, paths.privacy)
     if out["privacy"]["decision"] == "PASS":
         out["release"] = release_step(paths.model, registry)
     else:

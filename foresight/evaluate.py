@@ -395,7 +395,10 @@ def plot_calibration(results: Sequence[dict[str, Any]], path: str | Path) -> Pat
         ax.set_title(res["task"])
         ax.set_xlabel("predicted risk")
         ax.set_ylabel("observed rate")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no positive outcomes: calibration undefined", ha="center", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

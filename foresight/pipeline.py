@@ -65,17 +65,21 @@ def files_fingerprint(path: str | Path) -> str:
 
 
 def warehouse_fingerprint(db: str | Path) -> str:
-    """The warehouse's load history (run ids and input checksums), or 'missing'."""
+    """What the warehouse holds: each source's latest load (its input checksums), or 'missing'.
+
+    Re-loading identical inputs gives the same fingerprint, so downstream steps stay cached."""
     from foresight import warehouse
 
     if not Path(db).exists():
         return "missing"
     con = warehouse.connect(db, read_only=True)
     try:
-        rows = con.execute("SELECT run_id, input_checksums::VARCHAR FROM etl_runs ORDER BY run_id").fetchall()
+        rows = con.execute(
+            "SELECT source, arg_max(input_checksums::VARCHAR, started_at) FROM etl_runs GROUP BY source ORDER BY 1"
+        ).fetchall()
     finally:
         con.close()
-    return digest(rows)
+    return digest(rows) if rows else "missing"
 
 
 def data_fingerprint(data_dir: str | Path) -> str:
