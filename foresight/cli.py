@@ -619,8 +619,8 @@ def serve(
     keys: KeysOption = Path("foresight-keys.json"),
     audit_log: Annotated[Path, typer.Option(help="Append-only JSON-lines audit log.")] = Path("foresight-audit.jsonl"),
     max_batch: Annotated[int, typer.Option(min=1, help="Next-event requests per forward pass (1: unbatched).")] = 32,
-    batch_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request waits for others to batch with.")]
-    = 5.0,
+    batch_wait_ms: Annotated[float, typer.Option(min=0, help="When others are queued, how long to wait for the rest "
+                                                         "of a burst (0 measured best on CPU-only hosts).")] = 5.0,
     max_events: Annotated[int, typer.Option(min=1, help="Posted events per timeline.")] = 2000,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Request body limit.")] = 1_048_576,
     small_cell_threshold: Annotated[int, typer.Option(min=1, help="Aggregate counts below this show as '<N'.")] = 8,

@@ -1,11 +1,11 @@
 """Forecasts from a trained timeline model: next events, Monte Carlo futures, zero-shot risks, population rates.
 
 - :meth:`Forecaster.next_events` — the distribution of the next event: P(the next event is code c) sums the
-  paths "c at the current timestamp" and "a gap token, then c" (one batched forward over the 16 gap tokens
-  with the prompt's KV cache), so probabilities are over events, not over tokens, and sum to at most 1. The
+  paths "c at the current timestamp" and "a gap token, then c" (the 16 gap tokens follow the prompt in the same
+  forward pass under a tree mask), so probabilities are over events, not over tokens, and sum to at most 1. The
   time until the next event is the distribution over the gap bins (plus "same timestamp").
   :meth:`Forecaster.next_events_batch` / :meth:`Forecaster.event_distributions` answer many timelines with
-  one left-padded forward pass (the server's micro-batcher uses them).
+  one packed forward pass (the server's micro-batcher uses them).
 - :meth:`Forecaster.explain_next_events` — leave-one-event-out attribution: the timeline re-encoded without
   each past event, all variants in one batched pass; which events moved P(target) and by how much.
 - :meth:`Forecaster.sample_futures` — futures for many timelines at once: the prompt is run once per timeline,
