@@ -111,6 +111,7 @@ def pipeline(
     tasks: list[str] | None = None,
     eval_samples: int = 20,
     eval_points: int = 300,
+    eval_at: str = "discharges",
     horizon_days: float = 28,
     forecast_samples: int = 20,
     forecast_split: str | None = None,
@@ -118,9 +119,18 @@ def pipeline(
     oracle_dir: Path | None = None,
     exclude_subjects: Path | None = None,
     registry: Path | None = None,
+    forecast_unreleased: bool = False,
 ) -> dict[str, Any]:
-    """The whole chain for one source; returns every stage's summary (and its seconds)."""
+    """The whole chain for one source; returns every stage's summary (and its seconds).
+
+    ``eval_at``: risk tasks are scored at each held-out discharge ("discharges", the readmission framing, where
+    30-day risks are high enough to measure on a small cohort) or for everyone alive at ``as_of`` ("as_of").
+    ``forecast_unreleased``: when no model has been released, forecast with the candidate model anyway and label
+    the result as unreleased (for synthetic data such as the demo; never for real records in operation).
+    """
     logger = get_run_logger()
+    if eval_at not in ("discharges", "as_of"):
+        raise ValueError(f"eval_at must be 'discharges' or 'as_of', not {eval_at!r}")
     paths = P.PipelinePaths(Path(workdir))
     registry = Path(registry) if registry else paths.registry
     out: dict[str, Any] = {"workdir": str(paths.workdir)}
@@ -130,8 +140,8 @@ def pipeline(
     out["train"] = _fresh(train_step, P.model_fingerprint(paths.model) == "missing")(
         paths.data, paths.model, train_options or {"preset": "tiny", "max_steps": 300})
     out["evaluate"] = _fresh(evaluate_step, not (paths.evaluation / "report.json").exists())(
-        paths.model, paths.data, paths.db, paths.evaluation, tasks or ["admission_30d"], as_of, eval_samples,
-        eval_points, oracle_dir)
+        paths.model, paths.data, paths.db, paths.evaluation, tasks or ["admission_30d"],
+        as_of if eval_at == "as_of" else None, eval_samples, eval_points, oracle_dir)
     out["privacy"] = _fresh(audit_step, not (paths.model / "privacy" / "report.json").exists())(
         paths.model, paths.data, paths.privacy)
     if out["privacy"]["decision"] == "PASS":
@@ -143,11 +153,15 @@ def pipeline(
     released = P.latest_release(registry)
     if as_of is None:
         out["forecast"] = {"skipped": True, "reason": "no as_of date given"}
-    elif released is None:
+    elif released is None and not forecast_unreleased:
         out["forecast"] = {"skipped": True, "reason": f"no released model in {registry} yet"}
         logger.warning("forecast skipped: %s holds no released model", registry)
     else:
-        out["forecast"] = forecast_step(released, paths.db, paths.forecast, as_of, horizon_days, forecast_samples,
+        model = released or paths.model
+        out["forecast"] = forecast_step(model, paths.db, paths.forecast, as_of, horizon_days, forecast_samples,
                                         forecast_split, forecast_max_subjects, oracle_dir)
-        out["forecast"]["model"] = str(released)
+        out["forecast"]["model"] = str(model)
+        out["forecast"]["model_released"] = released is not None
+        if released is None:
+            logger.warning("forecast made with the UNRELEASED candidate model (forecast_unreleased=True)")
     return out

@@ -364,10 +364,18 @@ def predict(
     if not timeline.dead:
         nxt = fc.next_events(timeline, top_k=top_k, kinds=kinds.split(",") if kinds else None, new_only=new_only)
         result["next_events"] = asdict(nxt)
-        if tasks:
-            horizon = max(t.window_days for t in tasks)
-            futures = fc.sample_futures([timeline], samples, horizon, seed=seed)[0]
-            result["risks"] = [asdict(risk_from_futures(t, futures, timeline.as_of)) for t in tasks]
+        result["risks"] = []
+        timed = [t for t in tasks if t.value != "binary"]
+        futures = fc.sample_futures([timeline], samples, max(t.window_days for t in timed), seed=seed)[0] \
+            if timed else []
+        for t in tasks:
+            if t.value == "binary":  # the same low-variance estimator `foresight evaluate` scores
+                p, se = fc.task_risks([timeline], t, samples, seed=seed)
+                result["risks"].append({"task": t.name, "probability": float(p[0]),
+                                        "low": max(0.0, float(p[0] - 1.96 * se[0])),
+                                        "high": min(1.0, float(p[0] + 1.96 * se[0])), "samples": samples})
+            else:
+                result["risks"].append(asdict(risk_from_futures(t, futures, timeline.as_of)))
     _emit(result, as_json)
     if not as_json:
         from rich.table import Table

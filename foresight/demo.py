@@ -5,7 +5,9 @@
 2. Run the ``pipeline`` Prefect flow: MEDS -> warehouse -> tokens -> a tiny model trained with DeepSpeed ->
    evaluation (strict next-event accuracy; 30-day admission risk after each discharge vs baselines and the
    oracle) -> privacy audit and gate -> release -> a 12-week weekly admissions forecast from 2025-10-01 for
-   the subjects the model never trained on, backtested against the weeks that followed.
+   the subjects the model never trained on, backtested against the weeks that followed. On a demo-sized
+   cohort the gate usually says REVIEW (too few held-out subjects to resolve the rarest error rates), so the
+   model is not released; the demo then forecasts with the candidate model and labels it as unreleased.
 3. Print where every artifact is and a table of the headline numbers.
 
 A second run reuses every cached step (same inputs, same parameters), so it takes seconds.
@@ -77,16 +79,19 @@ def run_demo(workdir: Path, *, subjects: int = DEMO_SUBJECTS, seed: int = 1, con
             t1 = time.perf_counter()
             result = pipeline(
                 source="meds", input=workdir / "sim", workdir=workdir, as_of=DEMO_AS_OF, min_subjects=10,
-                train_options=TRAIN_OPTIONS, tasks=["admission_30d"], eval_samples=20, eval_points=400,
+                train_options=TRAIN_OPTIONS, tasks=["admission_30d"], eval_samples=10, eval_points=500,
+                eval_at="discharges",
                 horizon_days=DEMO_HORIZON_DAYS, forecast_samples=20, forecast_split="held_out",
-                oracle_dir=workdir / "sim",
+                oracle_dir=workdir / "sim", forecast_unreleased=True,  # synthetic data: show the forecast anyway
             )
             timings["pipeline"] = round(time.perf_counter() - t1, 2)
         finally:
             logging.getLogger("prefect").removeHandler(handler)
     result["simulate"] = sim
-    result["timings"] = {**timings, **{k: v.get("seconds") for k, v in result.items()
-                                       if isinstance(v, dict) and "seconds" in v}}
+    started = datetime.fromtimestamp(time.time() - (time.perf_counter() - t0)).isoformat(timespec="seconds")
+    result["timings"] = {**timings, **{
+        k: (v["seconds"] if v.get("finished_at", started) >= started else "cached")
+        for k, v in result.items() if isinstance(v, dict) and "seconds" in v}}
     result["timings"]["total"] = round(time.perf_counter() - t0, 2)
     (workdir / "demo_summary.json").write_text(json.dumps(result, indent=1, default=str))
     return result
@@ -127,7 +132,8 @@ def headline(result: dict[str, Any]) -> list[tuple[str, str]]:
     else:
         bt = fc.get("backtest") or {}
         oracle = fc.get("oracle_total")
-        rows.append((f"admissions over {DEMO_HORIZON_DAYS // 7} weeks, {fc['cohort']} held-out subjects",
+        label = "" if fc.get("model_released", True) else " (candidate model: not released by the gate)"
+        rows.append((f"admissions over {DEMO_HORIZON_DAYS // 7} weeks, {fc['cohort']} held-out subjects{label}",
                      f"forecast {fc['forecast_total']:.1f} | observed {bt.get('observed_total', float('nan')):.0f}"
                      + (f" | oracle {oracle:.1f}" if oracle is not None else "")
                      + (f" | 90% band covered {bt['coverage90']:.0%} of weeks" if bt else "")))

@@ -108,6 +108,7 @@ def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = fn()
     out["seconds"] = round(time.perf_counter() - t0, 2)
+    out["finished_at"] = datetime.now().isoformat(timespec="seconds")  # a cached result keeps its first date
     return out
 
 
