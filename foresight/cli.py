@@ -73,35 +73,7 @@ def etl_mimic_iv(
     as_json: JsonOption = False,
 ) -> None:
     """Load MIMIC-IV (full or demo) into the warehouse: leak-free times, quarantine, lineage."""
-    import duckdb
-
-    from foresight import warehouse
-    from foresight.sources import mimic_iv
-
-    excluded = _opt_out_list(exclude_subjects)
-    t0 = time.perf_counter()
-    try:
-        con = warehouse.connect(db)
-    except Exception as exc:  # a locked or corrupt file: say which
-        _fail(f"{db}: cannot open warehouse: {exc}")
-    try:
-        with err.status("loading MIMIC-IV") as status, warehouse.excluding_subjects(excluded):
-            summary = mimic_iv.load(
-                con, input, source=source, on_group_done=lambda g: status.update(f"staged {g} tables")
-            )
-    except warehouse.SourceError as exc:
-        _fail(str(exc))
-    except warehouse.ReconciliationError as exc:
-        _fail(f"reconciliation failed: {exc}", code=3)
-    except duckdb.Error as exc:
-        _fail(f"DuckDB error while loading {input} (the warehouse was left unchanged): {exc}", code=4)
-    finally:
-        con.close()
-    payload = summary.to_json()
-    payload["seconds"] = round(time.perf_counter() - t0, 3)
-    _emit(payload, as_json)
-    if not as_json:
-        _print_load_summary(payload)
+    _run_etl("mimic-iv", input, db, source, as_json, exclude_subjects)
 
 
 def _run_etl(kind: str, input: Path, db: Path, source: str, as_json: bool, exclude_subjects: Path | None = None

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from foresight.context import EXCLUDING, FAMILY, HISTORICAL, HYPOTHETICAL, NEGATED, ContextRules
 from foresight.schema import code_part, make_code
+from foresight.warehouse import sql_literal
 
 if TYPE_CHECKING:  # medcat and pandas cost seconds at import; only the functions that use them import them
     import pandas as pd
@@ -388,19 +389,15 @@ def read_note_texts(path: str | Path, limit: int | None = None) -> list[str]:
                 con.close()
         con = duckdb.connect()
         if path.suffix == ".parquet":
-            rel = f"read_parquet({_lit(str(path))})"
+            rel = f"read_parquet({sql_literal(str(path))})"
         else:
-            rel = f"read_csv({_lit(str(path))}, all_varchar = true, header = true, ignore_errors = true)"
+            rel = f"read_csv({sql_literal(str(path))}, all_varchar = true, header = true, ignore_errors = true)"
         return [r[0] for r in con.execute(f"SELECT text::VARCHAR FROM {rel} WHERE trim(text::VARCHAR) <> ''{lim}")
                 .fetchall()]
     except duckdb.Error as exc:
         raise PackError(f"{path}: cannot read notes for training (need a `text` column or a warehouse with a "
                         f"`notes` table): {exc}") from exc
 
-
-def _lit(value: str) -> str:
-    # DuckDB table functions take no bound parameter for the file name here (inside a larger string); quote it.
-    return "'" + value.replace("'", "''") + "'"
 
 
 # --- building and loading packs ------------------------------------------------------------------------------

@@ -344,6 +344,7 @@ def evaluate_task(forecaster: Forecaster, con: Any, task: TaskSpec, points: Sequ
                         "calibration": calibration_table(y, p)}
     result["observed_rate"] = float(y.mean()) if len(y) else math.nan
     result["_y"], result["_p"] = y.tolist(), {k: v.tolist() for k, v in preds.items()}
+    result["_subjects"] = groups.tolist()  # the scored points' subjects (for pooling and patient bootstraps)
     return result
 
 

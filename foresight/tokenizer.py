@@ -308,11 +308,18 @@ def fit_vocabulary(con: Any, config: TokenizerConfig | None = None) -> Vocabular
             "no subject with events is in the train split: the vocabulary is fitted on train only")
     con.execute(
         """
-        CREATE OR REPLACE TEMP TABLE train_events AS
-        SELECT e.* FROM events e JOIN subject_splits s USING (subject_id)
-        WHERE s.split = 'train' AND fs_kind(e.code) NOT IN (SELECT unnest(?::VARCHAR[]))
+        CREATE OR REPLACE TEMP TABLE drop_kinds AS SELECT unnest(?::VARCHAR[]) AS kind
         """,
         [list(config.drop_kinds)],
+    )
+    # A view, not a copy: the train split of a national cohort is far larger than memory, and every statistic
+    # below is one streaming aggregate over it.
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP VIEW train_events AS
+        SELECT e.* FROM events e JOIN subject_splits s USING (subject_id)
+        WHERE s.split = 'train' AND fs_kind(e.code) NOT IN (SELECT kind FROM drop_kinds)
+        """
     )
     con.execute(
         "CREATE OR REPLACE TEMP TABLE code_pairs AS SELECT DISTINCT code AS node, subject_id FROM train_events "
@@ -385,7 +392,7 @@ def fit_vocabulary(con: Any, config: TokenizerConfig | None = None) -> Vocabular
     fingerprint = con.execute(
         "SELECT coalesce(md5(string_agg(run_id || ':' || input_checksums::VARCHAR, ',' ORDER BY run_id)), 'none') "
         "FROM etl_runs").fetchall()[0][0]
-    con.execute("DROP TABLE train_events; DROP TABLE code_pairs")
+    con.execute("DROP VIEW train_events; DROP TABLE code_pairs; DROP TABLE drop_kinds")
     return Vocabulary(config, tokens, code_map, quantile_edges, marker_map, report, fingerprint)
 
 

@@ -111,7 +111,7 @@ def _ident(name: str) -> str:
     return name
 
 
-def _sql_str(value: str) -> str:
+def sql_literal(value: str) -> str:
     """A SQL string literal, for the few places DuckDB accepts no bound parameter (table-function options)."""
     return "'" + value.replace("'", "''") + "'"
 
@@ -290,7 +290,7 @@ class Load:
 
         wanted = [c for c in (*columns, *optional_columns) if c in header]
         absent = [c for c in optional_columns if c not in header]
-        col_types = "{" + ", ".join(f"{_sql_str(c)}: 'VARCHAR'" for c in header) + "}"
+        col_types = "{" + ", ".join(f"{sql_literal(c)}: 'VARCHAR'" for c in header) + "}"
         select = ", ".join(f'"{c}"' for c in wanted) + "".join(f', NULL::VARCHAR AS "{c}"' for c in absent)
         rej, scan = f"rej_{table}", f"rejscan_{table}"
         cur = self.con.cursor()
@@ -300,7 +300,7 @@ class Load:
                 f"""
                 CREATE OR REPLACE TABLE fs_stage.raw_{table} AS
                 SELECT row_number() OVER () + 1 AS _line, {select}
-                FROM read_csv({_sql_str(str(read_path))}, columns = {col_types}, header = true,
+                FROM read_csv({sql_literal(str(read_path))}, columns = {col_types}, header = true,
                               auto_detect = false, delim = ',', quote = '"', escape = '"',
                               store_rejects = true, rejects_table = '{rej}', rejects_scan = '{scan}',
                               rejects_limit = 0)

@@ -235,11 +235,6 @@ def load(
     on_group_done: Callable[[str], None] | None = None,
 ) -> LoadSummary:
     """Load a MEDS dataset into the warehouse, replacing any earlier load of the same ``source``."""
-    root = check_input(Path(input_path))
-    session = Load(con, source=source, source_kind=SOURCE_KIND, input_path=root)
-    for group in GROUPS:
-        stage_group(session, root, group)
-        if on_group_done is not None:
-            on_group_done(group.name)
-    stage_codes(session, root)
-    return session.publish()
+    from foresight.sources import load_sequentially
+
+    return load_sequentially(__name__, con, input_path, source=source, on_group_done=on_group_done)

@@ -38,7 +38,7 @@ from typing import Any
 
 import duckdb
 
-from foresight.warehouse import CsvScan, Load, LoadSummary, SourceError
+from foresight.warehouse import CsvScan, Load, LoadSummary, SourceError, sql_literal
 
 SOURCE_KIND = "notes"
 TABLE = "notes"
@@ -135,7 +135,7 @@ def _stage_raw(load: Load, path: Path) -> None:
 
 def _stage_parquet(load: Load, path: Path) -> None:
     con = load.con
-    src = _lit(str(path))
+    src = sql_literal(str(path))
     try:
         schema = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({src})").fetchall()}
     except duckdb.Error as exc:
@@ -165,7 +165,7 @@ def _stage_warehouse(load: Load, path: Path) -> None:
     con = load.con
     same = _db_path(con) == path.resolve()
     if not same:
-        con.execute(f"ATTACH {_lit(str(path))} AS fs_notes_src (READ_ONLY)")
+        con.execute(f"ATTACH {sql_literal(str(path))} AS fs_notes_src (READ_ONLY)")
     table = "notes" if same else "fs_notes_src.notes"
     try:
         cols = ", ".join(
@@ -203,9 +203,6 @@ def _csv_header(path: Path) -> list[str]:
         raise SourceError(f"{path}: cannot read the header line: {exc}") from exc
     return [c.strip() for c in next(csv.reader([line]), [])]
 
-
-def _lit(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def stage_group(

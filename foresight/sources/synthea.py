@@ -185,11 +185,6 @@ def load(
     ``on_group_done(group_name)`` is called after each table group is staged. Nothing is visible in the
     warehouse until every group is staged and the final transaction commits.
     """
-    root = check_input(Path(input_path))
-    session = Load(con, source=source, source_kind=SOURCE_KIND, input_path=root)
-    for group in GROUPS:
-        stage_group(session, root, group)
-        if on_group_done is not None:
-            on_group_done(group.name)
-    stage_codes(session, root)
-    return session.publish()
+    from foresight.sources import load_sequentially
+
+    return load_sequentially(__name__, con, input_path, source=source, on_group_done=on_group_done)
