@@ -14,8 +14,12 @@ Sequence layout of one subject (every token is one id of the vocabulary)::
   year and birth-band tokens obey the same floor.
 - **Time**: one interval token per gap between distinct timestamps (log-spaced bins from 5 minutes to 1 year;
   gaps of a year or more repeat ``TIME//1Y``). Gaps under 5 minutes get no token. The encoder keeps a *token
-  clock*: each interval token advances it by the bin's representative length, and the next gap is measured
-  from that clock, so rounding never accumulates (the clock stays within one bin of the true time).
+  clock*: each interval token advances it by the bin's representative length, and the next gap is the true
+  gap plus the clock's lag behind the truth, that correction limited to half the true gap
+  (``clock_correction``), so rounding never accumulates and no short gap is lost to it. (Unlimited feedback
+  kept the clock closest to the truth but, when a gap of months left the clock weeks ahead, merged the next
+  hospital stay into one timestamp: 20% of MIMIC-IV demo stays and 33% of simulated ones had length 0 in
+  tokens; with the limit, 0.8% and 0%.)
   ``YEAR//y`` and ``AGE//a`` tokens mark when the clock's calendar year or the subject's age changes, so
   decoding reproduces them exactly and encode -> decode -> encode is the identity.
 - **Values**: a numeric value becomes ``Q1``..``Q10`` right after its code, from per-code deciles fitted on train
@@ -74,10 +78,18 @@ class TokenizerConfig:
     drop_kinds: tuple[str, ...] = ()  # kinds left out entirely
     dedup_window_minutes: float = 0.0  # drop a repeat of the same token within this window (0 = keep all)
     subjects_per_chunk: int = 20_000
+    # How far each gap may move the token clock back toward the true time, as a share of the gap itself. The
+    # clock drifts from the truth by up to half a bin (weeks after a gap of months); correcting it in full at
+    # the next gap (error feedback without a limit) would squash or stretch the short gaps that follow — a
+    # clock weeks ahead merged a whole hospital stay into one timestamp. With a limit, short gaps keep their
+    # own bin (within a factor 1 +- this share) and the long gaps, where weeks are a small share, absorb the
+    # drift. Vocabularies saved before this option existed used no limit (read back as infinity).
+    clock_correction: float = 0.5
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
         d = dict(d)
+        d.setdefault("clock_correction", float("inf"))  # the rule their tokens were made with
         for k in ("time_bin_edges_minutes", "static_kinds", "drop_kinds", "marker_bands"):
             if k in d:
                 d[k] = tuple(d[k])
@@ -376,7 +388,7 @@ def fit_vocabulary(con: Any, config: TokenizerConfig | None = None) -> Vocabular
     ).fetchall()
     quantile_edges = {c: [float(x) for x in e] for c, e in edges_rows if code_map.get(c) == c and len(e) == n_edges}
 
-    marker_map = _fit_markers(con, config)
+    marker_map, report["markers"] = _fit_markers(con, config)
     markers = sorted({t for m in marker_map.values() for t in m.values()})
     markers += [f"{p}RARE" for p in (BIRTH_PREFIX, YEAR_PREFIX, AGE_PREFIX)]
 
@@ -424,7 +436,23 @@ def _partition(
     return out
 
 
-def _fit_markers(con: Any, config: TokenizerConfig) -> dict[str, dict[str, str]]:
+# The train values behind each marker kind ($birth: the birth code), per (subject, value) row.
+MARKER_SOURCES = {
+    "BIRTH": "SELECT subject_id, year(time) AS v FROM train_events WHERE code = $birth",
+    "YEAR": "SELECT subject_id, year(time) AS v FROM train_events WHERE time IS NOT NULL AND code <> $birth",
+    # whole years of age, the same rule as _ages (the encoder): calendar years minus one when the time
+    # elapsed in the event's year is shorter than at birth (date_diff alone counts year boundaries)
+    "AGE": "SELECT e.subject_id, date_diff('year', b.birth, e.time) - CASE WHEN epoch(e.time) - "
+           "epoch(date_trunc('year', e.time)) < epoch(b.birth) - epoch(date_trunc('year', b.birth)) "
+           "THEN 1 ELSE 0 END AS v FROM train_events e JOIN "
+           "(SELECT subject_id, min(time) AS birth FROM train_events WHERE code = $birth GROUP BY 1) b "
+           "USING (subject_id) WHERE e.time IS NOT NULL AND e.code <> $birth",
+}
+
+
+def _fit_markers(
+    con: Any, config: TokenizerConfig
+) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, int]]]:
     """AGE/YEAR/BIRTH value -> token: an ordered partition of the values into aligned bands.
 
     Top-down: start from the widest bands (e.g. 20 years) that reach the floor, and split a band into its
@@ -432,18 +460,16 @@ def _fit_markers(con: Any, config: TokenizerConfig) -> dict[str, dict[str, str]]
     too. Tokens therefore never overlap and follow the order of the values (ages and years never appear to go
     backwards), and each covers >= ``min_subjects`` distinct train subjects. Values in a too-rare widest band
     map to KIND//RARE.
+
+    Also returns, per kind, what the floor cost in resolution on train: how many train subjects and events
+    had a value that landed in a band wider than the finest allowed one (``*_coarsened``) or in KIND//RARE
+    (``*_to_rare``). An event counts once per marker kind (its calendar year, its age); a birth is one event.
     """
-    sources = {
-        "BIRTH": "SELECT subject_id, year(time) AS v FROM train_events WHERE code = $birth",
-        "YEAR": "SELECT subject_id, year(time) AS v FROM train_events WHERE time IS NOT NULL AND code <> $birth",
-        "AGE": "SELECT e.subject_id, date_diff('year', b.birth, e.time) AS v FROM train_events e JOIN "
-               "(SELECT subject_id, min(time) AS birth FROM train_events WHERE code = $birth GROUP BY 1) b "
-               "USING (subject_id) WHERE e.time IS NOT NULL AND e.code <> $birth",
-    }
     enabled = {"BIRTH": True, "YEAR": config.year_tokens, "AGE": config.age_tokens}
     k = config.min_subjects
     out: dict[str, dict[str, str]] = {}
-    for kind, sql in sources.items():
+    stats: dict[str, dict[str, int]] = {}
+    for kind, sql in MARKER_SOURCES.items():
         out[kind] = {}
         if not enabled[kind]:
             continue
@@ -451,22 +477,34 @@ def _fit_markers(con: Any, config: TokenizerConfig) -> dict[str, dict[str, str]]
                         reverse=True) or [config.birth_min_band]
         if any(a % b for a, b in itertools.pairwise(widths)):
             raise ValueError(f"marker_bands {config.marker_bands} must divide each other (e.g. 20, 10, 5, 1)")
+        # GROUP BY with a count costs what DISTINCT did (both are one hash aggregate) and keeps the events per
+        # (value, subject), so the coarsening report below needs no second pass over train events
         con.execute(
-            f"CREATE OR REPLACE TEMP TABLE marker_pairs AS SELECT DISTINCT v, subject_id FROM ({sql}) WHERE v >= 0",
+            f"CREATE OR REPLACE TEMP TABLE marker_pairs AS SELECT v, subject_id, count(*) AS n FROM ({sql}) "
+            "WHERE v >= 0 GROUP BY v, subject_id",
             {"birth": BIRTH_CODE})
         values = sorted(int(v) for (v,) in con.execute("SELECT DISTINCT v FROM marker_pairs").fetchall())
         counts = {w: dict(con.execute(
             "SELECT v - v % $w AS band, count(DISTINCT subject_id) FROM marker_pairs GROUP BY band",
             {"w": w}).fetchall()) for w in widths}
+        part = _partition(values, widths, counts, k)
+        stats[kind] = {"finest_band_years": widths[-1]}
+        for label, vals in (("coarsened", [v for v, (_, w) in part.items() if w > widths[-1]]),
+                            ("to_rare", [v for v in values if v not in part])):
+            n_subj, n_ev = con.execute(
+                "SELECT count(DISTINCT subject_id), coalesce(sum(n), 0) FROM marker_pairs "
+                "WHERE v IN (SELECT unnest(?::BIGINT[]))", [vals]).fetchall()[0]
+            stats[kind] |= {f"values_{label}": len(vals), f"subjects_{label}": int(n_subj),
+                            f"events_{label}": int(n_ev)}
         con.execute("DROP TABLE marker_pairs")
 
         prefix = f"{kind}{SEP}"
         # every value of a band maps to it, seen in train or not: a value missing from the map would become
         # RARE and mark its holder as a non-member, and the map would list exactly the values train subjects had
-        for lo, w in set(_partition(values, widths, counts, k).values()):
+        for lo, w in set(part.values()):
             for v in range(lo, lo + w):
                 out[kind][str(v)] = _band_name(prefix, lo, w)
-    return out
+    return out, stats
 
 
 # --- encoding ---------------------------------------------------------------------------------------------
@@ -484,6 +522,9 @@ class EncodedChunk:
     t0_s: np.ndarray  # (S,) time of the first timed event (the decode anchor); INT64_MIN when none
     birth_s: np.ndarray  # (S,) birth time; INT64_MIN when unknown
     clock_error_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # |clock - true time| per timestamp
+    # (S,) true time of the last timed event; INT64_MIN when none. The token clock may be off the truth by a
+    # share of a bin, so a forecast anchors its future here (the truth), not at the clock.
+    last_s: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 NO_TIME = np.iinfo(np.int64).min
@@ -580,9 +621,10 @@ def encode_arrays(
     ts_start = np.flatnonzero(first_ts)
     ts_len = np.diff(np.append(ts_start, n_ts))
 
-    # Token clock with error feedback: the gap to the next timestamp is measured from the clock, so the clock
-    # stays within one bin of the true time. Sequential within a subject, so the loop runs over the k-th
-    # timestamp of all subjects at once (positions, vectorised over subjects), never over single events.
+    # Token clock with bounded error feedback: each gap is the true gap plus the clock's lag behind the truth,
+    # the lag clipped to +- clock_correction x the true gap (see TokenizerConfig), so the clock never drifts
+    # far and a short gap is never swallowed by the drift of a long one. Sequential within a subject, so the
+    # loop runs over the k-th timestamp of all subjects at once (vectorised over subjects), never over events.
     clock = np.empty(n_ts)
     n_years = np.zeros(n_ts, dtype=np.int64)
     bin_idx = np.full(n_ts, -1, dtype=np.int64)
@@ -591,7 +633,9 @@ def encode_arrays(
     lower, reps = vocab.time_lower_s, vocab.time_reps_s
     for k in range(1, int(ts_len.max()) if n_ts else 0):
         cur = ts_start[ts_len > k] + k
-        gap = ts_true[cur] - clock[cur - 1]
+        true_gap = ts_true[cur] - ts_true[cur - 1]
+        limit = cfg.clock_correction * true_gap
+        gap = true_gap + np.clip(ts_true[cur - 1] - clock[cur - 1], -limit, limit)
         years = np.floor(np.maximum(gap, 0.0) / year_s).astype(np.int64)
         b = np.searchsorted(lower, gap - years * year_s, side="right") - 1  # -1: under 5 minutes, no token
         n_years[cur] = years
@@ -701,7 +745,10 @@ def encode_arrays(
     prefix = head_len.copy()
     if n_grp:
         prefix[g_sub[g_first_of_subj]] += g_pre[g_first_of_subj]
-    return EncodedChunk(subjects, offsets, prefix, out, out_clock, t0, birth, np.abs(clock - ts_true))
+    last = np.full(n_subj, NO_TIME, dtype=np.int64)
+    if n_ts:
+        last[ts_sub[ts_start]] = ts_true[ts_start + ts_len - 1].astype(np.int64)
+    return EncodedChunk(subjects, offsets, prefix, out, out_clock, t0, birth, np.abs(clock - ts_true), last)
 
 
 def _ranges(counts: np.ndarray) -> np.ndarray:
@@ -832,7 +879,7 @@ def _merge_static_only(
         band = int(vocab.marker_ids("BIRTH", _years_of(np.array([b])))[0])
         toks = np.array([vocab.index[BOS], band, vocab.index[END]], dtype=np.int64)
         parts.append(EncodedChunk(np.array([sid]), np.array([0, 3]), np.array([2]), toks, np.zeros(3, np.int64),
-                                  np.array([NO_TIME]), np.array([b])))
+                                  np.array([NO_TIME]), np.array([b]), last_s=np.array([NO_TIME])))
     return concat_chunks(parts)
 
 
@@ -851,7 +898,8 @@ def concat_chunks(parts: list[EncodedChunk]) -> EncodedChunk:
     return EncodedChunk(sids[order], offsets, np.concatenate([p.prefix_lens for p in parts])[order], toks[idx],
                         clock[idx], np.concatenate([p.t0_s for p in parts])[order],
                         np.concatenate([p.birth_s for p in parts])[order],
-                        np.concatenate([p.clock_error_s for p in parts]))
+                        np.concatenate([p.clock_error_s for p in parts]),
+                        np.concatenate([p.last_s for p in parts])[order])
 
 
 def tokenize(
@@ -870,6 +918,12 @@ def tokenize(
     ``<split>.index.npy`` (one row per subject: id, offset, length, prefix length, head length, first-event time,
     birth time). ``progress(split, done, total)``
     is called after each chunk of subjects.
+
+    The returned summary (also written as ``tokenize_summary.json``) has tokens and subjects per split, the
+    subjects with only static facts per split (``static_only_subjects``: no timed event, so ``BOS``, static
+    prefix, birth band, ``END``), the rule report (``rare_mapping``), the train subjects and events whose
+    age/year/birth markers the floor coarsened (``markers_coarsened``; kept out of ``vocab.json``, which ships
+    with models) and ``messages`` saying the unusual parts in words.
 
     ``exclude_subjects`` (the national data opt-out, :mod:`foresight.optout`): these subjects are invisible to
     every step (vocabulary counts, code map, value deciles, shards), as if the warehouse did not hold them. Only
@@ -894,6 +948,9 @@ def tokenize(
         excluded = set(exclude_subjects or ())
         n_hidden = optout.hide_subjects(con, excluded) if excluded else 0
         vocab = fit_vocabulary(con, config)
+        # per-kind counts of train subjects whose markers the floor coarsened go to the summary, which stays with
+        # the shards, and not into vocab.json, which ships with every model: small counts of people stay inside
+        markers_coarsened = vocab.report.pop("markers", {})
         if excluded:
             list_digest = optout.digest(excluded)
             vocab.fingerprint = hashlib.md5(f"{vocab.fingerprint}:{list_digest}".encode()).hexdigest()
@@ -905,12 +962,19 @@ def tokenize(
             "SELECT code, description FROM codes WHERE description IS NOT NULL AND code IN "
             "(SELECT unnest(?::VARCHAR[]))", [vocab.tokens]).fetchall())
         summary: dict[str, Any] = {"out": str(out), "vocab_size": len(vocab.tokens), "rare_mapping": vocab.report,
-                                   "tokens": {}, "subjects": {}, "unseen_codes": {}}
+                                   "markers_coarsened": markers_coarsened, "tokens": {}, "subjects": {},
+                                   "static_only_subjects": {}, "unseen_codes": {}}
+        # The distinct codes of each split, from one aggregation (a few thousand rows): an anti-join of every
+        # split's events against every train event ran DuckDB out of memory at 1M subjects (165M events).
+        split_codes: dict[str, set[str]] = {}
+        for split, code in con.execute("SELECT DISTINCT s.split, e.code FROM events e JOIN subject_splits s "
+                                       "USING (subject_id)").fetchall():
+            split_codes.setdefault(split, set()).add(code)
         for split in SPLITS:
             ids = np.array([r[0] for r in con.execute(
                 "SELECT DISTINCT e.subject_id FROM events e JOIN subject_splits s USING (subject_id) "
                 "WHERE s.split = ? ORDER BY 1", [split]).fetchall()], dtype=np.int64)
-            n_tokens, errors = _write_split(con, vocab, split, ids, out, progress)
+            n_tokens, errors, n_static_only = _write_split(con, vocab, split, ids, out, progress)
             if len(errors):
                 summary.setdefault("clock_error_hours", {})[split] = {
                     "p50": round(float(np.percentile(errors, 50)) / 3600, 3),
@@ -918,24 +982,46 @@ def tokenize(
                     "max": round(float(errors.max()) / 3600, 3)}
             summary["tokens"][split] = n_tokens
             summary["subjects"][split] = len(ids)
-            summary["unseen_codes"][split] = con.execute(
-                """SELECT count(DISTINCT e.code) FROM events e JOIN subject_splits s USING (subject_id)
-                   WHERE s.split = ? AND e.code NOT IN (SELECT e2.code FROM events e2 JOIN subject_splits s2
-                   USING (subject_id) WHERE s2.split = 'train')""", [split]).fetchall()[0][0]
+            summary["static_only_subjects"][split] = n_static_only
+            summary["unseen_codes"][split] = len(split_codes.get(split, set()) - split_codes.get("train", set()))
     finally:
         con.close()
     vocab.save(out / "vocab.json")
     (out / "code_descriptions.json").write_text(json.dumps(descriptions, indent=0, sort_keys=True))
+    summary["messages"] = _summary_messages(summary)
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
+    summary["db"] = str(db.resolve())  # where the tokens came from: `foresight evaluate` finds the warehouse here
     (out / "tokenize_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
+def _summary_messages(summary: dict[str, Any]) -> list[str]:
+    """Plain-language notes on what the tokenizer did to unusual records (the CLI prints them)."""
+    messages = []
+    static_only = summary["static_only_subjects"]
+    if n := sum(static_only.values()):
+        per = ", ".join(f"{s} {c:,}" for s, c in static_only.items() if c)
+        messages.append(f"{n:,} subjects have only static facts (no timed event; {per}): encoded as BOS + static "
+                        "prefix + birth band + END, with no events, age/year markers or clock")
+    for kind, st in summary["markers_coarsened"].items():
+        parts = []
+        if st["subjects_coarsened"]:
+            parts.append(f"{st['subjects_coarsened']:,} train subjects ({st['events_coarsened']:,} events) got a "
+                         f"band wider than {st['finest_band_years']} year(s)")
+        if st["subjects_to_rare"]:
+            parts.append(f"{st['subjects_to_rare']:,} ({st['events_to_rare']:,} events) got {kind}//RARE")
+        if parts:
+            messages.append(f"{kind} markers under the privacy floor: {'; '.join(parts)}")
+    return messages
+
+
 def _write_split(
     con: Any, vocab: Vocabulary, split: str, ids: np.ndarray, out: Path, progress: Any
-) -> tuple[int, np.ndarray]:
+) -> tuple[int, np.ndarray, int]:
+    """Encode and append one split's subjects chunk by chunk: (tokens written, clock-error sample, subjects
+    with only static facts)."""
     per = vocab.config.subjects_per_chunk
-    index_parts, written, errors = [], 0, []
+    index_parts, written, errors, static_only = [], 0, [], 0
     with open(out / f"{split}.bin", "wb") as ftok, open(out / f"{split}.clock.bin", "wb") as fclk:
         for i in range(0, len(ids), per):
             part = ids[i:i + per]
@@ -953,11 +1039,14 @@ def _write_split(
             idx["birth"] = chunk.birth_s
             index_parts.append(idx)
             errors.append(chunk.clock_error_s[::max(1, len(chunk.clock_error_s) // 10_000)])  # a sample
+            # no timed event at all (static facts and/or a birth only): a valid but empty-looking record that
+            # the summary names, so a cohort full of them (a broken extract) does not pass unnoticed
+            static_only += int((chunk.t0_s == NO_TIME).sum())
             written += len(chunk.tokens)
             if progress is not None:
                 progress(split, min(i + per, len(ids)), len(ids))
     np.save(out / f"{split}.index.npy", np.concatenate(index_parts) if index_parts else np.zeros(0, INDEX_DTYPE))
-    return written, np.concatenate(errors) if errors else np.zeros(0)
+    return written, np.concatenate(errors) if errors else np.zeros(0), static_only
 
 
 def _first_markers(vocab: Vocabulary, chunk: EncodedChunk) -> np.ndarray:

@@ -50,6 +50,8 @@ def _round_trip_failures(data: Path) -> tuple[int, int]:
                 np.array([np.nan if e["numeric_value"] is None else e["numeric_value"] for e in events]),
                 births,
             )
+            if not events:  # a birth-only record: encode_subjects adds these after encode_arrays, the same way
+                again = T._merge_static_only(vocab, again, [int(r["subject_id"])], births)
             fails += not np.array_equal(again.tokens, seq)
     return n, fails
 
@@ -61,22 +63,86 @@ def demo_tokens(demo_db: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     return out, summary
 
 
-def test_demo_splits_never_share_a_subject(demo_db, demo_tokens):
-    data, _ = demo_tokens
+def _assert_splits_match_warehouse(db: Path, data: Path) -> dict[str, set[int]]:
+    """No subject is in two splits' shards, and each is in the split ``subject_splits`` gives it."""
     vocab = T.Vocabulary.load(data / "vocab.json")
-    seen = {}
+    seen: dict[str, set[int]] = {}
     for split in SPLITS:
         ids = set(_split_arrays(data, split, vocab)[0]["subject_id"].tolist())
         for other, other_ids in seen.items():
             assert not ids & other_ids, (split, other)
         seen[split] = ids
-    con = warehouse.connect(demo_db, read_only=True)
+    con = warehouse.connect(db, read_only=True)
     try:
         truth = dict(con.execute("SELECT subject_id, split FROM subject_splits").fetchall())
     finally:
         con.close()
     assert all(truth[s] == split for split, ids in seen.items() for s in ids)
+    return seen
+
+
+def _assert_clock_and_markers_monotone(data: Path) -> dict[str, int]:
+    """In every split and subject: the token clock never decreases and AGE/YEAR band starts never go back.
+
+    Returns the number of AGE/YEAR markers checked per split, so callers can see the check was not vacuous.
+    """
+    vocab = T.Vocabulary.load(data / "vocab.json")
+    lower = {t: int(m.group(1)) for t in vocab.tokens if (m := re.match(r"^(?:AGE|YEAR)//(\d+)", t))}
+    checked = {}
+    for split in SPLITS:
+        idx, toks, clock = _split_arrays(data, split, vocab)
+        checked[split] = 0
+        for r in idx:
+            sl = slice(r["offset"], r["offset"] + r["length"])
+            assert (np.diff(clock[sl]) >= 0).all(), (split, r["subject_id"])
+            for prefix in ("AGE//", "YEAR//"):
+                seq = [lower[vocab.tokens[t]] for t in toks[sl] if vocab.tokens[t].startswith(prefix)
+                       and vocab.tokens[t] in lower]
+                assert seq == sorted(seq), (split, r["subject_id"], prefix, seq)
+                checked[split] += len(seq)
+    return checked
+
+
+def _perturb_non_train_values(db: Path) -> int:
+    """Multiply every tuning/held-out numeric value by 1000 (+7) in place; the number of rows changed."""
+    con = warehouse.connect(db)
+    try:
+        return con.execute(
+            "UPDATE events SET numeric_value = numeric_value * 1000 + 7 WHERE numeric_value IS NOT NULL AND "
+            "subject_id IN (SELECT subject_id FROM subject_splits WHERE split <> 'train')").fetchall()[0][0]
+    finally:
+        con.close()
+
+
+def _assert_same_fit(original: Path, perturbed: Path, db: Path) -> None:
+    """Two tokenizer outputs fitted the same vocabulary: edges, tokens, marker bands and code map."""
+    a, b = T.Vocabulary.load(original / "vocab.json"), T.Vocabulary.load(perturbed / "vocab.json")
+    assert b.quantile_edges == a.quantile_edges
+    assert b.tokens == a.tokens and b.marker_map == a.marker_map
+    con = warehouse.connect(db, read_only=True)
+    try:
+        assert T.map_codes(con, b) == T.map_codes(con, a)
+    finally:
+        con.close()
+
+
+def test_demo_splits_never_share_a_subject(demo_db, demo_tokens):
+    seen = _assert_splits_match_warehouse(demo_db, demo_tokens[0])
     assert sum(len(v) for v in seen.values()) == 100
+
+
+def test_demo_unseen_codes_are_counted_per_split(demo_db, demo_tokens):
+    """The summary's unseen_codes: codes of a split that no train event has (what the vocabulary cannot know)."""
+    con = warehouse.connect(demo_db, read_only=True)
+    try:
+        codes = {split: {r[0] for r in con.execute(
+            "SELECT DISTINCT code FROM events JOIN subject_splits USING (subject_id) WHERE split = ?",
+            [split]).fetchall()} for split in SPLITS}
+    finally:
+        con.close()
+    want = {split: len(codes[split] - codes["train"]) for split in SPLITS}
+    assert demo_tokens[1]["unseen_codes"] == want
+    assert want["train"] == 0 and want["held_out"] > 0
 
 
 def test_demo_vocabulary_respects_the_privacy_floor(demo_db, demo_tokens):
@@ -118,17 +184,7 @@ def test_demo_round_trip_is_exact(demo_tokens):
 
 def test_demo_clock_and_ages_never_go_backwards(demo_tokens):
     data, summary = demo_tokens
-    vocab = T.Vocabulary.load(data / "vocab.json")
-    lower = {t: int(m.group(1)) for t in vocab.tokens if (m := re.match(r"^(?:AGE|YEAR)//(\d+)", t))}
-    for split in SPLITS:
-        idx, toks, clock = _split_arrays(data, split, vocab)
-        for r in idx:
-            sl = slice(r["offset"], r["offset"] + r["length"])
-            assert (np.diff(clock[sl]) >= 0).all(), r["subject_id"]
-            for prefix in ("AGE//", "YEAR//"):
-                seq = [lower[vocab.tokens[t]] for t in toks[sl] if vocab.tokens[t].startswith(prefix)
-                       and vocab.tokens[t] in lower]
-                assert seq == sorted(seq), (r["subject_id"], prefix, seq)
+    _assert_clock_and_markers_monotone(data)
     # the clock tracks the record to the bins' resolution: half of all timestamps within ~1 hour
     assert summary["clock_error_hours"]["train"]["p50"] < 1.0
 
@@ -137,24 +193,9 @@ def test_quantile_edges_come_from_train_only(demo_db, demo_tokens, tmp_path):
     data, _ = demo_tokens
     copy = tmp_path / "w.duckdb"
     shutil.copy(demo_db, copy)
-    con = warehouse.connect(copy)
-    try:
-        changed = con.execute(
-            "UPDATE events SET numeric_value = numeric_value * 1000 + 7 WHERE numeric_value IS NOT NULL AND "
-            "subject_id IN (SELECT subject_id FROM subject_splits WHERE split <> 'train')").fetchall()[0][0]
-    finally:
-        con.close()
-    assert changed > 1000
+    assert _perturb_non_train_values(copy) > 1000
     T.tokenize(copy, tmp_path / "tok", T.TokenizerConfig(min_subjects=5))
-    original = T.Vocabulary.load(data / "vocab.json")
-    perturbed = T.Vocabulary.load(tmp_path / "tok" / "vocab.json")
-    assert perturbed.quantile_edges == original.quantile_edges
-    assert perturbed.tokens == original.tokens and perturbed.marker_map == original.marker_map
-    con = warehouse.connect(copy, read_only=True)
-    try:
-        assert T.map_codes(con, perturbed) == T.map_codes(con, original)
-    finally:
-        con.close()
+    _assert_same_fit(data, tmp_path / "tok", copy)
 
 
 def test_vocabulary_file_names_no_code_below_the_floor(demo_db, demo_tokens):
@@ -229,26 +270,86 @@ def test_empty_warehouse_is_a_clear_error(tmp_path):
 def test_static_only_subject_and_round_trip_on_synthetic(tmp_path):
     db = _tiny_warehouse(tmp_path / "w.duckdb")
     con = warehouse.connect(db)
-    try:  # subject 1000 has only a sex and a birth: no timed event at all
+    try:  # no timed event at all: 1000 has a sex and a birth, 1003 only a birth, 1002 only a sex
         con.execute("INSERT INTO events VALUES (1000, NULL, 'GENDER//F', NULL, NULL, NULL, NULL, 't', 't', 't'), "
-                    "(1000, '1950-01-01', 'MEDS_BIRTH', NULL, NULL, NULL, NULL, 't', 't', 't')")
-        con.execute("INSERT INTO subject_splits VALUES (1000, fs_split(1000))")
-        split = con.execute("SELECT split FROM subject_splits WHERE subject_id = 1000").fetchall()[0][0]
+                    "(1000, '1950-01-01', 'MEDS_BIRTH', NULL, NULL, NULL, NULL, 't', 't', 't'), "
+                    "(1003, '1961-07-01', 'MEDS_BIRTH', NULL, NULL, NULL, NULL, 't', 't', 't'), "
+                    "(1002, NULL, 'GENDER//M', NULL, NULL, NULL, NULL, 't', 't', 't')")
+        con.execute("INSERT INTO subject_splits SELECT s, fs_split(s) FROM unnest([1000, 1002, 1003]) t(s)")
+        splits = dict(con.execute("SELECT subject_id, split FROM subject_splits WHERE subject_id >= 1000").fetchall())
     finally:
         con.close()
     summary = T.tokenize(db, tmp_path / "tok", T.TokenizerConfig(min_subjects=3))
     assert summary["subjects"]["train"] > 30
     vocab = T.Vocabulary.load(tmp_path / "tok" / "vocab.json")
-    ps = PackedSplit(tmp_path / "tok", split)
-    i = int(np.flatnonzero(ps.index["subject_id"] == 1000)[0])
-    assert [vocab.tokens[t] for t in ps.subject_tokens(i)] == ["[BOS]", "GENDER//F", "BIRTH//1950-1954", "[END]"]
+    expected = {1000: ["[BOS]", "GENDER//F", "BIRTH//1950-1954", "[END]"],
+                1003: ["[BOS]", vocab.marker_map["BIRTH"]["1961"], "[END]"],
+                1002: ["[BOS]", "GENDER//M", "BIRTH//RARE", "[END]"]}
+    for sid, tokens in expected.items():
+        ps = PackedSplit(tmp_path / "tok", splits[sid])
+        i = int(np.flatnonzero(ps.index["subject_id"] == sid)[0])
+        assert [vocab.tokens[t] for t in ps.subject_tokens(i)] == tokens, sid
+    # they are counted per split and named in the summary (and its file), not encoded silently
+    per_split = {s: sum(1 for v in splits.values() if v == s) for s in SPLITS}
+    assert summary["static_only_subjects"] == per_split
+    assert any(m.startswith("3 subjects have only static facts") and "BOS + static prefix + birth band + END" in m
+               for m in summary["messages"]), summary["messages"]
+    written = json.loads((tmp_path / "tok" / "tokenize_summary.json").read_text())
+    assert written["static_only_subjects"] == per_split and written["messages"] == summary["messages"]
     n, fails = _round_trip_failures(tmp_path / "tok")
-    assert fails == 0 and n == 61
+    assert fails == 0 and n == 63
     # deaths end the record with MEDS_DEATH, everyone else with END
     train = PackedSplit(tmp_path / "tok", "train")
     for j in range(len(train)):
         last = vocab.tokens[int(train.subject_tokens(j)[-1])]
         assert last == ("MEDS_DEATH" if train.index[j]["subject_id"] % 7 == 0 else "[END]")
+
+
+def _band_width(token: str) -> int:
+    """Years a marker token covers: ``YEAR//2021`` 1, ``BIRTH//1950-1954`` 5."""
+    lo, _, hi = token.split("//", 1)[1].partition("-")
+    return int(hi) - int(lo) + 1 if hi else 1
+
+
+def test_marker_coarsening_is_counted(tmp_path):
+    db = _tiny_warehouse(tmp_path / "w.duckdb")
+    summary = T.tokenize(db, tmp_path / "tok", T.TokenizerConfig(min_subjects=3))
+    vocab = T.Vocabulary.load(tmp_path / "tok" / "vocab.json")
+    report = summary["markers_coarsened"]
+    assert "markers" not in vocab.report  # counts of people stay with the shards, out of the shipped vocab.json
+    con = warehouse.connect(db, read_only=True)
+    try:  # recount from the warehouse: train events and births, and the band each value got
+        rows = con.execute(
+            "SELECT e.subject_id, year(e.time), e.code = 'MEDS_BIRTH' FROM events e JOIN subject_splits s "
+            "USING (subject_id) WHERE s.split = 'train' AND e.time IS NOT NULL").fetchall()
+    finally:
+        con.close()
+    for kind, finest in (("YEAR", 1), ("BIRTH", vocab.config.birth_min_band)):
+        hits = [(sid, y) for sid, y, birth in rows if birth == (kind == "BIRTH")
+                and _band_width(vocab.marker_map[kind][str(y)]) > finest]
+        assert report[kind]["finest_band_years"] == finest
+        assert report[kind]["subjects_coarsened"] == len({sid for sid, _ in hits}), kind
+        assert report[kind]["events_coarsened"] == len(hits), kind
+        assert report[kind]["values_coarsened"] == len({y for _, y in hits}), kind
+    # 60 subjects under a floor of 3 cannot all have single-year ages: the floor did coarsen, and it is said
+    assert report["AGE"]["subjects_coarsened"] > 0 and report["YEAR"]["subjects_coarsened"] > 0
+    assert any(m.startswith("AGE markers under the privacy floor") for m in summary["messages"])
+
+
+def test_cli_tokenize_says_what_it_coarsened(tmp_path):
+    db = _tiny_warehouse(tmp_path / "w.duckdb")
+    con = warehouse.connect(db)
+    try:
+        con.execute("INSERT INTO events VALUES (1003, '1961-07-01', 'MEDS_BIRTH', NULL, NULL, NULL, NULL, 't', "
+                    "'t', 't')")
+        con.execute("INSERT INTO subject_splits VALUES (1003, fs_split(1003))")
+    finally:
+        con.close()
+    proc = subprocess.run([sys.executable, "-m", "foresight.cli", "tokenize", "--db", str(db), "--out",
+                           str(tmp_path / "tok"), "--min-subjects", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 subjects have only static facts" in proc.stderr
+    assert "AGE markers under the privacy floor" in proc.stderr
 
 
 def test_dedup_window_drops_close_repeats(tmp_path):
@@ -344,3 +445,98 @@ def test_simulator_output_round_trips_and_keeps_the_floor(sim_tokens):
     assert any(t.startswith("AGE//") and t != "AGE//RARE" for t in vocab.tokens)
     for r in idx:
         assert (np.diff(clock[r["offset"]:r["offset"] + r["length"]]) >= 0).all()
+
+
+def test_simulator_output_splits_are_disjoint_and_match_the_warehouse(sim_tokens):
+    db, data = sim_tokens
+    seen = _assert_splits_match_warehouse(db, data)
+    con = warehouse.connect(db, read_only=True)
+    try:
+        with_events = {s for (s,) in con.execute("SELECT DISTINCT subject_id FROM events").fetchall()}
+    finally:
+        con.close()
+    # every subject with events is written to exactly one split, and every split is populated
+    assert set().union(*seen.values()) == with_events
+    assert all(len(ids) > 10 for ids in seen.values()), {s: len(v) for s, v in seen.items()}
+
+
+def test_simulator_quantile_edges_come_from_train_only(sim_tokens, tmp_path):
+    db, data = sim_tokens
+    copy = tmp_path / "w.duckdb"
+    shutil.copy(db, copy)
+    assert _perturb_non_train_values(copy) > 1000
+    T.tokenize(copy, tmp_path / "tok", T.TokenizerConfig(min_subjects=10))
+    _assert_same_fit(data, tmp_path / "tok", copy)
+    # the perturbation reached the shards (tuning values now land in other deciles) but not the train shard:
+    # the edges are unchanged because train alone fixes them, not because the values were never read
+    assert (tmp_path / "tok" / "train.bin").read_bytes() == (data / "train.bin").read_bytes()
+    for split in ("tuning", "held_out"):
+        assert (tmp_path / "tok" / f"{split}.bin").read_bytes() != (data / f"{split}.bin").read_bytes(), split
+
+
+def test_simulator_clock_and_markers_never_go_backwards_in_any_split(sim_tokens):
+    _, data = sim_tokens
+    checked = _assert_clock_and_markers_monotone(data)
+    assert all(n > 100 for n in checked.values()), checked  # real AGE/YEAR sequences in every split
+
+
+def test_marker_fit_counts_ages_as_the_encoder_does() -> None:
+    """The privacy floor per AGE band is counted on the ages the model sees: a birthday not yet reached that
+    year must not count as a year older (DuckDB's date_diff('year') alone would)."""
+    import duckdb
+
+    from foresight.schema import BIRTH_CODE
+
+    rng = np.random.default_rng(0)
+    birth = rng.integers(-1_500_000_000, 1_200_000_000, 500)
+    times = birth + rng.integers(0, 2_500_000_000, 500)
+    # the edge cases: the second before and the day of a birthday, before it, and births on 29 February (the
+    # encoder compares time elapsed in the year, so in leap years a birthday after February counts a day early)
+    edge = [("1950-06-01", "2021-05-31 23:59:59"), ("1950-06-01", "2021-06-01"), ("1950-06-01", "2020-03-01"),
+            ("1952-02-29", "2021-02-28"), ("1952-02-29", "2021-03-01"), ("1999-12-31 23:00", "2000-01-01")]
+    for b, t in edge:
+        birth = np.append(birth, int(np.datetime64(b, "s").astype(np.int64)))
+        times = np.append(times, int(np.datetime64(t, "s").astype(np.int64)))
+    ids = np.arange(len(birth))
+    con = duckdb.connect()
+    con.execute(
+        "CREATE TABLE train_events AS SELECT s AS subject_id, make_timestamp(t * 1000000) AS time, c AS code "
+        "FROM (SELECT unnest(?::BIGINT[]) s, unnest(?::BIGINT[]) t, unnest(?::VARCHAR[]) c)",
+        [np.r_[ids, ids].tolist(), np.r_[birth, times].tolist(),
+         [BIRTH_CODE] * len(ids) + ["DX//X"] * len(ids)])
+    got = dict(con.execute(T.MARKER_SOURCES["AGE"].replace("$birth", "?"), [BIRTH_CODE, BIRTH_CODE]).fetchall())
+    want = T._ages(times, birth)
+    assert [got[i] for i in ids] == want.tolist()
+    assert [got[i] for i in ids[-6:]] == [70, 71, 69, 68, 69, 0]
+
+
+@pytest.mark.parametrize("correction", [0.5, float("inf")])
+def test_stays_after_long_gaps_keep_their_length(tmp_path, correction):
+    """Every 3-day stay of the tiny warehouse (stays 20-900 days apart, so the clock drifts by weeks after each
+    long gap) keeps a positive length near 3 days in tokens with the bounded clock correction; unlimited error
+    feedback, the old rule, squashes some of them to 0 (the test's own control that the case is hard)."""
+    db = _tiny_warehouse(tmp_path / "w.duckdb", n_subjects=120, seed=3)
+    out = tmp_path / "tokens"
+    T.tokenize(db, out, T.TokenizerConfig(min_subjects=5, clock_correction=correction))
+    vocab = T.Vocabulary.load(out / "vocab.json")
+    lengths = []
+    for split in SPLITS:
+        idx, toks, clock = _split_arrays(out, split, vocab)
+        for r in idx:
+            admit = None
+            for tok, minute in zip(toks[r["offset"]:r["offset"] + r["length"]],
+                                   clock[r["offset"]:r["offset"] + r["length"]], strict=True):
+                name = vocab.tokens[tok]
+                if name.startswith("ADMIT//"):
+                    admit = int(minute)
+                elif name.startswith("DISCHARGE//") and admit is not None:
+                    lengths.append((int(minute) - admit) / 1440)
+                    admit = None
+    lengths = np.array(lengths)
+    assert len(lengths) > 150
+    if correction == 0.5:
+        # each gap of a stay keeps its length within a factor 1 +- 0.5 (about the bins' own resolution)
+        assert lengths.min() > 1.0 and lengths.max() < 6.5, (lengths.min(), lengths.max())
+        assert abs(np.median(lengths) - 3.0) < 0.5
+    else:
+        assert (lengths == 0).any()
