@@ -1,15 +1,18 @@
 """The "forecast hospitalisation rates" flow: cohort as of a date -> weekly expected admissions with intervals.
 
-Writes the forecast JSON and PNG next to each other and publishes both as Prefect artifacts (a table of the
-weekly figures and a markdown summary naming the files), so analysts see every Monday's run in the UI.
+Writes the forecast JSON and PNG next to each other and publishes them as Prefect artifacts, so analysts see
+every Monday's run in the UI without access to the files: a table of the weekly figures, a markdown summary with
+the plot embedded in it (a ``data:image/png;base64`` URI: Prefect's image artifact only links to a URL, and the
+server and the workers need not share a disk), and the forecast JSON itself.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -46,16 +49,18 @@ def forecast_rates(model: Path, db: Path, ids: list[int], as_of: datetime, horiz
 
 
 @flow(name="forecast hospitalisation rates")
-def forecast(db: Path, model: Path | None = None, registry: Path | None = None, as_of: datetime | None = None,
+def forecast(db: Path, model: Path | None = None, registry: Path | None = None,
+             as_of: datetime | Literal["latest"] | None = None,
              horizon_days: float = 28, out_dir: Path = Path("work/forecast"), samples: int = 20,
              codes: tuple[str, ...] = ("ADMIT//*",), split: str | None = None, max_subjects: int | None = None,
              history_weeks: int = 52, seed: int = 0) -> dict[str, Any]:
-    """Forecast weekly ``codes`` events (admissions by default) for the cohort alive at ``as_of`` (default: today).
+    """Forecast weekly ``codes`` events (admissions by default) for the cohort alive at ``as_of`` (default: today;
+    ``"latest"``: the day after the warehouse's last event, for data whose dates are shifted, such as MIMIC-IV).
 
     ``model``: a model directory, or ``registry``: use the last model the privacy gate released there (the
     scheduled Monday run forecasts only with released models).
     """
-    from foresight.pipeline import latest_release
+    from foresight.pipeline import empty_cohort_message, latest_release, resolve_as_of
 
     if model is None:
         if registry is None:
@@ -63,10 +68,10 @@ def forecast(db: Path, model: Path | None = None, registry: Path | None = None, 
         model = latest_release(Path(registry))
         if model is None:
             raise ValueError(f"{registry} holds no released model yet: nothing passed the privacy gate")
-    as_of = as_of or datetime.combine(datetime.now().date(), datetime.min.time())
+    as_of = resolve_as_of(db, as_of) or datetime.combine(datetime.now().date(), datetime.min.time())
     ids, history = select_cohort(db, as_of, split, max_subjects, tuple(codes), history_weeks)
     if not ids:
-        raise ValueError(f"no living subject with events before {as_of} in {db}")
+        raise ValueError(empty_cohort_message(db, as_of, split=split))
     result = forecast_rates(model, db, ids, as_of, horizon_days, samples, tuple(codes), history, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,11 +83,16 @@ def forecast(db: Path, model: Path | None = None, registry: Path | None = None, 
     create_table_artifact(key="weekly-forecast", table=result["weeks"],
                           description=f"Expected {', '.join(codes)} per week from {as_of:%Y-%m-%d}")
     total = sum(w["mean"] for w in result["weeks"])
+    image = base64.b64encode(png.read_bytes()).decode("ascii")
     create_markdown_artifact(
         key="forecast-summary",
         markdown=f"**{total:.1f}** expected {', '.join(codes)} events for **{len(ids):,}** subjects over "
-                 f"{horizon_days:g} days from {as_of:%Y-%m-%d}.\n\nJSON: `{out_dir / (stem + '.json')}`  \n"
-                 f"Plot: `{png}`",
+                 f"{horizon_days:g} days from {as_of:%Y-%m-%d}.\n\n"
+                 f"![Weekly forecast with 50% and 90% intervals](data:image/png;base64,{image})\n\n"
+                 f"JSON: `{out_dir / (stem + '.json')}`  \nPlot: `{png}`",
+        description=f"Forecast from {as_of:%Y-%m-%d} with its plot",
     )
+    create_markdown_artifact(key="forecast-json", markdown=f"```json\n{json.dumps(result, indent=1)}\n```",
+                             description=f"The forecast JSON ({stem}.json)")
     result["json"], result["plot"] = str(out_dir / f"{stem}.json"), str(png)
     return result

@@ -2,7 +2,8 @@
 
 1. Simulate a cohort (default 3,000 lives to 2025-12-31; hospital admission hazards x3 so a small cohort has
    enough admissions to evaluate and forecast — the simulator's oracle knows the same hazards).
-2. Run the ``pipeline`` Prefect flow: MEDS -> warehouse -> tokens -> a tiny model trained with DeepSpeed ->
+2. Run the ``pipeline`` Prefect flow: MEDS -> warehouse -> tokens (+ the pipeline's default canaries, 5 per
+   repeat count 1, 2, 4, 16, in the copy training and the audit read) -> a tiny model trained with DeepSpeed ->
    evaluation (strict next-event accuracy; 30-day admission risk after each discharge vs baselines and the
    oracle) -> privacy audit and gate -> release -> a 12-week weekly admissions forecast from 2025-10-01 for
    the subjects the model never trained on, backtested against the weeks that followed. On a demo-sized
@@ -124,7 +125,10 @@ def headline(result: dict[str, Any]) -> list[tuple[str, str]]:
             m, ci = t[name]["metrics"], t[name]["ci95"].get("auroc")
             return f"{m['auroc']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
-        rows.append((f"30-day admission AUROC after discharge ({t['points']} points)",
+        # the evaluation also scores admission-time tasks (in-hospital mortality, ICU, length of stay)
+        what = ("30-day admission AUROC after discharge" if t["task"] == "admission_30d" and t.get("at", "discharges")
+                == "discharges" else f"{t['task']} AUROC at {t.get('at', 'discharges')}")
+        rows.append((f"{what} ({t['points']} points)",
                      f"model {auc('model')} | oracle {auc('oracle')} | logistic {auc('logistic_counts')}"))
     fc = result.get("forecast", {})
     if fc.get("skipped"):

@@ -3,7 +3,11 @@
 - :meth:`Forecaster.next_events` — the distribution of the next event: P(the next event is code c) sums the
   paths "c at the current timestamp" and "a gap token, then c" (the 16 gap tokens follow the prompt in the same
   forward pass under a tree mask), so probabilities are over events, not over tokens, and sum to at most 1. The
-  time until the next event is the distribution over the gap bins (plus "same timestamp").
+  time until the next event is the distribution over the gap bins (plus "same timestamp"), labelled
+  ``time_to_next_source = "interval_tokens"``. For a model trained with the time head (``foresight.json:
+  time_head.enabled``; see :mod:`foresight.model`) it also carries ``time_head``: the rate ``Lambda`` of "some
+  event happens" read from the same forward pass, ``expected_days = 1 / Lambda`` and ``P(next event within h) =
+  1 - exp(-Lambda h)`` at the upper edge of every gap bin — a second, parametric view of the same question.
   :meth:`Forecaster.next_events_batch` / :meth:`Forecaster.event_distributions` answer many timelines with
   one packed forward pass (the server's micro-batcher uses them).
 - :meth:`Forecaster.explain_next_events` — leave-one-event-out attribution: the timeline re-encoded without
@@ -17,6 +21,8 @@
 - :class:`TaskSpec` — a zero-shot task as data: a code predicate (glob patterns) and a window after the
   prediction time, optionally stopped by another predicate (e.g. in-hospital = before ``DISCHARGE//*``).
   The risk is the share of futures in which the predicate fires, with a Wilson interval.
+  :meth:`Forecaster.time_head_risks` adds the time head's closed form for the tasks it can answer (see
+  :attr:`TaskSpec.time_head_applicable`): ``1 - exp(-D * sum_{v in task} lambda_v)`` from one forward pass.
 - :func:`population_rates` — expected events (e.g. admissions) per week for a cohort, with 50% and 90%
   intervals from the per-sample weekly counts.
 """
@@ -35,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from foresight import model as M
 from foresight.schema import DEATH_CODE, code_kind
 from foresight.tokenizer import (
     AGE_PREFIX,
@@ -60,7 +67,7 @@ class Timeline:
     """A prompt: token ids of a timeline so far, the time its token clock stands at, and what it is about."""
 
     tokens: np.ndarray
-    clock: datetime  # time of the last event (the token clock at the end of the prompt)
+    clock: datetime  # true time of the last event: the future's token gaps count from here
     as_of: datetime  # when the forecast is made (>= clock); the future starts here
     birth: datetime | None = None
     subject_id: int | None = None
@@ -75,6 +82,17 @@ class NextEvents:
     time_to_next: list[dict[str, Any]]  # bin, probability (incl. "same timestamp")
     probability_mass: float  # total probability of the listed filter (all events of the allowed kinds)
     expected_days_to_next: float | None
+    time_to_next_source: str = "interval_tokens"  # where time_to_next / expected_days_to_next come from
+    # Only for a model trained with the time head: source, rate_per_day, expected_days and ``within`` (bin,
+    # days, probability = P(next event within days)), see :meth:`Forecaster.time_head_view`.
+    time_head: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; ``time_head`` is left out for a model without the head (the pre-head shape)."""
+        out = asdict(self)
+        if out["time_head"] is None:
+            del out["time_head"]
+        return out
 
 
 @dataclass
@@ -84,6 +102,9 @@ class EventDistribution:
     p_event: torch.Tensor  # (V,) P(the next event is v): at this timestamp, or after one gap; 0 for non-events
     p_same_timestamp: float  # P(the next token is an event at the current timestamp)
     p_gap: torch.Tensor  # (G,) P(the next token is gap g), in vocab.time_ids order
+    # (V,) float32 logits at the prompt's last position: the softmax drops their absolute level, which is
+    # what the time head's rates are made of
+    logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -132,6 +153,10 @@ class Forecaster:
         self.year_id = int(vocab.time_ids[-1])
         self.death_id = vocab.index.get(DEATH_CODE, -1)
         self.token_kinds = np.array([code_kind(t) for t in toks])
+        # The rates are only meaningful when training fitted the absolute level of the logits (the time loss);
+        # without it the same arithmetic would return numbers that look like rates and mean nothing.
+        self.has_time_head = bool((self.meta.get("time_head") or {}).get("enabled"))
+        self.event_bias = torch.from_numpy(M.event_log_bias(vocab)) if self.has_time_head else None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | None = None) -> Forecaster:
@@ -182,8 +207,13 @@ class Forecaster:
         dead = bool(len(toks)) and int(toks[-1]) == self.death_id
         if len(toks) and self.vocab.tokens[int(toks[-1])] == END:
             toks = toks[:-1]  # the extract ended, the life did not: the future continues from here
-        clock_s = int(chunk.clock_s[chunk.offsets[i + 1] - 1]) if len(toks) else 0
-        clock = from_epoch(clock_s) if chunk.t0_s[i] != NO_TIME else (as_of or from_epoch(0))
+        # The future is anchored at the TRUE time of the last event, not at the token clock (which may be off it
+        # by a share of a bin, weeks after a long gap): otherwise a prompt cut at an admission whose clock lags
+        # the truth would have to "wait" weeks before its first future event and lose the stay's discharge.
+        last_s = int(chunk.last_s[i]) if len(chunk.last_s) else NO_TIME
+        if last_s == NO_TIME and len(toks) and chunk.t0_s[i] != NO_TIME:
+            last_s = int(chunk.clock_s[chunk.offsets[i + 1] - 1])
+        clock = from_epoch(last_s) if last_s != NO_TIME else (as_of or from_epoch(0))
         birth = from_epoch(chunk.birth_s[i]) if chunk.birth_s[i] != NO_TIME else None
         return Timeline(self.fit_context(np.asarray(toks, dtype=np.int64)), clock, max(as_of or clock, clock),
                         birth, int(chunk.subject_ids[i]), dead)
@@ -339,16 +369,17 @@ class Forecaster:
         picked = hidden[at[..., 0].to(dev), at[..., 1].to(dev)]  # (B, 1 + G, d)
         logits = self.model.get_output_embeddings()(picked)
         probs = torch.softmax(logits.double(), -1).cpu()  # (B, 1 + G, V): after the prompt, then after each gap
-        return self._combine(probs[:, 0], probs[:, 1:])
+        return self._combine(probs[:, 0], probs[:, 1:], logits[:, 0].float().cpu())
 
-    def _combine(self, p0: torch.Tensor, p1: torch.Tensor) -> list[EventDistribution]:
-        """p0 (B, V): P(next token); p1 (B, G, V): P(token after gap g) -> each timeline's event distribution."""
+    def _combine(self, p0: torch.Tensor, p1: torch.Tensor, logits0: torch.Tensor) -> list[EventDistribution]:
+        """p0 (B, V): P(next token); p1 (B, G, V): P(token after gap g); logits0 (B, V): the logits behind p0
+        -> each timeline's event distribution."""
         gaps = torch.tensor(self.vocab.time_ids)
         p_gap = p0[:, gaps]  # (B, G)
         event = torch.from_numpy(self.is_event)
         p_event = p0 * event + (p_gap[:, :, None] * p1 * event).sum(1)  # (B, V)
         same = (p0 * event).sum(-1)
-        return [EventDistribution(p_event[r], float(same[r]), p_gap[r]) for r in range(len(p0))]
+        return [EventDistribution(p_event[r], float(same[r]), p_gap[r], logits0[r]) for r in range(len(p0))]
 
     def _cache_bytes_per_token(self) -> int:
         cfg = self.model.config
@@ -371,7 +402,8 @@ class Forecaster:
         kwargs: dict[str, Any] = {"attention_mask": mask.to(dev)} if b > 1 else {}
         # logits_to_keep=1: only the last position's logits (B x width x V of them would dwarf the model's work)
         out = self.model(input_ids=ids.to(dev), position_ids=pos.to(dev), use_cache=True, logits_to_keep=1, **kwargs)
-        p0 = torch.softmax(out.logits[:, -1].double(), -1).cpu()  # (B, V)
+        logits0 = out.logits[:, -1].float().cpu()
+        p0 = torch.softmax(logits0.double(), -1)  # (B, V)
         # one batched step over every gap token, reusing the prompt's cache: rows (b0 g0, b0 g1, ..., b1 g0, ...)
         gaps = torch.tensor(self.vocab.time_ids)
         g = len(gaps)
@@ -384,7 +416,7 @@ class Forecaster:
             kwargs = {"attention_mask": step_mask.to(dev)}
         step = self.model(input_ids=step_ids, cache=cache, position_ids=step_pos, use_cache=False, **kwargs)
         p1 = torch.softmax(step.logits[:, -1].double(), -1).cpu().view(b, g, -1)  # (B, G, V)
-        return self._combine(p0, p1)
+        return self._combine(p0, p1, logits0)
 
     def summarise_next(self, timeline: Timeline, dist: EventDistribution, top_k: int = 10,
                        kinds: Sequence[str] | None = None, new_only: bool = False) -> NextEvents:
@@ -418,7 +450,27 @@ class Forecaster:
                   for g, p in zip(gaps, p_gap, strict=True)]
         reps = torch.tensor(self.vocab.time_reps_s)
         expected = float((p_gap * reps).sum() / DAY / total) if total > 0 else None
-        return NextEvents(events, times, float(masked.sum()), expected)
+        return NextEvents(events, times, float(masked.sum()), expected,
+                          time_head=self.time_head_view(dist) if self.has_time_head else None)
+
+    def time_head_view(self, dist: EventDistribution) -> dict[str, Any]:
+        """The time head's answer to "when is the next event": ``Lambda`` = sum of the event rates at the
+        prompt's last position, ``expected_days = 1 / Lambda``, and for every gap bin the probability that the
+        next event comes within its upper edge, ``1 - exp(-Lambda h)`` (the open-ended last bin: 1).
+
+        The same bins as the interval-token distribution so the two can be read side by side; but these are
+        cumulative (monotone in h) where ``time_to_next`` gives each bin's own share.
+        """
+        if self.event_bias is None or dist.logits is None:
+            raise ValueError("the model was not trained with the time head (foresight.json: time_head.enabled)")
+        rate = float(M.time_to_event(dist.logits, self.event_bias)["rate"])
+        within = []
+        for g in self.vocab.time_ids:
+            upper_s = float(self.time_upper_s[int(g)])
+            days = upper_s / DAY if math.isfinite(upper_s) else None
+            p = 1.0 if days is None else -math.expm1(-rate * days)
+            within.append({"bin": self.vocab.tokens[int(g)], "days": days, "probability": p})
+        return {"source": "time_head", "rate_per_day": rate, "expected_days": 1.0 / rate, "within": within}
 
     # -- explanations --
 
@@ -533,6 +585,35 @@ class Forecaster:
             risk[group] = hit.mean(1)
             se[group] = hit.std(1, ddof=1) / np.sqrt(n) if n > 1 else np.nan
         return risk, se
+
+    @torch.no_grad()
+    def time_head_risks(self, timelines: Sequence[Timeline], task: TaskSpec) -> np.ndarray | None:
+        """The time head's risk of ``task`` per timeline: ``1 - exp(-D * sum_{v in task} lambda_v)``.
+
+        ``lambda_v = exp(logit_v + bias_v)`` (:func:`foresight.model.event_log_bias`) at the prompt's last
+        position and ``D = task.window_days``: under competing exponential clocks it is the probability that a
+        task code's clock rings within the window, with the rates frozen at the prediction time (Delphi-2M's
+        closed form; events in between would change the rates, which only the futures of :meth:`task_risks`
+        follow). One forward pass per timeline instead of many sampled paths. The clock starts at the last
+        recorded event, but exponential clocks are memoryless, so a window starting later (``as_of``) has the
+        same risk. None when the model has no time head or the task does not qualify
+        (:attr:`TaskSpec.time_head_applicable`); NaN for the dead, as in :meth:`task_risks`.
+        """
+        if not (self.has_time_head and task.time_head_applicable):
+            return None
+        assert self.event_bias is not None
+        risk = np.full(len(timelines), np.nan)
+        live = [i for i, t in enumerate(timelines) if not t.dead]
+        if not live:
+            return risk
+        logits = torch.stack([d.logits for d in self.event_distributions([timelines[i] for i in live])])
+        match = torch.tensor([task.matches(t) for t in self.vocab.tokens]) & torch.isfinite(self.event_bias)
+        if not bool(match.any()):  # no event token of the vocabulary matches: no clock that could ring
+            risk[live] = 0.0
+            return risk
+        log_rate = torch.logsumexp(logits[:, match].double() + self.event_bias[match].double(), -1)
+        risk[live] = (-torch.expm1(-task.window_days * torch.exp(log_rate))).numpy()
+        return risk
 
     def _sample_batch(self, tls: Sequence[Timeline], n: int, horizon_days: float, temperature: float,
                       top_p: float, gen: torch.Generator, max_new_tokens: int, *, match: torch.Tensor | None = None,
@@ -655,6 +736,18 @@ class TaskSpec:
     value: str = "binary"  # or "time"
     description: str = ""
 
+    @property
+    def time_head_applicable(self) -> bool:
+        """Whether the time head's closed form answers this task (:meth:`Forecaster.time_head_risks`).
+
+        It answers "does an event from a set of codes happen within D days from the prediction time": a binary
+        task without stop codes. Built-ins: admission, emergency admission, readmission (the prediction time is
+        the discharge, which is where the prompt ends), mortality and ICU admission within 30 days. Not
+        in-hospital mortality (its window ends at a discharge that has not happened yet, a random time the
+        frozen rates cannot place) nor length of stay (a number of days, not a probability).
+        """
+        return self.value == "binary" and not self.stop_codes
+
     def matches(self, code: str, patterns: Sequence[str] | None = None) -> bool:
         return any(fnmatch.fnmatchcase(code, p) for p in (patterns or self.codes))
 
@@ -688,9 +781,13 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("readmission_30d", ("ADMIT//*",), 30,
              description="readmission within 30 days (predict at discharge)"),
     TaskSpec("mortality_30d", ("MEDS_DEATH",), 30, description="death within 30 days"),
-    TaskSpec("in_hospital_mortality", ("MEDS_DEATH",), 365, stop_codes=("DISCHARGE//*",),
+    # A death in hospital is recorded as DISCHARGE//DIED and MEDS_DEATH at one timestamp, and the discharge comes
+    # first in token order: without DISCHARGE//DIED among the codes it would stop the window before the death.
+    TaskSpec("in_hospital_mortality", ("MEDS_DEATH", "DISCHARGE//DIED"), 365, stop_codes=("DISCHARGE//*",),
              description="death before discharge (predict at admission)"),
     TaskSpec("icu_admission_30d", ("ICU//ADMIT",), 30, description="ICU admission within 30 days"),
+    TaskSpec("icu_during_stay", ("ICU//ADMIT",), 365, stop_codes=("DISCHARGE//*",),
+             description="ICU admission before discharge (predict at admission)"),
     TaskSpec("length_of_stay", ("DISCHARGE//*",), 365, value="time",
              description="days until discharge (predict at admission)"),
 )}

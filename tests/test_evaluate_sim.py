@@ -100,8 +100,8 @@ def test_evaluate_report_with_baselines(sim_model, tmp_path):
     from foresight.evaluate import evaluate_model
 
     report = evaluate_model(sim_model["model"], sim_model["data"], db=sim_model["db"],
-                            tasks=[BUILTIN_TASKS["admission_30d"]], as_of=None, samples=4, max_points=120,
-                            out_dir=tmp_path / "ev", max_rows=60)
+                            tasks=[BUILTIN_TASKS["admission_30d"]], at=["discharges"], as_of=None, samples=4,
+                            max_points=120, out_dir=tmp_path / "ev", max_rows=60)
     ne = report["next_event"]
     assert ne["positions"] > 1000
     # strict accuracy: a trained model is far better than the code-frequency baseline
@@ -112,3 +112,62 @@ def test_evaluate_report_with_baselines(sim_model, tmp_path):
     assert (tmp_path / "ev" / "report.json").exists() and (tmp_path / "ev" / "calibration.png").exists()
     assert np.isfinite(t["model"]["metrics"]["brier"])
     assert datetime.fromisoformat(report["created"])
+
+
+def _evaluate_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "foresight.cli", "evaluate", *args], capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_evaluate_without_db_finds_the_warehouse_and_scores_admission_tasks(sim_model, tmp_path):
+    """`foresight evaluate --model --data` alone: the warehouse is the one the tokens came from; discharge tasks
+    are scored at discharges and admission tasks at admissions (both by default), and the calibration plot is
+    written."""
+    tasks = ["admission_30d", "in_hospital_mortality", "icu_during_stay", "length_of_stay"]  # LOS: as LOS > 7 d
+    proc = _evaluate_cli("--model", str(sim_model["model"]), "--data", str(sim_model["data"]),
+                         *(a for t in tasks for a in ("--task", t)), "--samples", "4", "--max-points", "80",
+                         "--oracle", str(sim_model["sim"]), "--out", str(tmp_path / "ev"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["warehouse"]["path"] == str(sim_model["db"].resolve()) and not report["skipped"]
+    assert (tmp_path / "ev" / "calibration.png").stat().st_size > 1000 and report["calibration_plot"]
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["tasks"] == report["tasks"]
+    tasks = {(t["task"], t["at"]): t for t in report["tasks"]}
+    assert set(tasks) == {("admission_30d", "discharges"), ("in_hospital_mortality", "admissions"),
+                          ("icu_during_stay", "admissions"), ("los_over_7d", "admissions")}
+    assert report["eval_points"]["admissions"]["held_out"] == 80
+    assert "oracle" in tasks[("admission_30d", "discharges")]  # the simulator's oracle answers 30-day admission
+    for name in ("in_hospital_mortality", "icu_during_stay", "los_over_7d"):
+        t = tasks[(name, "admissions")]
+        assert t["points"] == 80 and {"model", "prevalence", "logistic_counts"} <= set(t)
+        assert "oracle" not in t and t["oracle_note"].startswith("no oracle")  # it has no stay outcomes
+        assert np.isfinite(t["model"]["metrics"]["brier"]) and 0 <= t["model"]["metrics"]["ece"] <= 1
+    # a long stay is common enough to be ranked: the model and the count baseline both carry signal
+    los = tasks[("los_over_7d", "admissions")]
+    assert 0.05 < los["observed_rate"] < 0.95 and np.isfinite(los["model"]["metrics"]["auroc"])
+
+
+def test_evaluate_says_which_tasks_it_skipped_when_the_warehouse_is_gone(sim_model, tmp_path):
+    # the token folder as it would be after its warehouse was deleted: every file shared, the summary pointing at
+    # a warehouse that no longer exists, and no other warehouse with its fingerprint next to it
+    data = tmp_path / "tok"
+    data.mkdir()
+    for f in sim_model["data"].iterdir():
+        if f.name != "tokenize_summary.json":
+            (data / f.name).symlink_to(f)
+    summary = json.loads((sim_model["data"] / "tokenize_summary.json").read_text())
+    gone = tmp_path / "deleted.duckdb"
+    (data / "tokenize_summary.json").write_text(json.dumps({**summary, "db": str(gone)}))
+    proc = _evaluate_cli("--model", str(sim_model["model"]), "--data", str(data), "--out", str(tmp_path / "ev"),
+                         "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["tasks"] == [] and report["calibration_plot"] is None
+    assert report["next_event"]["positions"] > 1000  # what needs no warehouse is still measured
+    skipped = {(s["task"], s["at"]) for s in report["skipped"]}
+    assert skipped == {(t, "discharges") for t in ("admission_30d", "emergency_admission_30d", "mortality_30d")} | {
+        (t, "admissions") for t in ("in_hospital_mortality", "icu_during_stay", "los_over_7d")}
+    assert all(f"{gone} (recorded in {data / 'tokenize_summary.json'}) does not exist" in s["reason"]
+               for s in report["skipped"])
+    assert "skipped" in proc.stderr and str(gone) in proc.stderr  # said where a person reads, not only in JSON
+    assert not (tmp_path / "ev" / "calibration.png").exists()

@@ -103,6 +103,26 @@ def test_future_starts_after_as_of_even_long_after_the_last_event(tiny):
         assert all(tl.as_of <= e["time"] <= tl.as_of + timedelta(days=60) for e in fut)
 
 
+def test_prompts_are_anchored_at_the_true_last_event_not_the_token_clock(tiny):
+    """After gaps of months the token clock is off the truth by days; a prompt cut at an event must still start
+    its future at that event's real time (a lagging clock made futures 'wait' and lose the rest of a stay)."""
+    fc, db = tiny
+    con = warehouse.connect(db, read_only=True)
+    try:
+        rows = con.execute("SELECT subject_id, time FROM events WHERE code LIKE 'ADMIT//%' ORDER BY 1, 2").fetchall()
+        off = []
+        for sid, t in rows:
+            tl = fc.timeline_from_warehouse(con, sid, as_of=t)
+            assert tl.clock == t and tl.as_of == t  # the last event is the admission itself, at its real time
+            chunk = T.encode_subjects(con, fc.vocab, sid, sid, as_of=t)
+            off.append(abs(int(chunk.clock_s[-1]) - int(T.to_epoch(t))))
+    finally:
+        con.close()
+    assert max(off) > 86400  # the case is real: some token clocks are more than a day off at an admission
+    for fut in fc.sample_futures([tl], 4, 30, seed=1, max_new_tokens=40)[0]:
+        assert all(tl.as_of <= e["time"] <= tl.as_of + timedelta(days=30) for e in fut)
+
+
 def test_task_labels_on_hand_built_futures():
     t0 = datetime(2030, 1, 1)
     fut = [{"time": t0 + timedelta(days=2), "code": "LAB//X"},
@@ -167,3 +187,112 @@ def test_population_rates_and_backtest(tiny):
     bt = backtest_rates([{"mean": 10, "p05": 5, "p25": 8, "p75": 12, "p95": 15}] * 2, [12, 20])
     assert bt["mape"] == pytest.approx((2 / 12 + 10 / 20) / 2) and bt["coverage50"] == 0.5
     assert bt["coverage90"] == 0.5
+
+
+# --- admission-time evaluation points and the forecast flow, on a small simulated warehouse --------------------
+
+
+@pytest.fixture(scope="module")
+def sim_small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """400 simulated lives in a warehouse, tokenized, and a randomly initialised tiny model saved as a model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from foresight.demo import demo_config
+    from foresight.simulate import simulate
+    from foresight.sources import meds
+
+    d = tmp_path_factory.mktemp("simsmall")
+    simulate(400, d / "sim", seed=3, config=demo_config())
+    con = warehouse.connect(d / "w.duckdb")
+    try:
+        meds.load(con, d / "sim")
+    finally:
+        con.close()
+    T.tokenize(d / "w.duckdb", d / "tok")
+    vocab = T.Vocabulary.load(d / "tok" / "vocab.json")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab.tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+                      pad_token_id=vocab.index["[PAD]"])
+    LlamaForCausalLM(cfg).save_pretrained(d / "model")
+    vocab.save(d / "model" / "vocab.json")
+    return {"sim": d / "sim", "db": d / "w.duckdb", "data": d / "tok", "model": d / "model"}
+
+
+def test_admission_points_and_stay_labels_match_the_record(sim_small):
+    from itertools import groupby
+
+    from foresight.evaluate import ADMISSION_TASKS, observed_labels, prediction_points
+
+    con = warehouse.connect(sim_small["db"], read_only=True)
+    try:
+        ids = [r[0] for r in con.execute("SELECT subject_id FROM subject_splits").fetchall()]
+        points = prediction_points(con, ids, mode="admissions", max_per_subject=10_000)
+        labels = {name: observed_labels(con, t, points) for name, t in ADMISSION_TASKS.items()}
+        rows = con.execute(
+            """SELECT subject_id, time, code FROM events WHERE time IS NOT NULL AND (code LIKE 'ADMIT//%'
+               OR code LIKE 'DISCHARGE//%' OR code IN ('MEDS_DEATH', 'ICU//ADMIT')) ORDER BY subject_id, time"""
+        ).fetchall()
+    finally:
+        con.close()
+    # by hand: a stay runs from its ADMIT to the first discharge or death after it; stays the extract cuts off
+    # before they end have no outcome and are not prediction points
+    stays = {}
+    for sid, group in groupby(rows, key=lambda r: r[0]):
+        evs = [(t, c) for _, t, c in group]
+        for t, c in evs:
+            if c.startswith("ADMIT//"):
+                after = [(u, x) for u, x in evs if u > t]
+                end = next((u for u, x in after if x.startswith("DISCHARGE//") or x == "MEDS_DEATH"), None)
+                if end is not None:
+                    stays[(sid, t)] = (end - t, [x for u, x in after if u <= end])
+    assert sorted(stays) == sorted((p.subject_id, p.time) for p in points) and len(points) > 300
+    at = {(p.subject_id, p.time): i for i, p in enumerate(points)}
+
+    def pick(want) -> tuple[int, datetime]:
+        return next(k for k, (los, codes) in stays.items() if want(los, codes))
+
+    week = timedelta(days=7)
+    died = pick(lambda los, codes: "DISCHARGE//DIED" in codes)
+    icu = pick(lambda los, codes: "ICU//ADMIT" in codes and "MEDS_DEATH" not in codes and los <= week)
+    long_home = pick(lambda los, codes: los > week and not {"ICU//ADMIT", "MEDS_DEATH"} & set(codes))
+    short_home = pick(lambda los, codes: los <= week and codes[-1] == "DISCHARGE//HOME" and len(codes) == 1)
+    expected = {died: (1, None, None), icu: (0, 1, 0), long_home: (0, 0, 1), short_home: (0, 0, 0)}
+    for key, (death, in_icu, long) in expected.items():
+        i = at[key]
+        assert labels["in_hospital_mortality"][i] == death, key
+        if in_icu is not None:
+            assert labels["icu_during_stay"][i] == in_icu and labels["los_over_7d"][i] == long, key
+    # every in-hospital death of the simulator is recorded as DISCHARGE//DIED: the label counts exactly those
+    assert labels["in_hospital_mortality"].sum() == sum("DISCHARGE//DIED" in c for _, c in stays.values()) > 0
+    assert labels["los_over_7d"].sum() == sum(los > week for los, _ in stays.values())
+
+
+@pytest.mark.slow
+def test_forecast_flow_publishes_the_plot_and_the_json_as_artifacts(sim_small, tmp_path):
+    import base64
+    import json
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.forecast import forecast
+
+    with prefect_test_harness(server_startup_timeout=120):
+        state = forecast(db=sim_small["db"], model=sim_small["model"], as_of=datetime(2025, 6, 1), horizon_days=14,
+                         out_dir=tmp_path, samples=2, max_subjects=6, history_weeks=8, return_state=True)
+        result = state.result()
+        with get_client(sync_client=True) as client:
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_key = {a.key: a for a in artifacts}
+    assert {"weekly-forecast", "forecast-summary", "forecast-json"} <= set(by_key)
+    # the plot travels inside the artifact (the UI needs no access to the worker's disk): the PNG file's bytes
+    embedded = re.search(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", by_key["forecast-summary"].data)
+    assert embedded is not None
+    png = base64.b64decode(embedded.group(1))
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and png == Path(result["plot"]).read_bytes()
+    published = json.loads(by_key["forecast-json"].data.removeprefix("```json\n").removesuffix("\n```"))
+    assert published == json.loads(Path(result["json"]).read_text()) and len(published["weeks"]) == 2
