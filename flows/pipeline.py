@@ -1,17 +1,20 @@
-"""The ``pipeline`` flow: etl -> tokenize -> train -> evaluate -> privacy audit -> release -> forecast.
+"""The ``pipeline`` flow: etl -> tokenize -> canaries -> train -> evaluate -> privacy audit -> release -> forecast.
 
 Every step is a task calling a stage of :mod:`foresight.pipeline`. Steps whose inputs decide their output are
 cached on content fingerprints (input file checksums, the warehouse's load history, the tokenized data, the
 model checksum, the step's parameters, and whether the output is still on disk), so a re-run with unchanged
-inputs skips them. I/O steps retry on transient errors. When the privacy gate does not pass, the release is
-skipped with the gate's reasons and the forecast uses the last released model (or is skipped if there is none).
+inputs skips them. I/O steps retry on transient errors. ``source="warehouse"`` starts from an existing warehouse
+(the nightly ETL's) instead of loading one. Canary subjects are planted in a copy of the train split that only
+training and the audit read, so the audit can show it would see memorisation. When the privacy gate does not
+pass, the release is skipped with the gate's reasons and the forecast uses the last released model (or is
+skipped if there is none).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -45,12 +48,27 @@ def etl_step(source: str, input_path: Path, db: Path, exclude_subjects: Path | N
     return P.load_stage(source, input_path, db, exclude_subjects)
 
 
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def warehouse_step(db: Path) -> dict[str, Any]:
+    """Start from an existing warehouse: check it holds a completed load and summarise it (nothing is written)."""
+    return P.warehouse_stage(db)
+
+
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=_transient, persist_result=True,
       cache_key_fn=lambda ctx, p: _key("tokenize", P.warehouse_fingerprint(p["db"]), p["min_subjects"],
-                                       str(p["data"])))
-def tokenize_step(db: Path, data: Path, min_subjects: int) -> dict[str, Any]:
-    """Vocabulary + shards (cached on what the warehouse holds)."""
-    return P.tokenize_stage(db, data, min_subjects)
+                                       str(p["data"]),
+                                       P.files_fingerprint(p["exclude_subjects"]) if p["exclude_subjects"] else ""))
+def tokenize_step(db: Path, data: Path, min_subjects: int, exclude_subjects: Path | None) -> dict[str, Any]:
+    """Vocabulary + shards (cached on what the warehouse holds and the opt-out list)."""
+    return P.tokenize_stage(db, data, min_subjects, exclude_subjects)
+
+
+@task(persist_result=True,
+      cache_key_fn=lambda ctx, p: _key("canaries", P.data_fingerprint(p["data"]), p["per_repeat"], p["repeats"],
+                                       p["references"], str(p["out"])))
+def canary_step(data: Path, out: Path, per_repeat: int, repeats: list[int], references: int) -> dict[str, Any]:
+    """Plant canaries in a copy of the train split (cached on the data and the canary parameters)."""
+    return P.canary_stage(data, out, per_repeat=per_repeat, repeats=tuple(repeats), references=references)
 
 
 @task(persist_result=True,
@@ -74,11 +92,13 @@ def evaluate_step(model: Path, data: Path, db: Path, out: Path, tasks: list[str]
 
 @task(persist_result=True,
       cache_key_fn=lambda ctx, p: _key("audit", P.model_fingerprint(p["model"]), P.data_fingerprint(p["data"]),
-                                       str(p["out"])))
-def audit_step(model: Path, data: Path, out: Path) -> dict[str, Any]:
-    """Privacy audit and gate decision (cached on the model checksum)."""
+                                       P.canary_fingerprint(p["data"]), str(p["out"]),
+                                       P.files_fingerprint(p["config"]) if p["config"] else ""))
+def audit_step(model: Path, data: Path, out: Path, config: Path | None) -> dict[str, Any]:
+    """Privacy audit and gate decision (cached on the model checksum, the data with its canaries and their
+    references, and the gate config's contents)."""
     logger = get_run_logger()
-    return P.audit_stage(model, data, out, progress=logger.info)
+    return P.audit_stage(model, data, out, progress=logger.info, config=config)
 
 
 def _fresh(step: Any, output_missing: bool) -> Any:
@@ -105,8 +125,11 @@ def pipeline(
     source: str,
     input: Path,
     workdir: Path = Path("work/pipeline"),
-    as_of: datetime | None = None,
+    as_of: datetime | Literal["latest"] | None = None,
     min_subjects: int = 10,
+    canaries: int = 5,
+    canary_repeats: list[int] | None = None,
+    canary_references: int = 5000,
     train_options: dict[str, Any] | None = None,
     tasks: list[str] | None = None,
     eval_samples: int = 20,
@@ -120,9 +143,18 @@ def pipeline(
     exclude_subjects: Path | None = None,
     registry: Path | None = None,
     forecast_unreleased: bool = False,
+    privacy_config: Path | None = None,
 ) -> dict[str, Any]:
     """The whole chain for one source; returns every stage's summary (and its seconds).
 
+    ``source``: a loader (mimic-iv, synthea, fhir, meds, notes) reading ``input`` into ``workdir``'s own
+    warehouse, or ``"warehouse"``: ``input`` is an existing warehouse file (the nightly ETL's), used as it is
+    (the ETL is skipped; later steps are cached on its latest loads' input checksums).
+    ``as_of``: the forecast date (no forecast without one); ``"latest"`` is the day after the warehouse's last
+    event. ``canaries``: canary subjects planted per repeat count in ``canary_repeats`` (default 1, 2, 4, 16) in a
+    copy of the train split that only training and the privacy audit read, each audited against
+    ``canary_references`` never-planted sequences; 0 plants none, and the gate then says REVIEW: it cannot show
+    that it would see memorisation. ``privacy_config``: a gate TOML merged over ``privacy/gate_defaults.toml``.
     ``eval_at``: risk tasks are scored at each held-out discharge ("discharges", the readmission framing, where
     30-day risks are high enough to measure on a small cohort) or for everyone alive at ``as_of`` ("as_of").
     ``forecast_unreleased``: when no model has been released, forecast with the candidate model anyway and label
@@ -131,19 +163,37 @@ def pipeline(
     logger = get_run_logger()
     if eval_at not in ("discharges", "as_of"):
         raise ValueError(f"eval_at must be 'discharges' or 'as_of', not {eval_at!r}")
+    if canaries < 0:
+        raise ValueError(f"canaries must be 0 (none) or more per repeat count, not {canaries}")
     paths = P.PipelinePaths(Path(workdir))
     registry = Path(registry) if registry else paths.registry
     out: dict[str, Any] = {"workdir": str(paths.workdir)}
-    out["etl"] = _fresh(etl_step, not paths.db.exists())(source, Path(input), paths.db, exclude_subjects)
+    if source == "warehouse":
+        db = Path(input)
+        out["etl"] = warehouse_step(db)
+    else:
+        db = paths.db
+        out["etl"] = _fresh(etl_step, not db.exists())(source, Path(input), db, exclude_subjects)
+    as_of = P.resolve_as_of(db, as_of)  # after the ETL: "latest" means what the warehouse holds now
     out["tokenize"] = _fresh(tokenize_step, P.data_fingerprint(paths.data) == "missing")(
-        paths.db, paths.data, min_subjects)
+        db, paths.data, min_subjects, exclude_subjects)
+    # canaries only in the copy that training and the audit read: evaluation (whose baselines fit on the train
+    # split) and forecasts (from the warehouse) never see a synthetic subject
+    train_data = paths.data
+    if canaries:
+        gone = P.data_fingerprint(paths.canary_data) == "missing" or not (paths.canary_data / "canaries.json").exists()
+        out["canaries"] = _fresh(canary_step, gone)(
+            paths.data, paths.canary_data, canaries, list(canary_repeats or P.CANARY_REPEATS), canary_references)
+        train_data = paths.canary_data
+    else:
+        out["canaries"] = {"skipped": True, "reason": "canaries=0: the audit cannot show it would see memorisation"}
     out["train"] = _fresh(train_step, P.model_fingerprint(paths.model) == "missing")(
-        paths.data, paths.model, train_options or {"preset": "tiny", "max_steps": 300})
+        train_data, paths.model, train_options or {"preset": "tiny", "max_steps": 300})
     out["evaluate"] = _fresh(evaluate_step, not (paths.evaluation / "report.json").exists())(
-        paths.model, paths.data, paths.db, paths.evaluation, tasks or ["admission_30d"],
+        paths.model, paths.data, db, paths.evaluation, tasks or ["admission_30d"],
         as_of if eval_at == "as_of" else None, eval_samples, eval_points, oracle_dir)
     out["privacy"] = _fresh(audit_step, not (paths.model / "privacy" / "report.json").exists())(
-        paths.model, paths.data, paths.privacy)
+        paths.model, train_data, paths.privacy, Path(privacy_config) if privacy_config else None)
     if out["privacy"]["decision"] == "PASS":
         out["release"] = release_step(paths.model, registry)
     else:
@@ -158,9 +208,12 @@ def pipeline(
         logger.warning("forecast skipped: %s holds no released model", registry)
     else:
         model = released or paths.model
-        out["forecast"] = forecast_step(model, paths.db, paths.forecast, as_of, horizon_days, forecast_samples,
+        if released is not None and out["privacy"]["decision"] != "PASS":
+            logger.warning("forecast uses the last released model, %s, not this run's candidate", released)
+        out["forecast"] = forecast_step(model, db, paths.forecast, as_of, horizon_days, forecast_samples,
                                         forecast_split, forecast_max_subjects, oracle_dir)
         out["forecast"]["model"] = str(model)
+        out["forecast"]["model_checksum"] = P.model_fingerprint(model)
         out["forecast"]["model_released"] = released is not None
         if released is None:
             logger.warning("forecast made with the UNRELEASED candidate model (forecast_unreleased=True)")

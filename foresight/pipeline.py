@@ -9,6 +9,7 @@ deleted output is rebuilt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -26,6 +27,7 @@ class PipelinePaths:
     workdir: Path
     db: Path = field(init=False)
     data: Path = field(init=False)
+    canary_data: Path = field(init=False)
     model: Path = field(init=False)
     evaluation: Path = field(init=False)
     privacy: Path = field(init=False)
@@ -36,6 +38,7 @@ class PipelinePaths:
         self.workdir = Path(self.workdir)
         self.db = self.workdir / "warehouse.duckdb"
         self.data = self.workdir / "tokens"
+        self.canary_data = self.workdir / "tokens+canaries"  # train split + canaries: for training and the audit only
         self.model = self.workdir / "model"
         self.evaluation = self.workdir / "evaluation"
         self.privacy = self.workdir / "privacy"
@@ -46,9 +49,25 @@ class PipelinePaths:
 # --- fingerprints ---------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 over the source of the ``foresight`` and ``privacy`` packages (Python and SQL files).
+
+    Part of every cache key: a stage's output depends on the code that made it as much as on its inputs, so
+    after an upgrade (a tokenizer fix, say) a cached step is re-run instead of serving what the old code made.
+    """
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for pkg in (root, root.parent / "privacy"):
+        for f in sorted(p for p in pkg.rglob("*") if p.suffix in (".py", ".sql", ".toml") and p.is_file()):
+            h.update(str(f.relative_to(root.parent)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def digest(*parts: Any) -> str:
-    """sha256 of JSON-able parts: the cache key of a stage."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    """sha256 of JSON-able parts and of the code (:func:`code_fingerprint`): the cache key of a stage."""
+    return hashlib.sha256(json.dumps([code_fingerprint(), *parts], sort_keys=True, default=str).encode()).hexdigest()
 
 
 def files_fingerprint(path: str | Path) -> str:
@@ -82,14 +101,66 @@ def warehouse_fingerprint(db: str | Path) -> str:
     return digest(rows) if rows else "missing"
 
 
+def warehouse_dates(db: str | Path, con: Any = None) -> tuple[datetime | None, datetime | None]:
+    """The first and last event times in the warehouse ((None, None) when it holds no events); births do not count
+    as the first (they date a life, not the records). ``con``: an open connection to it, else one is opened
+    read-only."""
+    from foresight import warehouse
+
+    own = con is None
+    con = warehouse.connect(db, read_only=True) if own else con
+    try:
+        first, last = con.execute("SELECT min(time) FILTER (WHERE code <> 'MEDS_BIRTH'), max(time) FROM events"
+                                  ).fetchall()[0]
+    finally:
+        if own:
+            con.close()
+    return first, last
+
+
+def resolve_as_of(db: str | Path, as_of: datetime | str | None) -> datetime | None:
+    """``as_of`` as a date: ``"latest"`` is midnight after the warehouse's last event day, so every loaded event
+    is history. MIMIC-IV shifts each patient's dates into 2100-2200, where "today" finds nobody alive."""
+    if as_of != "latest":
+        return datetime.fromisoformat(as_of) if isinstance(as_of, str) else as_of
+    _, last = warehouse_dates(db)
+    if last is None:
+        raise ValueError(f"as_of='latest': the warehouse {db} holds no events")
+    return datetime.combine(last.date() + timedelta(days=1), datetime.min.time())
+
+
+def empty_cohort_message(db: str | Path, as_of: datetime, con: Any = None, split: str | None = None) -> str:
+    """Why a forecast has nobody to forecast for: the as_of date against the dates the warehouse holds."""
+    first, last = warehouse_dates(db, con)
+    held = f"its events run from {first:%Y-%m-%d} to {last:%Y-%m-%d}" if last else "it holds no events"
+    among = f" in split {split!r}" if split else ""
+    return (f"no subject{among} alive with events in the 3 years up to as_of={as_of:%Y-%m-%d} in {db}: {held}. "
+            "Pick an as_of inside that range, or as_of='latest' (the day after the last event; MIMIC-IV dates are "
+            "shifted into 2100-2200)")
+
+
 def data_fingerprint(data_dir: str | Path) -> str:
-    """The tokenized data: its vocabulary and shard indexes (content), or 'missing'."""
+    """The tokenized data: its vocabulary, shard indexes and planted canaries (content), or 'missing'."""
     d = Path(data_dir)
     needed = [d / "vocab.json", *(d / f"{s}.index.npy" for s in ("train", "tuning", "held_out"))]
     if not all(p.exists() for p in needed):
         return "missing"
     return digest([hashlib.sha256(p.read_bytes()).hexdigest() for p in needed],
-                   [(d / f"{s}.bin").stat().st_size for s in ("train", "tuning", "held_out")])
+                   [(d / f"{s}.bin").stat().st_size for s in ("train", "tuning", "held_out")],
+                   canary_fingerprint(d, references=False))
+
+
+def canary_fingerprint(data_dir: str | Path, references: bool = True) -> str:
+    """The canary manifest of a data directory ('' without one), less its creation date so that re-planting the
+    same canaries is not new data. The planted secrets are what training reads; the never-planted references
+    (``references=True``) are an input of the audit only, so changing their number re-runs the audit, not training.
+    """
+    from privacy.canaries import load_manifest
+
+    manifest = load_manifest(data_dir)
+    if manifest is None:
+        return ""
+    return digest({k: v for k, v in manifest.items() if k != "created" and (references or k != "references")})
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -133,13 +204,66 @@ def load_stage(source: str, input_path: Path, db: Path, exclude_subjects: Path |
     return _timed(run)
 
 
-def tokenize_stage(db: Path, data: Path, min_subjects: int = 10) -> dict[str, Any]:
-    """Vocabulary (train only) and packed shards."""
-    from foresight import tokenizer
+def warehouse_stage(db: Path) -> dict[str, Any]:
+    """Start from an existing warehouse (the nightly ETL's) instead of loading: what it holds and its latest loads.
+
+    Nothing is written; the tokenize step's cache key is the same load-history fingerprint, so a week without new
+    loads reuses every step."""
+    from foresight import warehouse
 
     def run() -> dict[str, Any]:
-        s = tokenizer.tokenize(db, data, tokenizer.TokenizerConfig(min_subjects=min_subjects))
+        if not Path(db).exists():
+            raise FileNotFoundError(f"source='warehouse': no warehouse at {db} (has the ETL run?)")
+        fingerprint = warehouse_fingerprint(db)
+        if fingerprint == "missing":
+            raise ValueError(f"source='warehouse': {db} has no completed ETL run to start from")
+        con = warehouse.connect(db, read_only=True)
+        try:
+            subjects, events = con.execute("SELECT count(DISTINCT subject_id), count(*) FROM events").fetchall()[0]
+            loads = con.execute("SELECT source, max(started_at)::VARCHAR FROM etl_runs GROUP BY source ORDER BY 1"
+                                ).fetchall()
+        finally:
+            con.close()
+        return {"source": "warehouse", "warehouse": str(db), "fingerprint": fingerprint, "subjects": subjects,
+                "events": events, "latest_loads": dict(loads)}
+
+    return _timed(run)
+
+
+def tokenize_stage(db: Path, data: Path, min_subjects: int = 10, exclude_subjects: Path | None = None
+                   ) -> dict[str, Any]:
+    """Vocabulary (train only) and packed shards; ``exclude_subjects`` (the opt-out list) is hidden here too, for
+    a warehouse this run did not load itself."""
+    from foresight import tokenizer
+    from foresight.optout import read_subjects_file
+
+    def run() -> dict[str, Any]:
+        excluded = read_subjects_file(exclude_subjects) if exclude_subjects else None
+        s = tokenizer.tokenize(db, data, tokenizer.TokenizerConfig(min_subjects=min_subjects),
+                               exclude_subjects=excluded)
         return {"vocab_size": s["vocab_size"], "tokens": s["tokens"], "subjects": s["subjects"]}
+
+    return _timed(run)
+
+
+CANARY_REPEATS = (1, 2, 4, 16)
+
+
+def canary_stage(data: Path, out: Path, *, per_repeat: int, repeats: tuple[int, ...] = CANARY_REPEATS,
+                 references: int = 5000, seed: int = 0) -> dict[str, Any]:
+    """A copy of ``data`` with canary subjects in its train split (:func:`privacy.canaries.insert`), for training
+    and the audit. Evaluation and forecasts keep using ``data`` and the warehouse, where no canary exists."""
+    import shutil
+
+    from privacy.canaries import insert
+
+    def run() -> dict[str, Any]:
+        if out.exists():  # an earlier insertion (other data or parameters): never mix its files with this one's
+            shutil.rmtree(out)
+        m = insert(data, out, repeats=tuple(repeats), per_repeat=per_repeat, seed=seed, n_references=references)
+        return {"data": str(out), "canaries": len(m["canaries"]), "canary_subjects": m["canary_subjects"],
+                "canary_tokens": m["canary_tokens"], "repeats": m["repeats"], "per_repeat": m["per_repeat"],
+                "references": len(m["references"]), "seed": seed}
 
     return _timed(run)
 
@@ -205,14 +329,20 @@ def simulator_oracle(sim_dir: Path) -> Callable[[Any, Any], Any]:
     return oracle
 
 
-def audit_stage(model: Path, data: Path, out: Path, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The privacy audit and the gate's decision."""
+def audit_stage(model: Path, data: Path, out: Path, progress: Callable[[str], None] | None = None,
+                config: Path | None = None) -> dict[str, Any]:
+    """The privacy audit and the gate's decision, with each canary repeat group's exposure when ``data`` (the data
+    the model was trained on) holds canaries. ``config``: a gate TOML merged over ``privacy/gate_defaults.toml``."""
     from privacy.audit import audit
 
     def run() -> dict[str, Any]:
-        report = audit(model, data, out, progress=progress)
+        report = audit(model, data, out, config=config, progress=progress)
+        can = report["probes"]["canaries"]
         return {"decision": report["decision"], "valid": report["valid"], "reasons": report["reasons"],
-                "report": report["written"]}
+                "report": report["written"],
+                "canaries": None if can is None else [
+                    {k: g[k] for k in ("repeats", "canaries", "exposed", "detected", "median_exposure_rank",
+                                       "median_exposure_extrapolated")} for g in can["groups"]]}
 
     return _timed(run)
 
@@ -251,6 +381,8 @@ def forecast_stage(model: Path, db: Path, out: Path, *, as_of: datetime, horizon
         con = warehouse.connect(db, read_only=True)
         try:
             ids = cohort_as_of(con, as_of, split=split, limit=max_subjects, seed=seed)
+            if not ids:
+                raise ValueError(empty_cohort_message(db, as_of, con, split))
             history = weekly_history(con, ids, as_of, 26, codes)
             observed = weekly_history(con, ids, as_of + timedelta(days=7 * weeks), weeks, codes)
             timelines = fc.timelines_from_warehouse(con, ids, as_of)

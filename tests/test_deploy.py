@@ -73,10 +73,19 @@ def test_deployments_register_with_schedules_and_a_run_completes(server, tiny_mi
     env = server
     _prefect(env, "work-pool", "create", "foresight-process", "--type", "process")
     _prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml")
-    for name, cron in (("etl/nightly-etl", "0 2 * * *"), ("pipeline/weekly-training", "0 3 * * 0"),
-                       ("forecast hospitalisation rates/monday-forecast", "0 6 * * 1")):
-        out = _prefect(env, "deployment", "inspect", name)
-        assert cron in out, out
+    # the chain shares one warehouse: weekly training starts from the nightly ETL's (no raw files), with canaries,
+    # and the Monday forecast picks the warehouse's last date (MIMIC-IV dates are shifted: "today" finds nobody)
+    for name, cron, params in (
+            ("etl/nightly-etl", "0 2 * * *", {"db": "work/warehouse.duckdb"}),
+            ("pipeline/weekly-training", "0 3 * * 0", {"source": "warehouse", "input": "work/warehouse.duckdb",
+                                                        "canaries": 5, "registry": "work/registry"}),
+            ("forecast hospitalisation rates/monday-forecast", "0 6 * * 1", {"db": "work/warehouse.duckdb",
+                                                                             "as_of": "latest",
+                                                                             "registry": "work/registry"})):
+        out = _prefect(env, "deployment", "inspect", name, "--output", "json")
+        deployment = json.loads(out[out.index("{"):out.rindex("}") + 1])  # (stderr may add a warning line)
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [cron], deployment["schedules"]
+        assert {k: deployment["parameters"].get(k) for k in params} == params, deployment["parameters"]
     db = tmp_path / "scheduled.duckdb"
     out = _prefect(env, "deployment", "run", "etl/nightly-etl", "--param", f"input={tiny_mimic}",
                    "--param", f"db={db}")
