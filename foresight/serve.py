@@ -23,6 +23,14 @@ Safety
   is re-read when it changes, so ``foresight serve keygen`` / ``revoke`` take effect without a restart.
 - **Roles**: ``researcher`` (timelines they post; suppressed aggregates) and ``analyst`` (also subject lookups in
   the attached warehouse). Missing or wrong key: 401; role too low: 403.
+- **Key scope** (optional): a key with ``"splits": ["held_out"]`` in the keys file (``foresight serve keygen
+  --splits held_out``) may look up only subjects of those ``subject_splits`` and run cohort rates only over
+  them (403 otherwise). A key without ``splits`` is unrestricted, as keys were before scopes existed.
+- **National data opt-out**: ``--exclude-subjects FILE`` (the same file as ``foresight tokenize
+  --exclude-subjects``, read by :mod:`foresight.optout`) hides the listed subjects from every warehouse query
+  the service makes: a lookup of one answers exactly what a lookup of an unknown id answers (404), so the
+  response does not reveal who is on the list, and cohort rates never count them. The file is re-read when it
+  changes, so a new opt-out applies without a restart (a file that becomes unreadable keeps the last list).
 - **Rate limit**: an in-process token bucket per key (rate per minute, burst); 429 with ``Retry-After``.
 - **Audit** (:class:`AuditLog`): one JSON line per request — key id, role, endpoint, status, time, request and
   response sizes, number of posted events, the subject id of an analyst lookup — never codes, times or values
@@ -139,6 +147,26 @@ class ApiKey:
     burst: int = 20
     label: str = ""
     created: str = ""
+    splits: tuple[str, ...] | None = None  # subject_splits this key may look up; None: all (keys before scopes)
+
+    def allows_split(self, split: str | None) -> bool:
+        """Whether this key may see subjects of ``split`` (None: a subject or cohort with no split)."""
+        return self.splits is None or split in self.splits
+
+
+def _check_splits(splits: Sequence[str] | None) -> tuple[str, ...] | None:
+    """A key's split scope as stored: None (unrestricted) or a non-empty tuple of known split names."""
+    from foresight.schema import SPLITS
+
+    if splits is None:
+        return None
+    if isinstance(splits, str) or not all(isinstance(x, str) for x in splits):
+        raise ValueError(f"splits must be a list of split names ({', '.join(SPLITS)}), got {splits!r}")
+    scope = tuple(dict.fromkeys(splits))  # ordered, without repeats
+    bad = [x for x in scope if x not in SPLITS]
+    if bad or not scope:
+        raise ValueError(f"splits must name at least one of {', '.join(SPLITS)}; got {list(splits)!r}")
+    return scope
 
 
 def _key_hash(key: str) -> str:
@@ -181,6 +209,12 @@ class KeyStore:
         return len(self._keys)
 
 
+def _file_stamp(path: Path) -> tuple[int, int]:
+    """(mtime_ns, size): cheap change detection for files the service re-reads while running."""
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
 def load_keys(path: str | Path) -> list[ApiKey]:
     """Read a keys file; a malformed one is an error naming the file and the entry."""
     path = Path(path)
@@ -192,7 +226,8 @@ def load_keys(path: str | Path) -> list[ApiKey]:
     for i, entry in enumerate(data.get("keys", [])):
         try:
             key = ApiKey(**entry)
-        except TypeError as exc:
+            key = replace(key, splits=_check_splits(key.splits))  # JSON gives a list; a typo must not widen
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: keys[{i}]: {exc}") from exc
         if key.role not in ROLES:
             raise ValueError(f"{path}: keys[{i}]: unknown role {key.role!r} (choose {', '.join(ROLES)})")
@@ -208,22 +243,26 @@ def _write_keys(path: Path, keys: Sequence[ApiKey]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump({"version": 1, "keys": [asdict(k) for k in keys]}, fh, indent=1)
+        # an unscoped key is written as before scopes existed, so older servers still read the file
+        entries = [{f: v for f, v in asdict(k).items() if not (f == "splits" and v is None)} for k in keys]
+        json.dump({"version": 1, "keys": entries}, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
 def generate_key(path: str | Path, role: str, *, rate_per_minute: float = 60.0, burst: int = 20,
-                 label: str = "") -> tuple[str, ApiKey]:
+                 label: str = "", splits: Sequence[str] | None = None) -> tuple[str, ApiKey]:
     """Create a key, store only its hash in ``path`` (created if missing) and return (the key, its record).
 
-    The key is shown to the caller once; it cannot be recovered from the file.
+    The key is shown to the caller once; it cannot be recovered from the file. ``splits`` restricts the
+    subjects it may look up to those ``subject_splits`` (None: unrestricted).
     """
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r} (choose {', '.join(ROLES)})")
     if rate_per_minute <= 0 or burst < 1:
         raise ValueError("rate_per_minute must be > 0 and burst >= 1")
+    scope = _check_splits(splits)
     path = Path(path)
     keys = load_keys(path) if path.exists() else []
     taken = {k.key_id for k in keys}
@@ -232,7 +271,7 @@ def generate_key(path: str | Path, role: str, *, rate_per_minute: float = 60.0, 
         key_id = secrets.token_hex(6)
     key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
     record = ApiKey(key_id, role, _key_hash(key), float(rate_per_minute), int(burst), label,
-                    datetime.now(UTC).isoformat(timespec="seconds"))
+                    datetime.now(UTC).isoformat(timespec="seconds"), scope)
     _write_keys(path, [*keys, record])
     return key, record
 
@@ -489,6 +528,7 @@ class ServeConfig:
     keys_file: Path
     audit_log: Path
     db: Path | None = None
+    exclude_subjects_file: Path | None = None  # national data opt-out list (foresight.optout format)
     max_events: int = 2000  # posted events per timeline
     max_body_bytes: int = 1_048_576  # request body
     max_prompt_tokens: int | None = None  # encoded timeline length (default: the model's position limit)
@@ -776,6 +816,16 @@ class Runtime:
         self.max_tokens = min(caps) if caps else None
         self._executor: ThreadPoolExecutor | None = None
         self._con: Any = None
+        # the opt-out list: read now so a bad file stops the server at start, re-read when the file changes
+        self.opt_out: frozenset[int] = frozenset()
+        self._opt_out_stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
+        self._opt_out_hidden: tuple[int, int] | None = None  # the stamp whose list the connection hides
+        self._opt_out_error: str | None = None  # why the file could not be re-read, if it could not
+        if config.exclude_subjects_file is not None:
+            from foresight.optout import read_subjects_file
+
+            self._opt_out_stamp = _file_stamp(config.exclude_subjects_file)
+            self.opt_out = frozenset(read_subjects_file(config.exclude_subjects_file))
         self.batcher = MicroBatcher(self._run_next_batch, self.executor, config.max_batch,
                                     config.batch_wait_ms / 1000.0)
         self.started = time.time()
@@ -812,7 +862,51 @@ class Runtime:
             from foresight import warehouse
 
             self._con = warehouse.connect(self.config.db, read_only=True)
+            self._opt_out_hidden = None
+        self._honour_opt_out()
         return self._con
+
+    def _honour_opt_out(self) -> None:
+        """Hide the opted-out subjects from every query on the connection (re-reading a changed list first).
+
+        TEMP views shadow ``events``/``subject_splits``/``notes`` (:func:`foresight.optout.hide_subjects`), so
+        lookups, cohorts and histories cannot see the listed subjects: an opted-out id is indistinguishable from
+        an id the warehouse never held. A list that cannot be read keeps the previous one in force.
+        """
+        path = self.config.exclude_subjects_file
+        if path is None:
+            return
+        from foresight import optout
+
+        try:
+            stamp = _file_stamp(path)
+            if stamp != self._opt_out_stamp:
+                self.opt_out = frozenset(optout.read_subjects_file(path))
+                self._opt_out_stamp = stamp
+        except (OSError, optout.OptOutError) as exc:
+            if str(exc) != self._opt_out_error:  # once per problem, not once per request
+                print(f"foresight serve: keeping the last opt-out list ({len(self.opt_out)} subjects): {exc}",
+                      file=sys.stderr)
+            self._opt_out_error = str(exc)
+        else:
+            self._opt_out_error = None
+        if self._opt_out_hidden != self._opt_out_stamp:
+            optout.hide_subjects(self._con, self.opt_out)
+            self._opt_out_hidden = self._opt_out_stamp
+
+    def check_split_scope(self, key: ApiKey, subject_id: int, as_of: datetime | None) -> None:
+        """A scoped key may look up only subjects of its splits: 403 otherwise.
+
+        A subject the warehouse does not show (unknown, or hidden by the opt-out) answers the 404 an unknown id
+        gets on the lookup itself, so a scoped key learns nothing more about the opt-out list than any key.
+        """
+        rows = self.warehouse().execute("SELECT split FROM subject_splits WHERE subject_id = ?",
+                                        [subject_id]).fetchall()
+        if not rows:
+            raise QueryError(404, f"subject {subject_id} has no events" + (f" up to {as_of}" if as_of else ""))
+        if not key.allows_split(rows[0][0]):
+            raise QueryError(403, f"this key may look up subjects of the {', '.join(key.splits or ())} split(s) "
+                                  "only")
 
     def _close_warehouse(self) -> None:
         if self._con is not None:
@@ -954,9 +1048,12 @@ class Runtime:
         return ExplainResponse(method=ex.method, why=EXPLAIN_WHY, target=ex.target, probability=ex.probability,
                                events_considered=ex.events_considered, events=ex.events, warnings=w + warnings)
 
-    def cohort_rate(self, q: CohortRateRequest) -> CohortRateResponse:
+    def cohort_rate(self, q: CohortRateRequest, key: ApiKey | None = None) -> CohortRateResponse:
         from foresight.forecast import _like_patterns, cohort_as_of, population_rates, weekly_history
 
+        if key is not None and not key.allows_split(q.split):  # a scoped key sees only its splits' subjects
+            raise QueryError(403, f"this key may query the {', '.join(key.splits or ())} split(s) only: set "
+                                  "`split` to one of them")
         cfg, rule = self.config, self.config.suppression
         con = self.warehouse()
         ids = cohort_as_of(con, q.as_of, split=q.split)
@@ -1003,6 +1100,7 @@ class Runtime:
 
     def model_card(self) -> dict[str, Any]:
         from foresight.forecast import BUILTIN_TASKS
+        from foresight.optout import digest
 
         fc, meta, cfg = self.fc, self.fc.meta, self.fc.model.config
         privacy = self.config.model_dir / "privacy" / "report.json"
@@ -1036,6 +1134,9 @@ class Runtime:
                 "max_events", "max_body_bytes", "max_top_k", "max_samples", "max_horizon_days",
                 "max_explain_events", "max_explain_tokens", "max_cohort_subjects", "max_cohort_samples")},
             "warehouse_attached": self.config.db is not None,
+            # that an opt-out is honoured and which list (the digest of the one last read), never who is on it
+            "opt_out": {"honoured": self.config.exclude_subjects_file is not None,
+                        "list_sha256": digest(self.opt_out) if self.config.exclude_subjects_file else None},
             "serving": stats,
         }
 
@@ -1170,14 +1271,17 @@ def _authenticate(min_role: str) -> Callable[..., Awaitable[ApiKey]]:
 Researcher = Annotated[ApiKey, Depends(_authenticate("researcher"))]
 
 
-def _note(request: Request, key: ApiKey, q: TimelineQuery) -> None:
-    """Audit sizes (never content) and enforce: subject lookups are for analysts."""
+async def _note(request: Request, key: ApiKey, q: TimelineQuery) -> None:
+    """Audit sizes (never content) and enforce: subject lookups are for analysts, within the key's splits."""
     if q.events is not None:
         request.state.n_events = len(q.events)
     else:
         request.state.subject_id = q.subject_id  # who looked at which record: the access trail analysts leave
         if ROLES[key.role] < ROLES["analyst"]:
             raise HTTPException(403, "subject lookups need the analyst role; post the timeline as `events`")
+        if key.splits is not None:  # unscoped keys skip the extra warehouse read
+            rt: Runtime = request.app.state.runtime
+            await _answer(rt.run(rt.check_split_scope, key, int(q.subject_id or 0), q.as_of))
 
 
 async def _answer(fn: Awaitable[Any]) -> Any:
@@ -1222,23 +1326,23 @@ def create_app(config: ServeConfig, forecaster: Any = None) -> FastAPI:
 
     @app.post("/v1/next-events", response_model=NextEventsResponse)
     async def next_events(q: NextEventsRequest, request: Request, key: Researcher) -> Any:
-        _note(request, key, q)
+        await _note(request, key, q)
         top_k = min(q.top_k, config.max_top_k)
         return await _answer(runtime.batcher.submit(_NextJob(q, top_k)))
 
     @app.post("/v1/risk", response_model=RiskResponse)
     async def risk(q: RiskRequest, request: Request, key: Researcher) -> Any:
-        _note(request, key, q)
+        await _note(request, key, q)
         return await _answer(runtime.run(runtime.risk, q))
 
     @app.post("/v1/explain", response_model=ExplainResponse)
     async def explain(q: ExplainRequest, request: Request, key: Researcher) -> Any:
-        _note(request, key, q)
+        await _note(request, key, q)
         return await _answer(runtime.run(runtime.explain, q))
 
     @app.post("/v1/cohort-rate", response_model=CohortRateResponse)
     async def cohort_rate(q: CohortRateRequest, key: Researcher) -> Any:
-        return await _answer(runtime.run(runtime.cohort_rate, q))
+        return await _answer(runtime.run(runtime.cohort_rate, q, key))
 
     return app
 

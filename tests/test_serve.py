@@ -169,6 +169,110 @@ def test_token_bucket_refills():
     assert limiter.take(key) == 0
 
 
+# --- the national data opt-out and key scopes ------------------------------------------------------------------
+
+
+def _lookups(sid: int) -> list[tuple[str, dict]]:
+    """One subject lookup on every endpoint that takes a subject_id."""
+    return [("/v1/next-events", {"subject_id": sid, "top_k": 3}),
+            ("/v1/risk", {"subject_id": sid, "task": "admission_30d", "samples": 2}),
+            ("/v1/explain", {"subject_id": sid, "max_events": 2})]
+
+
+def test_opted_out_subjects_are_never_served(built, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from foresight.optout import digest
+
+    big = datetime(2021, 6, 1)  # the alive, active cohort here is >= 8 (see the cohort-rate test)
+    con = warehouse.connect(built["db"], read_only=True)
+    try:
+        ids = cohort_as_of(con, big)
+    finally:
+        con.close()
+    assert len(ids) >= 8
+    kept = [s for s in ids if s % 7][:3]  # subjects % 7 == 0 die: their record has no next event to serve
+    listed = [s for s in ids if s not in kept]
+    opt_out = tmp_path / "opt-out.txt"
+    opt_out.write_text("# national data opt-out\n" + "\n".join(map(str, listed)) + "\n")
+    with TestClient(make_app(built, tmp_path / "audit.jsonl", exclude_subjects_file=opt_out)) as c:
+        h = auth(built["analyst"])
+        for path, body in _lookups(99999):  # an id the warehouse never held
+            unknown = c.post(path, json=body, headers=h)
+            assert unknown.status_code == 404, (path, unknown.text)
+            for sid in (listed[0], listed[-1]):  # opted out: the very same answer, so the list is not revealed
+                r = c.post(path, json={**body, "subject_id": sid}, headers=h)
+                assert r.status_code == 404, (path, r.text)
+                assert r.json()["detail"] == unknown.json()["detail"].replace("99999", str(sid)), path
+        assert c.post("/v1/next-events", json={"subject_id": kept[0]}, headers=h).status_code == 200
+        # cohort rates leave them out: 3 subjects remain, too few to release anything
+        r = c.post("/v1/cohort-rate", json={"as_of": big.isoformat()}, headers=auth(built["researcher"]))
+        assert r.status_code == 200 and r.json()["cohort_size"] == "<8" and r.json()["weeks"] == []
+        # a new opt-out applies without a restart: the file is re-read when it changes
+        opt_out.write_text(opt_out.read_text() + f"{kept[0]}\n")
+        r = c.post("/v1/next-events", json={"subject_id": kept[0]}, headers=h)
+        assert r.status_code == 404 and r.json()["detail"] == f"subject {kept[0]} has no events"
+        # the model card says a list is honoured and which one (its digest), never who is on it
+        card = c.get("/v1/model", headers=h).json()["opt_out"]
+        assert card == {"honoured": True, "list_sha256": digest([*listed, kept[0]])}
+        # a list broken while running never un-hides anybody: the last good list stays in force
+        opt_out.write_text("12 13\n")
+        assert c.post("/v1/next-events", json={"subject_id": kept[0]}, headers=h).status_code == 404
+        assert c.post("/v1/next-events", json={"subject_id": kept[1]}, headers=h).status_code == 200
+    # a malformed list stops the service before it answers anything
+    with pytest.raises(ValueError, match="line 1"):
+        make_app(built, tmp_path / "audit2.jsonl", exclude_subjects_file=opt_out)
+
+
+def test_key_scoped_to_splits(built, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from foresight.serve import load_keys
+
+    keys = tmp_path / "keys.json"
+    scoped, _ = generate_key(keys, "analyst", rate_per_minute=6000, burst=1000, splits=["held_out"])
+    anyone, _ = generate_key(keys, "analyst", rate_per_minute=6000, burst=1000)
+    stored = json.loads(keys.read_text())["keys"]
+    # a scope is stored as a list; an unscoped key is written as keys were before scopes (no field at all)
+    assert stored[0]["splits"] == ["held_out"] and "splits" not in stored[1]
+    con = warehouse.connect(built["db"], read_only=True)
+    try:
+        split_of = dict(con.execute("SELECT subject_id, split FROM subject_splits").fetchall())
+    finally:
+        con.close()
+    held = sorted(s for s, sp in split_of.items() if sp == "held_out" and s % 7)  # alive: a next event exists
+    train = min(s for s, sp in split_of.items() if sp == "train" and s % 7)
+    opt_out = tmp_path / "opt-out.txt"
+    opt_out.write_text(f"{held[1]}\n")
+    app = create_app(ServeConfig(model_dir=built["model"], keys_file=keys, audit_log=tmp_path / "audit.jsonl",
+                                 db=built["db"], exclude_subjects_file=opt_out), forecaster=built["fc"])
+    with TestClient(app) as c:
+        assert c.post("/v1/next-events", json={"subject_id": held[0]}, headers=auth(scoped)).status_code == 200
+        for path, body in _lookups(train):
+            r = c.post(path, json=body, headers=auth(scoped))
+            assert r.status_code == 403 and "held_out split(s) only" in r.json()["detail"], (path, r.text)
+        assert c.post("/v1/next-events", json={"subject_id": train}, headers=auth(anyone)).status_code == 200
+        # unknown and opted-out ids get the same 404 from a scoped key as from an unscoped one
+        unknown = c.post("/v1/next-events", json={"subject_id": 99999}, headers=auth(anyone))
+        for sid in (99999, held[1]):
+            r = c.post("/v1/next-events", json={"subject_id": sid}, headers=auth(scoped))
+            assert r.status_code == 404 and r.json()["detail"] == unknown.json()["detail"].replace("99999", str(sid))
+        # cohort rates: only over the splits the key may see, and it must say which
+        rate = {"as_of": "2021-06-01T00:00:00", "samples": 2, "history_weeks": 0}
+        for split in (None, "train"):
+            r = c.post("/v1/cohort-rate", json={**rate, "split": split}, headers=auth(scoped))
+            assert r.status_code == 403 and "set `split`" in r.json()["detail"], split
+        r = c.post("/v1/cohort-rate", json={**rate, "split": "held_out"}, headers=auth(scoped))
+        assert r.status_code == 200, r.text
+    # a misspelt split is an error naming the entry, never silently an unrestricted key
+    stored[0]["splits"] = ["heldout"]
+    keys.write_text(json.dumps({"version": 1, "keys": stored}))
+    with pytest.raises(ValueError, match=r"keys\[0\].*heldout"):
+        load_keys(keys)
+    with pytest.raises(ValueError, match="at least one"):
+        generate_key(keys.with_name("k2.json"), "analyst", splits=[])
+
+
 # --- the audit trail --------------------------------------------------------------------------------------------
 
 
@@ -569,9 +673,26 @@ def test_cli_keygen_revoke(tmp_path):
     assert len(stored) == 1 and out["key"] not in keys.read_text() and stored[0]["rate_per_minute"] == 30
     assert keys.stat().st_mode & 0o077 == 0  # owner-only
     assert _cli("serve", "keygen", "--keys", str(keys), "--role", "admin").returncode != 0
+    r = _cli("serve", "keygen", "--keys", str(keys), "--role", "analyst", "--splits", "held_out,tuning", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["splits"] == ["held_out", "tuning"]
+    assert json.loads(keys.read_text())["keys"][1]["splits"] == ["held_out", "tuning"]
+    r = _cli("serve", "keygen", "--keys", str(keys), "--role", "analyst", "--splits", "test")
+    assert r.returncode != 0 and "held_out" in r.stderr
+    assert _cli("serve", "revoke", "--keys", str(keys), "--key-id", json.loads(keys.read_text())["keys"][1]["key_id"]
+                ).returncode == 0
     assert _cli("serve", "revoke", "--keys", str(keys), "--key-id", out["key_id"]).returncode == 0
     assert json.loads(keys.read_text())["keys"] == []
     assert revoke_key(keys, out["key_id"]) is False
+
+
+def test_cli_serve_rejects_a_bad_opt_out_list(built, tmp_path):
+    bad = tmp_path / "opt-out.txt"
+    bad.write_text("123\n45,67\n")
+    r = _cli("serve", "--model", str(built["model"]), "--keys", str(built["keys"]), "--db", str(built["db"]),
+             "--exclude-subjects", str(bad), "--audit-log", str(tmp_path / "a.jsonl"), timeout=120)
+    assert r.returncode == 2 and "line 2" in r.stderr and str(bad) in r.stderr
+    assert not (tmp_path / "a.jsonl").exists()  # it never started
 
 
 def test_cli_serves_over_http(built, tmp_path):
