@@ -282,8 +282,9 @@ def tokenize(
                                          exclude_subjects=_opt_out_list(exclude_subjects))
     except tokenizer.TokenizeError as exc:
         _fail(str(exc))
-    _emit(summary, as_json, f"vocabulary of {summary['vocab_size']:,} tokens; tokens per split {summary['tokens']}; "
-                            f"rare-code rules {summary['rare_mapping']}; written to {out}")
+    _emit(summary, as_json, "\n".join([
+        f"vocabulary of {summary['vocab_size']:,} tokens; tokens per split {summary['tokens']}; "
+        f"rare-code rules {summary['rare_mapping']}; written to {out}", *summary["messages"]]))
 
 
 def _parse_time(value: str | None, what: str) -> Any:
@@ -335,7 +336,7 @@ def predict(
                               "last_event": timeline.clock.isoformat(), "dead": timeline.dead}
     if not timeline.dead:
         nxt = fc.next_events(timeline, top_k=top_k, kinds=kinds.split(",") if kinds else None, new_only=new_only)
-        result["next_events"] = asdict(nxt)
+        result["next_events"] = nxt.to_dict()  # + "time_head" when the model was trained with it
         result["risks"] = []
         timed = [t for t in tasks if t.value != "binary"]
         futures = fc.sample_futures([timeline], samples, max(t.window_days for t in timed), seed=seed)[0] \
@@ -348,6 +349,9 @@ def predict(
                                         "high": min(1.0, float(p[0] + 1.96 * se[0])), "samples": samples})
             else:
                 result["risks"].append(asdict(risk_from_futures(t, futures, timeline.as_of)))
+            if fc.has_time_head:  # the closed form next to the futures' estimate; None where it does not apply
+                th = fc.time_head_risks([timeline], t)
+                result["risks"][-1]["time_head_risk"] = None if th is None else float(th[0])
     _emit(result, as_json)
     if not as_json:
         from rich.table import Table
@@ -364,10 +368,17 @@ def predict(
         err.print(table)
         exp = result["next_events"]["expected_days_to_next"]
         if exp is not None:
-            err.print(f"expected time to the next event: {exp:.1f} days")
+            err.print(f"expected time to the next event: {exp:.1f} days (interval tokens)")
+        head = result["next_events"].get("time_head")
+        if head:
+            label = {1: "1d", 7: "7d", 30: "30d", 365.25: "1y"}  # a few of the gap bins' upper edges
+            shown = [w for w in head["within"] if w["days"] in label]
+            err.print(f"expected time to the next event: {head['expected_days']:.1f} days (time head); P(within) "
+                      + ", ".join(f"{label[w['days']]} {w['probability']:.3f}" for w in shown))
         for r in result.get("risks", []):
+            th = f"; time head {r['time_head_risk']:.3f}" if r.get("time_head_risk") is not None else ""
             err.print(f"{r['task']}: {r['probability']:.3f} (95% CI {r['low']:.3f}-{r['high']:.3f}, "
-                      f"{r['samples']} futures)")
+                      f"{r['samples']} futures{th})")
 
 
 @app.command()
@@ -425,35 +436,82 @@ def forecast(
 def evaluate(
     model: Annotated[Path, typer.Option("--model", help="Trained model directory.")],
     data: Annotated[Path, typer.Option("--data", help="Tokenized data directory (held_out split).")],
-    db: Annotated[Path | None, typer.Option("--db", help="Warehouse, for the risk tasks and baselines.")] = None,
+    db: Annotated[Path | None, typer.Option("--db", help="Warehouse, for the risk tasks and baselines (default: "
+                                                         "the one DATA was tokenized from).")] = None,
     task: Annotated[list[str] | None, typer.Option(help="Risk task (built-in name or spec file); repeatable. "
+                                                         "Admission tasks (in_hospital_mortality, "
+                                                         "icu_during_stay, los_over_7d) are scored at "
+                                                         "admissions, the others at discharges or --as-of. "
                                                          "Default: admission_30d, emergency_admission_30d, "
-                                                         "mortality_30d.")] = None,
-    as_of: Annotated[str | None, typer.Option(help="Predict for everyone alive at this date (default: at "
+                                                         "mortality_30d and the admission tasks.")] = None,
+    at: Annotated[list[str] | None, typer.Option(
+        "--at", help="Prediction points: discharges, as_of, admissions; repeatable. Default: discharges (as_of "
+                     "with --as-of) and admissions (when the warehouse has any).")] = None,
+    as_of: Annotated[str | None, typer.Option(help="Predict for everyone alive at this date (instead of at "
                                                    "each discharge).")] = None,
+    oracle: Annotated[Path | None, typer.Option(
+        "--oracle", help="Simulator output folder (`foresight simulate`): adds the simulator's true risk where "
+                         "its oracle answers the task.")] = None,
     samples: Annotated[int, typer.Option(help="Monte Carlo futures per prediction point.")] = 20,
-    max_points: Annotated[int, typer.Option(help="Held-out prediction points at most.")] = 500,
+    max_points: Annotated[int, typer.Option(help="Held-out prediction points at most, per kind of point (a "
+                                                 "seeded subsample).")] = 500,
     out: Annotated[Path | None, typer.Option(help="Report folder (default MODEL/evaluation).")] = None,
-    seed: Annotated[int, typer.Option(help="Sampling and bootstrap seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Sampling, subsampling and bootstrap seed.")] = 0,
     as_json: JsonOption = False,
 ) -> None:
-    """Strict next-event accuracy vs baselines; risk tasks (AUROC, AUPRC, Brier, ECE, 95% CIs) vs baselines."""
-    from foresight.evaluate import evaluate_model
+    """Strict next-event accuracy vs baselines; risk tasks (AUROC, AUPRC, Brier, ECE, 95% CIs) vs baselines.
+
+    Writes report.json and calibration.png; risk tasks it cannot score (no warehouse, no admissions) are listed
+    with the reason.
+    """
+    from foresight.evaluate import ADMISSION_ALIASES, ADMISSION_TASKS, DEFAULT_DISCHARGE_TASKS, evaluate_model
     from foresight.forecast import load_task
 
     try:
-        tasks = [load_task(t) for t in (task or ["admission_30d", "emergency_admission_30d", "mortality_30d"])]
-        report = evaluate_model(model, data, db=db, tasks=tasks, as_of=_parse_time(as_of, "--as-of"),
-                                samples=samples, max_points=max_points, out_dir=out, seed=seed)
+        tasks, admission_tasks = [], None if task is None else []
+        for name in task or DEFAULT_DISCHARGE_TASKS:
+            adm = ADMISSION_TASKS.get(ADMISSION_ALIASES.get(name, name))
+            if adm is not None:
+                admission_tasks.append(adm)
+            else:
+                tasks.append(load_task(name))
+        true_risk = None
+        if oracle is not None:
+            from foresight.pipeline import simulator_oracle
+
+            true_risk = simulator_oracle(oracle)
+        report = evaluate_model(model, data, db=db, tasks=tasks, admission_tasks=admission_tasks,
+                                at=[a.replace("-", "_") for a in at] if at else None,
+                                as_of=_parse_time(as_of, "--as-of"), samples=samples, max_points=max_points,
+                                out_dir=out, oracle=true_risk, seed=seed)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     ne = report["next_event"]
     human = (f"next-event top-1/5/10 {ne['topk']['top1']:.3f}/{ne['topk']['top5']:.3f}/{ne['topk']['top10']:.3f} "
              f"(Markov {ne['baselines']['markov']['top10']:.3f} top-10) over {ne['positions']:,} positions")
+    wh = report["warehouse"]
+    human += f"\nwarehouse: {wh['path']} ({wh['found']})" if wh["path"] else ""
+
+    def auc(res: dict[str, Any], name: str) -> str:
+        if name not in res:
+            return "n/a"
+        lo_hi = res[name]["ci95"].get("auroc")
+        return f"{res[name]['metrics']['auroc']:.3f}" + (f" (95% CI {lo_hi[0]:.3f}-{lo_hi[1]:.3f})" if lo_hi else "")
+
     for t in report["tasks"]:
-        m = t["model"]["metrics"]
-        human += f"\n{t['task']}: AUROC {m['auroc']:.3f} (95% CI {t['model']['ci95'].get('auroc', ('?', '?'))})"
-    _emit(report, as_json, human + f"\nreport: {report['report']}")
+        orc = auc(t, "oracle") if "oracle" in t else t.get("oracle_note", "n/a")
+        human += (f"\n{t['task']} at {t['at']} ({t['points']} points): AUROC model {auc(t, 'model')} | logistic "
+                  f"{auc(t, 'logistic_counts')} | oracle {orc}")
+    by_reason: dict[str, dict[str, list[str]]] = {}  # one line per reason, not one per task
+    for s in report["skipped"]:
+        by_reason.setdefault(s["reason"], {}).setdefault(s["at"], []).append(s["task"])
+    notes = ["skipped " + "; ".join(f"{', '.join(names)} at {kind}" for kind, names in kinds.items())
+             + f": {reason}" for reason, kinds in by_reason.items()]
+    if notes and as_json:  # the JSON on stdout lists them too; say it where a person looks
+        for n in notes:
+            err.print(f"warning: {n}", markup=False, highlight=False)
+    plot = f"\ncalibration plot: {report['calibration_plot']}" if report["calibration_plot"] else ""
+    _emit(report, as_json, "\n".join([human, *notes]) + plot + f"\nreport: {report['report']}")
 
 
 @app.command()
@@ -605,8 +663,13 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Request body limit.")] = 1_048_576,
     small_cell_threshold: Annotated[int, typer.Option(min=1, help="Aggregate counts below this show as '<N'.")] = 8,
     rounding: Annotated[int, typer.Option(min=1, help="Other aggregate counts are rounded to this.")] = 5,
+    exclude_subjects: ExcludeOption = None,
 ) -> None:
-    """Serve next events, risks, explanations and suppressed cohort rates over HTTP (API keys, audit log)."""
+    """Serve next events, risks, explanations and suppressed cohort rates over HTTP (API keys, audit log).
+
+    With --exclude-subjects, listed subjects are never served: a lookup answers as for an unknown id (404) and
+    cohort rates leave them out. The file is re-read when it changes.
+    """
     if ctx.invoked_subcommand is not None:
         return
     if model is None:
@@ -615,10 +678,12 @@ def serve(
         _fail(f"{keys}: no keys file; create a key with `foresight serve keygen --keys {keys} --role researcher`")
     if db is not None and not db.exists():
         _fail(f"{db}: warehouse not found")
+    _opt_out_list(exclude_subjects)  # a bad list stops the server here, with the file and line named
     from foresight import serve as S
 
     try:
-        cfg = S.ServeConfig(model_dir=model, keys_file=keys, audit_log=audit_log, db=db, max_events=max_events,
+        cfg = S.ServeConfig(model_dir=model, keys_file=keys, audit_log=audit_log, db=db,
+                            exclude_subjects_file=exclude_subjects, max_events=max_events,
                             max_body_bytes=max_body_bytes, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                             suppression=S.SuppressionRule(small_cell_threshold, rounding))
         err.print(f"serving {model} on http://{host}:{port} (docs at /docs); audit log {audit_log}")
@@ -635,22 +700,27 @@ def serve_keygen(
     rate_per_minute: Annotated[float, typer.Option(help="Sustained requests per minute.")] = 60.0,
     burst: Annotated[int, typer.Option(help="Requests allowed at once.")] = 20,
     label: Annotated[str, typer.Option(help="Who or what the key is for.")] = "",
+    splits: Annotated[str | None, typer.Option(
+        help="Comma-separated subject splits the key may look up (e.g. held_out); default: all.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create an API key: printed ONCE here; the keys file keeps only its SHA-256."""
     from foresight.serve import generate_key
 
+    scope = None if splits is None else [x.strip() for x in splits.split(",") if x.strip()]
     try:
-        key, record = generate_key(keys, role, rate_per_minute=rate_per_minute, burst=burst, label=label)
+        key, record = generate_key(keys, role, rate_per_minute=rate_per_minute, burst=burst, label=label,
+                                   splits=scope)
     except ValueError as exc:
         _fail(str(exc))
     payload = {"key": key, "key_id": record.key_id, "role": record.role, "rate_per_minute": record.rate_per_minute,
-               "burst": record.burst, "keys_file": str(keys)}
+               "burst": record.burst, "splits": list(record.splits) if record.splits else None, "keys_file": str(keys)}
     if as_json:
         _emit(payload, True)
     else:
         sys.stdout.write(key + "\n")
-        err.print(f"key {record.key_id} ({record.role}) added to {keys}; store the key now, it is not kept")
+        scoped = f", splits {','.join(record.splits)} only" if record.splits else ""
+        err.print(f"key {record.key_id} ({record.role}{scoped}) added to {keys}; store the key now, it is not kept")
 
 
 @serve_app.command("revoke")
