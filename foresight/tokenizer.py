@@ -378,14 +378,35 @@ def fit_vocabulary(con: Any, config: TokenizerConfig | None = None) -> Vocabular
     # Value deciles per code token, from train values of codes that are their own token.
     n_edges = config.n_quantiles - 1
     probs = [i / config.n_quantiles for i in range(1, config.n_quantiles)]
-    edges_rows = con.execute(
+    # Exact quantiles hold every value of a group in memory (DuckDB cannot spill them), so codes are taken in
+    # batches of at most QUANTILE_BATCH_VALUES values: memory stays bounded as the cohort grows (one pass over
+    # all codes at once ran out of a 512 MB limit at 1M subjects).
+    counts = con.execute(
         """
-        SELECT code, quantile_cont(numeric_value, ?::DOUBLE[]) FROM train_events
-        WHERE numeric_value IS NOT NULL AND isfinite(numeric_value)
-        GROUP BY code HAVING count(*) >= ?
+        SELECT code, count(*) FROM train_events WHERE numeric_value IS NOT NULL AND isfinite(numeric_value)
+        GROUP BY code HAVING count(*) >= ? ORDER BY code
         """,
-        [probs, config.min_values_for_quantiles],
+        [config.min_values_for_quantiles],
     ).fetchall()
+    batches: list[list[str]] = [[]]
+    in_batch = 0
+    for code, n in counts:
+        if batches[-1] and in_batch + n > QUANTILE_BATCH_VALUES:
+            batches.append([])
+            in_batch = 0
+        batches[-1].append(code)
+        in_batch += n
+    edges_rows = []
+    for batch in batches:
+        if batch:
+            edges_rows += con.execute(
+                """
+                SELECT code, quantile_cont(numeric_value, ?::DOUBLE[]) FROM train_events
+                WHERE numeric_value IS NOT NULL AND isfinite(numeric_value) AND code IN (SELECT unnest(?::VARCHAR[]))
+                GROUP BY code
+                """,
+                [probs, batch],
+            ).fetchall()
     quantile_edges = {c: [float(x) for x in e] for c, e in edges_rows if code_map.get(c) == c and len(e) == n_edges}
 
     marker_map, report["markers"] = _fit_markers(con, config)
@@ -436,6 +457,8 @@ def _partition(
     return out
 
 
+QUANTILE_BATCH_VALUES = 8_000_000  # numeric values per exact-quantile query (~64 MB of doubles)
+
 # The train values behind each marker kind ($birth: the birth code), per (subject, value) row.
 MARKER_SOURCES = {
     "BIRTH": "SELECT subject_id, year(time) AS v FROM train_events WHERE code = $birth",
@@ -484,16 +507,18 @@ def _fit_markers(
             "WHERE v >= 0 GROUP BY v, subject_id",
             {"birth": BIRTH_CODE})
         values = sorted(int(v) for (v,) in con.execute("SELECT DISTINCT v FROM marker_pairs").fetchall())
+        # DISTINCT as a grouping (which DuckDB can spill to disk) rather than count(DISTINCT ...) (which it
+        # cannot): tens of millions of (value, subject) pairs at 1M subjects must fit any memory limit
         counts = {w: dict(con.execute(
-            "SELECT v - v % $w AS band, count(DISTINCT subject_id) FROM marker_pairs GROUP BY band",
-            {"w": w}).fetchall()) for w in widths}
+            "SELECT band, count(*) FROM (SELECT DISTINCT v - v % $w AS band, subject_id FROM marker_pairs) "
+            "GROUP BY band", {"w": w}).fetchall()) for w in widths}
         part = _partition(values, widths, counts, k)
         stats[kind] = {"finest_band_years": widths[-1]}
         for label, vals in (("coarsened", [v for v, (_, w) in part.items() if w > widths[-1]]),
                             ("to_rare", [v for v in values if v not in part])):
             n_subj, n_ev = con.execute(
-                "SELECT count(DISTINCT subject_id), coalesce(sum(n), 0) FROM marker_pairs "
-                "WHERE v IN (SELECT unnest(?::BIGINT[]))", [vals]).fetchall()[0]
+                "SELECT count(*), coalesce(sum(n), 0) FROM (SELECT subject_id, sum(n) AS n FROM marker_pairs "
+                "WHERE v IN (SELECT unnest(?::BIGINT[])) GROUP BY subject_id)", [vals]).fetchall()[0]
             stats[kind] |= {f"values_{label}": len(vals), f"subjects_{label}": int(n_subj),
                             f"events_{label}": int(n_ev)}
         con.execute("DROP TABLE marker_pairs")

@@ -17,26 +17,18 @@ from foresight.evaluate import evaluate_task, prediction_points
 from foresight.forecast import BUILTIN_TASKS, Forecaster
 from foresight.pipeline import simulator_oracle
 
+from .test_tokenizer import _simulated_tokens
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def sim_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """3,000 simulated lives (admission hazards x3), loaded, tokenized, and a tiny model trained for 300 steps."""
-    from foresight import tokenizer
-    from foresight.demo import demo_config
-    from foresight.simulate import simulate
-    from foresight.sources import meds
     from foresight.train import TrainConfig, train
 
     d = tmp_path_factory.mktemp("simeval")
-    simulate(3000, d / "sim", seed=11, config=demo_config())
-    con = warehouse.connect(d / "w.duckdb")
-    try:
-        meds.load(con, d / "sim")
-    finally:
-        con.close()
-    tokenizer.tokenize(d / "w.duckdb", d / "tok")
+    _simulated_tokens(d, 3000, seed=11)
     train(d / "tok", d / "model", TrainConfig(preset="tiny", seq_len=256, micro_batch=8, max_steps=300,
                                               warmup_steps=30, lr=3e-3, min_lr=3e-4, eval_every=0,
                                               checkpoint_every=0))

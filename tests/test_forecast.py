@@ -24,7 +24,7 @@ from foresight.forecast import (
     wilson,
 )
 
-from .test_tokenizer import _tiny_warehouse
+from .test_tokenizer import _simulated_tokens, _tiny_warehouse
 
 
 @pytest.fixture(scope="module")
@@ -197,18 +197,8 @@ def sim_small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """400 simulated lives in a warehouse, tokenized, and a randomly initialised tiny model saved as a model folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from foresight.demo import demo_config
-    from foresight.simulate import simulate
-    from foresight.sources import meds
-
     d = tmp_path_factory.mktemp("simsmall")
-    simulate(400, d / "sim", seed=3, config=demo_config())
-    con = warehouse.connect(d / "w.duckdb")
-    try:
-        meds.load(con, d / "sim")
-    finally:
-        con.close()
-    T.tokenize(d / "w.duckdb", d / "tok")
+    _simulated_tokens(d, 400, seed=3)
     vocab = T.Vocabulary.load(d / "tok" / "vocab.json")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(vocab.tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

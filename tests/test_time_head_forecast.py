@@ -19,6 +19,7 @@ from foresight import train as TR
 from foresight import warehouse
 from foresight.forecast import BUILTIN_TASKS, Forecaster, TaskSpec
 
+from .test_forecast import _alive_timelines as _timelines
 from .test_tokenizer import _tiny_warehouse
 from .test_train import one_thread  # noqa: F401  (autouse: one torch thread for this module, as for training)
 
@@ -36,16 +37,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name, head in (("head", True), ("plain", False)):
         TR.train(d / "tok", d / name, TR.TrainConfig(**FAST, time_head=head))
     return {"db": db, "head": d / "head", "plain": d / "plain"}
-
-
-def _timelines(fc: Forecaster, db: Path, n: int = 4):
-    con = warehouse.connect(db, read_only=True)
-    try:
-        ids = [r[0] for r in con.execute("SELECT DISTINCT subject_id FROM events ORDER BY 1").fetchall()]
-        tls = [fc.timeline_from_warehouse(con, s) for s in ids]
-    finally:
-        con.close()
-    return [t for t in tls if not t.dead][:n]
 
 
 def _last_logits(fc: Forecaster, tokens: np.ndarray) -> torch.Tensor:

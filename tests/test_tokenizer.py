@@ -231,6 +231,23 @@ def test_cli_tokenize_json(demo_db, tmp_path):
 # --- small hand-built warehouses (no shared data needed) ----------------------------------------------------
 
 
+def _simulated_tokens(d: Path, n_subjects: int, seed: int) -> Path:
+    """``n_subjects`` lives from the demo's simulator config, loaded through the MEDS source into ``d/w.duckdb``
+    and tokenized into ``d/tok``; returns the warehouse path."""
+    from foresight.demo import demo_config
+    from foresight.simulate import simulate
+    from foresight.sources import meds
+
+    simulate(n_subjects, d / "sim", seed=seed, config=demo_config())
+    con = warehouse.connect(d / "w.duckdb")
+    try:
+        meds.load(con, d / "sim")
+    finally:
+        con.close()
+    T.tokenize(d / "w.duckdb", d / "tok")
+    return d / "w.duckdb"
+
+
 def _tiny_warehouse(path: Path, n_subjects: int = 60, seed: int = 0) -> Path:
     """A synthetic warehouse: births, sexes, admissions with labs (values) and diagnoses, a few deaths."""
     rng = np.random.default_rng(seed)
@@ -540,3 +557,12 @@ def test_stays_after_long_gaps_keep_their_length(tmp_path, correction):
         assert abs(np.median(lengths) - 3.0) < 0.5
     else:
         assert (lengths == 0).any()
+
+
+def test_quantile_edges_do_not_depend_on_the_batching(demo_db, demo_tokens, tmp_path, monkeypatch):
+    """Codes are taken in batches to bound memory; the edges must be those of one query over all codes."""
+    monkeypatch.setattr(T, "QUANTILE_BATCH_VALUES", 2_000)  # dozens of queries on the MIMIC demo
+    T.tokenize(demo_db, tmp_path / "batched", T.TokenizerConfig(min_subjects=5))
+    one = T.Vocabulary.load(demo_tokens[0] / "vocab.json").quantile_edges
+    assert len(one) > 20
+    assert T.Vocabulary.load(tmp_path / "batched" / "vocab.json").quantile_edges == one
