@@ -350,6 +350,13 @@ def prediction_points(con: Any, subject_ids: Sequence[int], *, mode: str = "as_o
     raise ValueError(f"unknown mode {mode!r} (as_of, events or admissions)")
 
 
+def _points_table(con: Any, name: str, points: Sequence[PredictionPoint]) -> None:
+    """A temp table ``name`` (i, subject_id, t) of the points, so one query can serve them all."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT unnest(?::BIGINT[]) AS i, "
+                "unnest(?::BIGINT[]) AS subject_id, unnest(?::TIMESTAMP[]) AS t",
+                [list(range(len(points))), [p.subject_id for p in points], [p.time for p in points]])
+
+
 def observed_labels(con: Any, task: EvalTask, points: Sequence[PredictionPoint]) -> np.ndarray:
     """What really happened after each point, by the task's own rule (events strictly after the point).
 
@@ -360,9 +367,7 @@ def observed_labels(con: Any, task: EvalTask, points: Sequence[PredictionPoint])
     spec, flip = task_spec(task)
     if not len(points):
         return np.zeros(0)
-    con.execute("CREATE OR REPLACE TEMP TABLE label_points AS SELECT unnest(?::BIGINT[]) AS i, "
-                "unnest(?::BIGINT[]) AS subject_id, unnest(?::TIMESTAMP[]) AS t",
-                [list(range(len(points))), [p.subject_id for p in points], [p.time for p in points]])
+    _points_table(con, "label_points", points)
     rows = con.execute(
         """SELECT p.i, e.time, e.code FROM label_points p JOIN events e
                ON e.subject_id = p.subject_id AND e.time > p.t AND e.time <= p.t + to_seconds($window_s)
@@ -386,9 +391,7 @@ def count_features(con: Any, points: Sequence[PredictionPoint], kinds: Sequence[
     if not len(points):
         return np.zeros((0, 2 + len(kinds)))
     # one query for all points (thousands of train points per task)
-    con.execute("CREATE OR REPLACE TEMP TABLE feature_points AS SELECT unnest(?::BIGINT[]) AS i, "
-                "unnest(?::BIGINT[]) AS subject_id, unnest(?::TIMESTAMP[]) AS t",
-                [list(range(len(points))), [p.subject_id for p in points], [p.time for p in points]])
+    _points_table(con, "feature_points", points)
     rows = con.execute(
         f"""SELECT p.i, date_diff('day', min(e.time) FILTER (WHERE e.code = 'MEDS_BIRTH'), p.t) / 365.25,
                    max(CASE WHEN e.code = 'GENDER//F' THEN 1 ELSE 0 END),
@@ -524,26 +527,21 @@ def plot_calibration(results: Sequence[dict[str, Any]], path: str | Path) -> Pat
 
 
 def _data_fingerprint(db: Path, opt_out_sha256: str | None) -> str | None:
-    """The tokenizer's data fingerprint of warehouse ``db`` (its ETL run history), or None if it is no warehouse."""
-    import hashlib
-
+    """The tokenizer's data fingerprint of warehouse ``db``, or None if it is no warehouse."""
     import duckdb
+
+    from foresight.tokenizer import data_fingerprint
 
     try:
         con = duckdb.connect(str(db), read_only=True)
     except duckdb.Error:
         return None
     try:
-        # the same expression as foresight.tokenizer.fit_vocabulary
-        fp = con.execute(
-            "SELECT coalesce(md5(string_agg(run_id || ':' || input_checksums::VARCHAR, ',' ORDER BY run_id)), "
-            "'none') FROM etl_runs").fetchall()[0][0]
+        return data_fingerprint(con, opt_out_sha256)
     except duckdb.Error:
         return None
     finally:
         con.close()
-    # an opt-out list is folded into the fingerprint at tokenize time
-    return hashlib.md5(f"{fp}:{opt_out_sha256}".encode()).hexdigest() if opt_out_sha256 else fp
 
 
 def locate_warehouse(data_dir: str | Path) -> tuple[Path | None, str]:

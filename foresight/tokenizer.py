@@ -33,6 +33,7 @@ processed in chunks so memory stays flat as the cohort grows.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -422,11 +423,17 @@ def fit_vocabulary(con: Any, config: TokenizerConfig | None = None) -> Vocabular
     report["codes_with_value_tokens"] = len(quantile_edges)
     if code_map.get(DEATH_CODE) != DEATH_CODE and DEATH_CODE in code_map:
         report["warning"] = f"fewer than {k} train subjects died: MEDS_DEATH is not its own token"
-    fingerprint = con.execute(
+    con.execute("DROP VIEW train_events; DROP TABLE code_pairs; DROP TABLE drop_kinds")
+    return Vocabulary(config, tokens, code_map, quantile_edges, marker_map, report, data_fingerprint(con))
+
+
+def data_fingerprint(con: Any, opt_out_sha256: str | None = None) -> str:
+    """What the tokens were made from: md5 of the warehouse's ETL run history (``vocab.json: fingerprint``),
+    folded with the sha256 of the opt-out list when one was honoured."""
+    fp = con.execute(
         "SELECT coalesce(md5(string_agg(run_id || ':' || input_checksums::VARCHAR, ',' ORDER BY run_id)), 'none') "
         "FROM etl_runs").fetchall()[0][0]
-    con.execute("DROP VIEW train_events; DROP TABLE code_pairs; DROP TABLE drop_kinds")
-    return Vocabulary(config, tokens, code_map, quantile_edges, marker_map, report, fingerprint)
+    return hashlib.md5(f"{fp}:{opt_out_sha256}".encode()).hexdigest() if opt_out_sha256 else fp
 
 
 def _band_name(prefix: str, lo: int, width: int) -> str:
@@ -955,7 +962,6 @@ def tokenize(
     their number and the list's sha256 are recorded (``vocab.report["opt_out"]``), and the list's digest is folded
     into the data fingerprint so a model trained before the opt-out cannot be resumed on data after it.
     """
-    import hashlib
     import time
 
     from foresight import optout, warehouse
@@ -978,7 +984,7 @@ def tokenize(
         markers_coarsened = vocab.report.pop("markers", {})
         if excluded:
             list_digest = optout.digest(excluded)
-            vocab.fingerprint = hashlib.md5(f"{vocab.fingerprint}:{list_digest}".encode()).hexdigest()
+            vocab.fingerprint = data_fingerprint(con, list_digest)
             vocab.report["opt_out"] = {"subjects_listed": len(excluded), "subjects_excluded": n_hidden,
                                        "list_sha256": list_digest}
         register_code_map(con, vocab)
