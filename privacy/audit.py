@@ -107,12 +107,8 @@ def audit(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path | Non
     mia_rows, roc = [], {}
     if len(mem_idx) and len(non_idx):
         k = cfg["mia"]["min_k"]
-        stats_m = scoring.score_subjects(model, train, mem_idx, context)
-        stats_n = scoring.score_subjects(model, held, non_idx, context)
-        ref_m = scoring.score_subjects(ref_model, train, mem_idx, context) if ref_model else [None] * len(mem_idx)
-        ref_n = scoring.score_subjects(ref_model, held, non_idx, context) if ref_model else [None] * len(non_idx)
-        sc_m = _stack([mia.attack_scores(s, r, k) for s, r in zip(stats_m, ref_m, strict=True)])
-        sc_n = _stack([mia.attack_scores(s, r, k) for s, r in zip(stats_n, ref_n, strict=True)])
+        sc_m = _attack_scores(model, ref_model, train, mem_idx, context, k)
+        sc_n = _attack_scores(model, ref_model, held, non_idx, context, k)
         sl_m = mia.slice_membership(train, mem_idx, counts, cfg["slices"])
         sl_n = mia.slice_membership(held, non_idx, counts, cfg["slices"])
         mia_rows = mia.evaluate(sc_m, sc_n, sl_m, sl_n, alphas=tuple(cfg["mia"]["report_fprs"]), n_boot=n_boot,
@@ -223,6 +219,15 @@ def audit(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path | Non
     return rep
 
 
+def _attack_scores(model: Any, ref_model: Any | None, split: Any, idx: np.ndarray, context: int,
+                   k: float) -> dict[str, np.ndarray]:
+    """Every membership attack's score for the subjects ``idx`` of ``split`` (reference-calibrated ones only
+    when a reference model is given)."""
+    stats = scoring.score_subjects(model, split, idx, context)
+    ref = scoring.score_subjects(ref_model, split, idx, context) if ref_model else [None] * len(idx)
+    return _stack([mia.attack_scores(s, r, k) for s, r in zip(stats, ref, strict=True)])
+
+
 def _stack(rows: list[dict[str, float]]) -> dict[str, np.ndarray]:
     return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in rows[0]}
 
@@ -279,12 +284,8 @@ def forgotten_check(model: Any, vocab: Any, subject_ids: list[int], db: str | Pa
         idx, non = mia.balanced_sample(np.arange(len(split)), non_idx, cfg["audit"]["max_subjects_per_side"],
                                        cfg["audit"]["seed"])
         k = cfg["mia"]["min_k"]
-        st_f = scoring.score_subjects(model, split, idx, context)
-        st_n = scoring.score_subjects(model, held, non, context)
-        rf = scoring.score_subjects(ref_model, split, idx, context) if ref_model else [None] * len(idx)
-        rn = scoring.score_subjects(ref_model, held, non, context) if ref_model else [None] * len(non)
-        sf = _stack([mia.attack_scores(s, r, k) for s, r in zip(st_f, rf, strict=True)])
-        sn = _stack([mia.attack_scores(s, r, k) for s, r in zip(st_n, rn, strict=True)])
+        sf = _attack_scores(model, ref_model, split, idx, context, k)
+        sn = _attack_scores(model, ref_model, held, non, context, k)
         rows = mia.evaluate(sf, sn, None, None, alphas=tuple(cfg["mia"]["report_fprs"]),
                             n_boot=cfg["audit"]["bootstrap"], level=cfg["audit"]["ci_level"],
                             seed=cfg["audit"]["seed"], min_slice=min(cfg["mia"]["min_slice_subjects"], 5))
