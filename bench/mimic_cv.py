@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--min-subjects", type=int, default=10)
     args = ap.parse_args()
 
-    from foresight import tokenizer, warehouse
+    from foresight import tokens, warehouse
     from foresight.evaluate import bootstrap_ci, evaluate_task, next_event_accuracy, prediction_points, risk_metrics
     from foresight.forecast import BUILTIN_TASKS, Forecaster
     from foresight.sources import mimic_iv
@@ -67,7 +67,7 @@ def main() -> None:
             con.execute("UPDATE subject_splits SET split = ? WHERE subject_id = ?", [split, sid])
         con.close()
         data = work / f"tok{k}"
-        tokenizer.tokenize(db, data, tokenizer.TokenizerConfig(min_subjects=args.min_subjects))
+        tokens.tokenize(db, data, tokens.TokenizerConfig(min_subjects=args.min_subjects))
         model = work / f"model{k}"
         train(data, model, TrainConfig(preset="tiny", seq_len=256, micro_batch=8, max_steps=args.steps,
                                        warmup_steps=30, lr=3e-3, min_lr=3e-4, eval_every=0, checkpoint_every=0))

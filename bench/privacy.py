@@ -34,7 +34,7 @@ PROBES = ("vocabulary_floor", "membership_inference", "canaries", "extraction", 
 
 def prepare(n: int, steps: int) -> tuple[Path, Path]:
     """Simulated cohort of ``n`` -> warehouse -> tokens -> canaries -> a tiny model; reused when present."""
-    from foresight import tokenizer as T
+    from foresight import tokens as T
     from foresight import train as TR
     from foresight import warehouse
     from foresight.simulate import simulate
@@ -88,7 +88,7 @@ def controls() -> dict[str, Any]:
     """The test suite's two controls, re-run here with the default gate config; returns their headline figures."""
     import torch
 
-    from foresight import tokenizer as T
+    from foresight import tokens as T
     from privacy import canaries
     from privacy.audit import audit
     from tests.test_privacy_gate import FORGOTTEN, _train, privacy_warehouse

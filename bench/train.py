@@ -46,7 +46,8 @@ OUT = REPO / "bench" / "out"
 
 def demo_tokens() -> Path:
     """The MIMIC-IV demo, loaded into a warehouse and tokenized once (bench/out/train-demo/tokens)."""
-    from foresight import tokenizer, warehouse
+    from foresight import tokens as T
+    from foresight import warehouse
     from foresight.sources import mimic_iv
 
     root = OUT / "train-demo"
@@ -61,7 +62,7 @@ def demo_tokens() -> Path:
         mimic_iv.load(con, SHARED / "mimic-iv-demo-2.2")
     finally:
         con.close()
-    tokenizer.tokenize(db, tokens, tokenizer.TokenizerConfig(min_subjects=5))
+    T.tokenize(db, tokens, T.TokenizerConfig(min_subjects=5))
     return tokens
 
 
@@ -74,7 +75,7 @@ def synthetic_tokens(out: Path, subjects: int, vocab_codes: int = 10_000, seed: 
     """
     import numpy as np
 
-    from foresight import tokenizer as T
+    from foresight import tokens as T
 
     if (out / "vocab.json").exists():
         return out

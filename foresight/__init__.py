@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-__all__ = ["Forecaster"]
+from foresight.version import __version__
+
+__all__ = ["Forecaster", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

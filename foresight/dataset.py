@@ -1,6 +1,6 @@
 """Packed token shards and the training rows drawn from them.
 
-A split on disk (written by :func:`foresight.tokenizer.tokenize`) is a flat memory-mapped array of token ids,
+A split on disk (written by :func:`foresight.tokens.tokenize`) is a flat memory-mapped array of token ids,
 the token clock per token, and an index of subject boundaries. Training reads fixed-length rows:
 
 - **Document masking, not one-patient windows.** A row is filled with consecutive pieces of different
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from foresight.tokenizer import (
+from foresight.tokens import (
     INDEX_DTYPE,
     MINUTE,
     NO_TIME,

@@ -51,16 +51,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from foresight.tokenizer import (
-    AGE_PREFIX,
-    BIRTH_PREFIX,
+from foresight.tokens import (
     BOS,
     END,
     PAD,
-    QUANTILE_PREFIX,
-    TIME_PREFIX,
-    UNK_AGE,
-    YEAR_PREFIX,
     Vocabulary,
 )
 
@@ -209,13 +203,7 @@ def peak_flops(device_name: str) -> float | None:
 
 def event_token_mask(vocab: Vocabulary) -> np.ndarray:
     """Boolean mask over the vocabulary: True for EVENT tokens (the codes; see the module docstring)."""
-    non_event_prefixes = (TIME_PREFIX, AGE_PREFIX, YEAR_PREFIX, BIRTH_PREFIX)
-    mask = np.zeros(len(vocab.tokens), dtype=bool)
-    for i, tok in enumerate(vocab.tokens):
-        is_value = tok.startswith(QUANTILE_PREFIX) and tok[len(QUANTILE_PREFIX):].isdigit()
-        mask[i] = not (tok.startswith(non_event_prefixes) or is_value or tok in (PAD, BOS, END, UNK_AGE)
-                       or vocab.is_static[i])
-    return mask
+    return vocab.is_event
 
 
 def event_log_bias(vocab: Vocabulary) -> np.ndarray:

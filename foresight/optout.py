@@ -10,7 +10,7 @@ Where it is honoured:
 - **ETL**: :class:`foresight.warehouse.Load` drops every row of a listed subject with the reason
   :data:`OPT_OUT_REASON` (counted, so read = loaded + quarantined + dropped still holds). Their invalid rows are
   dropped too, not quarantined: quarantine keeps the raw row, which would keep their data.
-- **Tokenize**: :func:`foresight.tokenizer.tokenize` (``exclude_subjects``) hides listed subjects from every
+- **Tokenize**: :func:`foresight.tokens.tokenize` (``exclude_subjects``) hides listed subjects from every
   query, so a warehouse loaded before the patient opted out yields no vocabulary counts, codes or tokens for them.
 - **Audit**: ``privacy.audit`` can check a *forgotten* set with the same membership inference (members = the
   forgotten subjects, non-members = held-out subjects neither model ever saw).

@@ -234,12 +234,12 @@ def tokenize_stage(db: Path, data: Path, min_subjects: int = 10, exclude_subject
                    ) -> dict[str, Any]:
     """Vocabulary (train only) and packed shards; ``exclude_subjects`` (the opt-out list) is hidden here too, for
     a warehouse this run did not load itself."""
-    from foresight import tokenizer
+    from foresight import tokens
     from foresight.optout import read_subjects_file
 
     def run() -> dict[str, Any]:
         excluded = read_subjects_file(exclude_subjects) if exclude_subjects else None
-        s = tokenizer.tokenize(db, data, tokenizer.TokenizerConfig(min_subjects=min_subjects),
+        s = tokens.tokenize(db, data, tokens.TokenizerConfig(min_subjects=min_subjects),
                                exclude_subjects=excluded)
         return {"vocab_size": s["vocab_size"], "tokens": s["tokens"], "subjects": s["subjects"]}
 

@@ -45,7 +45,7 @@ def audit(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path | Non
     """
     from foresight.dataset import PackedSplit
     from foresight.forecast import Forecaster
-    from foresight.tokenizer import Vocabulary
+    from foresight.tokens import Vocabulary
 
     say = progress or (lambda _m: None)
     t_start = time.perf_counter()
@@ -294,8 +294,8 @@ def forgotten_check(model: Any, vocab: Any, subject_ids: list[int], db: str | Pa
 
 def encode_to_split(con: Any, vocab: Any, subject_ids: list[int], out: Path, name: str) -> int:
     """Encode subjects from a warehouse with a given vocabulary into ``out/<name>.*`` shard files (the
-    :func:`foresight.tokenizer.tokenize` layout); returns how many subjects had events."""
-    from foresight.tokenizer import INDEX_DTYPE, MINUTE, NO_TIME, _first_markers, encode_subjects, register_code_map
+    :func:`foresight.tokens.tokenize` layout); returns how many subjects had events."""
+    from foresight.tokens import INDEX_DTYPE, MINUTE, NO_TIME, _first_markers, encode_subjects, register_code_map
 
     ids = sorted(set(int(s) for s in subject_ids))
     register_code_map(con, vocab)

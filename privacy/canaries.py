@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from foresight.tokenizer import END, INDEX_DTYPE, NO_TIME, PAD, Vocabulary
+from foresight.tokens import END, INDEX_DTYPE, NO_TIME, PAD, Vocabulary
 from privacy import metrics
 from privacy.scoring import score_pieces, sequence_pieces
 

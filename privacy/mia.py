@@ -104,7 +104,7 @@ def slice_membership(split: Any, indices: Sequence[int], token_counts: np.ndarra
 
 def subject_age(split: Any, i: int) -> float:
     """Age in years at the subject's last recorded token (NaN when birth or time is unknown)."""
-    from foresight.tokenizer import MINUTE, NO_TIME
+    from foresight.tokens import MINUTE, NO_TIME
 
     r = split.index[i]
     if r["t0"] == NO_TIME or r["birth"] == NO_TIME or r["length"] == 0:

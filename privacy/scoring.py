@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from foresight.tokenizer import PAD, QUANTILE_PREFIX
+from foresight.tokens import PAD, QUANTILE_PREFIX
 
 
 @dataclass

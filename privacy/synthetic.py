@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from foresight.tokenizer import BOS, END, PAD
+from foresight.tokens import BOS, END, PAD
 from privacy import metrics
 
 

@@ -1,6 +1,6 @@
 """The vocabulary floor, re-checked on what the model actually saw: every token covers >= K train subjects.
 
-The tokenizer builds the vocabulary with a privacy floor (:func:`foresight.tokenizer.fit_vocabulary`); this probe
+The tokenizer builds the vocabulary with a privacy floor (:func:`foresight.tokens.fit_vocabulary`); this probe
 does not trust it. It recounts, from the train token shards the model was trained on, the distinct (real, not
 canary) train subjects behind every token id. Exempt by design: the specials (``[PAD]``, ``[BOS]``, ``[END]``),
 the catch-alls ``RARE`` and ``BIRTH//RARE``/``YEAR//RARE``/``AGE//RARE``, ``AGE//UNK``, interval tokens

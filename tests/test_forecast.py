@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from foresight import tokenizer as T
+from foresight import tokens as T
 from foresight import warehouse
 from foresight.evaluate import backtest_rates, bootstrap_ci, expected_calibration_error, risk_metrics
 from foresight.forecast import (

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from foresight import concepts, warehouse
-from foresight.context import ContextRules
+from foresight.concepts.context import ContextRules
 from foresight.sources import fhir, mimic_iv, notes
 
 from .conftest import SHARED_DATA

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from foresight import tokenizer as T
+from foresight import tokens as T
 from foresight import warehouse
 from foresight.dataset import PackedSplit
 from privacy import canaries

@@ -190,7 +190,7 @@ def test_token_statistics_match_a_direct_computation():
 
 
 def test_long_timelines_are_scored_once_per_token(tmp_path):
-    from foresight import tokenizer as T
+    from foresight import tokens as T
     from foresight.dataset import PackedSplit
 
     from .test_tokenizer import _tiny_warehouse

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from foresight import optout, warehouse
-from foresight import tokenizer as T
+from foresight import tokens as T
 from foresight.schema import SPLITS, uuid_subject_id
 from foresight.sources import mimic_iv
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from foresight import tokenizer as T
+from foresight import tokens as T
 from foresight import warehouse
 from foresight.forecast import BUILTIN_TASKS, Forecaster, cohort_as_of, risk_from_futures, weekly_history
 from foresight.serve import (

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from foresight import model as M
-from foresight import tokenizer as T
+from foresight import tokens as T
 from foresight import train as TR
 from foresight import warehouse
 from foresight.forecast import BUILTIN_TASKS, Forecaster, TaskSpec

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from foresight import tokenizer as T
+from foresight import tokens as T
 from foresight import warehouse
 from foresight.dataset import IGNORE_INDEX, PackedSplit
 from foresight.schema import SPLITS

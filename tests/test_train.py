@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from foresight import model as M
-from foresight import tokenizer as T
+from foresight import tokens as T
 from foresight import train as TR
 from foresight.dataset import IGNORE_INDEX, PackedSplit
 

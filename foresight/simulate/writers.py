@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from foresight import __version__
 from foresight.schema import MEDS_VERSION, meds_codes_schema, meds_splits_schema, split_of
 from foresight.simulate import catalog as cat
 from foresight.simulate.cohort import Chunk
@@ -43,6 +42,7 @@ from foresight.simulate.engine import (
     N_DIAGNOSIS,
     N_DISCHARGE,
 )
+from foresight.version import __version__
 
 _US_PER_DAY = 86_400_000_000
 _CODES = np.array(cat.VOCAB.codes, dtype=object)

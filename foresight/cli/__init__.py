@@ -260,13 +260,13 @@ def tokenize(
     """Fit the vocabulary on the train split and write packed token shards for train/tuning/held_out."""
     from rich.progress import Progress
 
-    from foresight import tokenizer
+    from foresight import tokens
 
     fields: dict[str, Any] = json.loads(config.read_text()) if config else {}
     fields.setdefault("min_subjects", min_subjects)
     fields.setdefault("dedup_window_minutes", dedup_window_minutes)
     try:
-        cfg = tokenizer.TokenizerConfig.from_dict(fields)
+        cfg = tokens.TokenizerConfig.from_dict(fields)
     except TypeError as exc:
         _fail(f"{config}: {exc}")
     try:
@@ -278,9 +278,9 @@ def tokenize(
                     tasks[split] = progress.add_task(f"encoding {split}", total=total)
                 progress.update(tasks[split], completed=done)
 
-            summary = tokenizer.tokenize(db, out, cfg, progress=report,
+            summary = tokens.tokenize(db, out, cfg, progress=report,
                                          exclude_subjects=_opt_out_list(exclude_subjects))
-    except tokenizer.TokenizeError as exc:
+    except tokens.TokenizeError as exc:
         _fail(str(exc))
     _emit(summary, as_json, "\n".join([
         f"vocabulary of {summary['vocab_size']:,} tokens; tokens per split {summary['tokens']}; "

@@ -43,15 +43,12 @@ import torch
 
 from foresight import model as M
 from foresight.schema import DEATH_CODE, code_kind
-from foresight.tokenizer import (
+from foresight.tokens import (
     AGE_PREFIX,
     BIRTH_PREFIX,
-    BOS,
     END,
     NO_TIME,
     PAD,
-    QUANTILE_PREFIX,
-    TIME_PREFIX,
     YEAR_PREFIX,
     Vocabulary,
     decode,
@@ -136,12 +133,8 @@ class Forecaster:
         self.device = next(model.parameters()).device
         n = len(vocab.tokens)
         toks = vocab.tokens
-        self.is_time = np.array([t.startswith(TIME_PREFIX) for t in toks])
-        self.is_marker = np.array([t.startswith((YEAR_PREFIX, AGE_PREFIX)) for t in toks])
-        self.is_value = np.array([t.startswith(QUANTILE_PREFIX) and t[1:].isdigit() for t in toks])
-        special = {vocab.index[t] for t in (PAD, BOS, END) if t in vocab.index}
-        self.is_event = ~(self.is_time | self.is_marker | self.is_value | vocab.is_static
-                          | np.array([t.startswith(BIRTH_PREFIX) for t in toks]) | np.isin(np.arange(n), list(special)))
+        self.is_time, self.is_marker, self.is_value = vocab.is_time, vocab.is_marker, vocab.is_value
+        self.is_event = vocab.is_event
         # tokens never sampled in a future: padding, a new start, end-of-extract, static facts, birth band
         banned = ~(self.is_event | self.is_time | self.is_marker | self.is_value)
         self.banned = torch.tensor(banned, device=self.device)
@@ -180,7 +173,7 @@ class Forecaster:
 
     def timeline_from_warehouse(self, con: Any, subject_id: int, as_of: datetime | None = None) -> Timeline:
         """The subject's timeline from the warehouse, cut at ``as_of`` (default: after the last event)."""
-        from foresight.tokenizer import encode_subjects, register_code_map
+        from foresight.tokens import encode_subjects, register_code_map
 
         register_code_map(con, self.vocab)
         chunk = encode_subjects(con, self.vocab, subject_id, subject_id, as_of=as_of)
@@ -190,7 +183,7 @@ class Forecaster:
 
     def timelines_from_warehouse(self, con: Any, subject_ids: Sequence[int], as_of: datetime) -> list[Timeline]:
         """Timelines of many subjects cut at ``as_of`` (encoded in one vectorised pass)."""
-        from foresight.tokenizer import encode_subjects, register_code_map
+        from foresight.tokens import encode_subjects, register_code_map
 
         register_code_map(con, self.vocab)
         ids = np.array(sorted(set(int(s) for s in subject_ids)), dtype=np.int64)
@@ -247,7 +240,7 @@ class Forecaster:
         """A timeline posted as MEDS-shaped events (``time``, ``code``, optional ``numeric_value``).
 
         Codes the vocabulary does not know map to their kind's RARE token (the caller can warn)."""
-        from foresight.tokenizer import encode_arrays
+        from foresight.tokens import encode_arrays
 
         births = [e["time"] for e in events if e["code"] == "MEDS_BIRTH" and e.get("time")]
         rows = [e for e in events if e["code"] != "MEDS_BIRTH" and (as_of is None or e.get("time") is None

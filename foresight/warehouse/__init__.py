@@ -48,7 +48,6 @@ from typing import Any
 
 import duckdb
 
-from foresight import __version__
 from foresight.optout import OPT_OUT_REASON
 from foresight.schema import (
     EVENT_COLUMNS,
@@ -59,6 +58,7 @@ from foresight.schema import (
     meds_data_schema,
     meds_splits_schema,
 )
+from foresight.version import __version__
 
 
 class SourceError(Exception):

@@ -110,13 +110,6 @@ class NextEventReport:
         return self.__dict__
 
 
-def _is_event_token(vocab: Any) -> np.ndarray:
-    toks = vocab.tokens
-    return np.array([not (t.startswith(("TIME//", "AGE//", "YEAR//", "BIRTH//")) or (t[0] == "Q" and t[1:].isdigit())
-                          or t in ("[PAD]", "[BOS]", "[END]", "AGE//UNK")) and not vocab.is_static[i]
-                     for i, t in enumerate(toks)])
-
-
 @torch.no_grad()
 def next_event_accuracy(forecaster: Forecaster, data_dir: str | Path, split: str = "held_out",
                         ks: Sequence[int] = (1, 5, 10), seq_len: int | None = None, batch_size: int = 8,
@@ -126,7 +119,7 @@ def next_event_accuracy(forecaster: Forecaster, data_dir: str | Path, split: str
     model = forecaster.model
     ps = PackedSplit(data_dir, split, vocab)
     train = PackedSplit(data_dir, "train", vocab)
-    is_event = _is_event_token(vocab)
+    is_event = vocab.is_event
     seq_len = seq_len or int(forecaster.meta.get("training", {}).get("seq_len", 0) or 256)
     seq_len = min(seq_len, int(getattr(model.config, "max_position_embeddings", seq_len)))
     freq, markov = _fit_baselines(train, is_event, max(ks))
@@ -530,7 +523,7 @@ def _data_fingerprint(db: Path, opt_out_sha256: str | None) -> str | None:
     """The tokenizer's data fingerprint of warehouse ``db``, or None if it is no warehouse."""
     import duckdb
 
-    from foresight.tokenizer import data_fingerprint
+    from foresight.tokens import data_fingerprint
 
     try:
         con = duckdb.connect(str(db), read_only=True)

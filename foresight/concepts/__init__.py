@@ -19,8 +19,8 @@ Three stages, each a function from documented inputs to documented outputs:
 3. :func:`annotate` runs MedCAT over notes in batches (``cat.get_entities_multi_texts``, multiprocessing with
    ``n_process``) and gives each mention its context (negated, hypothetical, family, historical): from the pack's
    MedCAT meta-annotation models when it has them (:func:`context_from_meta_anns`), otherwise from the ConText
-   rules in :mod:`foresight.context`. Notes longer than ``CHUNK_CHARS`` are cut at line or sentence ends and the
-   chunks annotated separately (MedCAT truncates documents at 1M characters).
+   rules in :mod:`foresight.concepts.context`. Notes longer than ``CHUNK_CHARS`` are cut at line or sentence ends
+   and the chunks annotated separately (MedCAT truncates documents at 1M characters).
 
 Concept -> Foresight code: :func:`concept_code` gives ``NOTE//<VOCAB>//<CODE>`` (see its docstring for how the
 vocabulary is found). :func:`evaluate_synthea` measures the whole chain against the coded conditions of a Synthea
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from foresight.context import EXCLUDING, FAMILY, HISTORICAL, HYPOTHETICAL, NEGATED, ContextRules
+from foresight.concepts.context import EXCLUDING, FAMILY, HISTORICAL, HYPOTHETICAL, NEGATED, ContextRules
 from foresight.schema import code_part, make_code
 from foresight.warehouse import sql_literal
 
@@ -768,7 +768,7 @@ def annotate(
     pack ``cat`` was loaded from), else ``cat`` is pickled to it, which for a large pack costs seconds of this
     process's time. Each note is annotated with ``cat.get_entities`` (in chunks if long, :func:`split_long`) and its
     mentions get their context on the whole note: meta-annotations where the pack gives them, else ``rules``
-    (default :class:`foresight.context.ContextRules`). Notes of one batch come back in input order; batches may
+    (default :class:`foresight.concepts.context.ContextRules`). Notes of one batch come back in input order; batches may
     complete out of order.
 
     Why not MedCAT's own ``cat.get_entities_multi_texts``: in MedCAT 2.9 its worker imports the RelCAT addon, which

@@ -159,6 +159,14 @@ class Vocabulary:
         kinds = sorted({code_kind(t) for t in self.tokens})
         self.kind_id = np.array([kinds.index(code_kind(t)) for t in self.tokens], dtype=np.int64)
         self.is_static = np.array([code_kind(t) in self.config.static_kinds for t in self.tokens])
+        # The ONE definition of token classes (model, forecast, evaluate and privacy read these masks):
+        # time gaps, calendar/age markers, decile values, specials/birth band, static facts, and events (the rest).
+        self.is_time = np.array([t.startswith(TIME_PREFIX) for t in self.tokens])
+        self.is_marker = np.array([t.startswith((YEAR_PREFIX, AGE_PREFIX)) for t in self.tokens])
+        self.is_value = np.array([t.startswith(QUANTILE_PREFIX) and t[len(QUANTILE_PREFIX):].isdigit()
+                                  for t in self.tokens])
+        self.is_special = np.array([t in (PAD, BOS, END) or t.startswith(BIRTH_PREFIX) for t in self.tokens])
+        self.is_event = ~(self.is_time | self.is_marker | self.is_value | self.is_special | self.is_static)
         self._marker_tables = {}
         for kind, mapping in self.marker_map.items():
             rare = self.index[f"{kind}{SEP}RARE"]

@@ -1,0 +1,5 @@
+"""`python -m foresight.cli`: the same commands as the `foresight` console script."""
+
+from foresight.cli import main
+
+main()
