@@ -7,16 +7,19 @@ import re
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pytest
 
+from foresight import sources, warehouse
 from foresight import tokens as T
-from foresight import warehouse
 from foresight.dataset import IGNORE_INDEX, PackedSplit
-from foresight.schema import SPLITS
+from foresight.schema import BIRTH_CODE, SPLITS
+from foresight.simulate import simulate
+
+from .conftest import tiny_warehouse
 
 EXEMPT = re.compile(r"^(\[.*\]|RARE|AGE//UNK|(BIRTH|YEAR|AGE)//RARE|TIME//.*|Q\d+)$")
 
@@ -51,7 +54,7 @@ def _round_trip_failures(data: Path) -> tuple[int, int]:
                 births,
             )
             if not events:  # a birth-only record: encode_subjects adds these after encode_arrays, the same way
-                again = T._merge_static_only(vocab, again, [int(r["subject_id"])], births)
+                again = T.merge_static_only(vocab, again, [int(r["subject_id"])], births)
             fails += not np.array_equal(again.tokens, seq)
     return n, fails
 
@@ -72,11 +75,8 @@ def _assert_splits_match_warehouse(db: Path, data: Path) -> dict[str, set[int]]:
         for other, other_ids in seen.items():
             assert not ids & other_ids, (split, other)
         seen[split] = ids
-    con = warehouse.connect(db, read_only=True)
-    try:
+    with warehouse.connect(db, read_only=True) as con:
         truth = dict(con.execute("SELECT subject_id, split FROM subject_splits").fetchall())
-    finally:
-        con.close()
     assert all(truth[s] == split for split, ids in seen.items() for s in ids)
     return seen
 
@@ -105,13 +105,10 @@ def _assert_clock_and_markers_monotone(data: Path) -> dict[str, int]:
 
 def _perturb_non_train_values(db: Path) -> int:
     """Multiply every tuning/held-out numeric value by 1000 (+7) in place; the number of rows changed."""
-    con = warehouse.connect(db)
-    try:
+    with warehouse.connect(db) as con:
         return con.execute(
             "UPDATE events SET numeric_value = numeric_value * 1000 + 7 WHERE numeric_value IS NOT NULL AND "
             "subject_id IN (SELECT subject_id FROM subject_splits WHERE split <> 'train')").fetchall()[0][0]
-    finally:
-        con.close()
 
 
 def _assert_same_fit(original: Path, perturbed: Path, db: Path) -> None:
@@ -119,11 +116,8 @@ def _assert_same_fit(original: Path, perturbed: Path, db: Path) -> None:
     a, b = T.Vocabulary.load(original / "vocab.json"), T.Vocabulary.load(perturbed / "vocab.json")
     assert b.quantile_edges == a.quantile_edges
     assert b.tokens == a.tokens and b.marker_map == a.marker_map
-    con = warehouse.connect(db, read_only=True)
-    try:
+    with warehouse.connect(db, read_only=True) as con:
         assert T.map_codes(con, b) == T.map_codes(con, a)
-    finally:
-        con.close()
 
 
 def test_demo_splits_never_share_a_subject(demo_db, demo_tokens):
@@ -133,13 +127,10 @@ def test_demo_splits_never_share_a_subject(demo_db, demo_tokens):
 
 def test_demo_unseen_codes_are_counted_per_split(demo_db, demo_tokens):
     """The summary's unseen_codes: codes of a split that no train event has (what the vocabulary cannot know)."""
-    con = warehouse.connect(demo_db, read_only=True)
-    try:
+    with warehouse.connect(demo_db, read_only=True) as con:
         codes = {split: {r[0] for r in con.execute(
             "SELECT DISTINCT code FROM events JOIN subject_splits USING (subject_id) WHERE split = ?",
             [split]).fetchall()} for split in SPLITS}
-    finally:
-        con.close()
     want = {split: len(codes[split] - codes["train"]) for split in SPLITS}
     assert demo_tokens[1]["unseen_codes"] == want
     assert want["train"] == 0 and want["held_out"] > 0
@@ -150,17 +141,11 @@ def test_demo_vocabulary_respects_the_privacy_floor(demo_db, demo_tokens):
     vocab = T.Vocabulary.load(data / "vocab.json")
     k = vocab.config.min_subjects
     # 1. codes: recount distinct train subjects per token straight from the warehouse through the code map
-    con = warehouse.connect(demo_db, read_only=True)
-    try:
+    with warehouse.connect(demo_db, read_only=True) as con:
         pairs = con.execute("SELECT DISTINCT e.code, e.subject_id FROM events e JOIN subject_splits s "
                             "USING (subject_id) WHERE s.split = 'train' AND e.code <> 'MEDS_BIRTH'").fetchall()
-    finally:
-        con.close()
-    con = warehouse.connect(demo_db, read_only=True)
-    try:
+    with warehouse.connect(demo_db, read_only=True) as con:
         mapping = T.map_codes(con, vocab)
-    finally:
-        con.close()
     per_token: dict[str, set[int]] = {}
     for code, sid in pairs:
         per_token.setdefault(mapping[code], set()).add(sid)
@@ -202,11 +187,8 @@ def test_vocabulary_file_names_no_code_below_the_floor(demo_db, demo_tokens):
     data, _ = demo_tokens
     vocab = T.Vocabulary.load(data / "vocab.json")
     text = (data / "vocab.json").read_text()
-    con = warehouse.connect(demo_db, read_only=True)
-    try:
+    with warehouse.connect(demo_db, read_only=True) as con:
         mapping = T.map_codes(con, vocab)
-    finally:
-        con.close()
     rare = [c for c, t in mapping.items() if t != c]
     assert len(rare) > 100
     assert not [c for c in rare if f'"{c}"' in text]  # not one rare code appears in the shipped vocabulary
@@ -231,53 +213,6 @@ def test_cli_tokenize_json(demo_db, tmp_path):
 # --- small hand-built warehouses (no shared data needed) ----------------------------------------------------
 
 
-def _simulated_tokens(d: Path, n_subjects: int, seed: int) -> Path:
-    """``n_subjects`` lives from the demo's simulator config, loaded through the MEDS source into ``d/w.duckdb``
-    and tokenized into ``d/tok``; returns the warehouse path."""
-    from foresight.demo import demo_config
-    from foresight.simulate import simulate
-    from foresight.sources import meds
-
-    simulate(n_subjects, d / "sim", seed=seed, config=demo_config())
-    con = warehouse.connect(d / "w.duckdb")
-    try:
-        meds.load(con, d / "sim")
-    finally:
-        con.close()
-    T.tokenize(d / "w.duckdb", d / "tok")
-    return d / "w.duckdb"
-
-
-def _tiny_warehouse(path: Path, n_subjects: int = 60, seed: int = 0) -> Path:
-    """A synthetic warehouse: births, sexes, admissions with labs (values) and diagnoses, a few deaths."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    t_base = datetime(2020, 1, 1)
-    for sid in range(1, n_subjects + 1):
-        birth = datetime(1940 + int(rng.integers(0, 40)), int(rng.integers(1, 13)), 1)
-        rows.append((sid, birth, "MEDS_BIRTH", None))
-        rows.append((sid, None, "GENDER//" + ("F" if sid % 2 else "M"), None))
-        t = t_base + timedelta(days=int(rng.integers(0, 300)))
-        for _ in range(int(rng.integers(1, 5))):
-            rows.append((sid, t, "ADMIT//EMERGENCY", None))
-            for j in range(int(rng.integers(1, 6))):
-                rows.append((sid, t + timedelta(hours=j * 6 + 1), "LAB//MIMIC//50912", float(rng.normal(1.0, 0.3))))
-            rows.append((sid, t + timedelta(days=3), "DX//ICD10CM//" + str(rng.choice(["E119", "I10", "J189"])),
-                         None))
-            rows.append((sid, t + timedelta(days=3), "DISCHARGE//HOME", None))
-            t += timedelta(days=int(rng.integers(20, 900)), minutes=int(rng.integers(0, 1000)))
-        if sid % 7 == 0:
-            rows.append((sid, t, "MEDS_DEATH", None))
-    con = warehouse.connect(path)
-    try:
-        con.executemany("INSERT INTO events VALUES (?, ?, ?, ?, NULL, NULL, NULL, 'test', 'test', 'test')", rows)
-        con.execute("INSERT INTO subject_splits SELECT DISTINCT subject_id, fs_split(subject_id) FROM events")
-        con.execute("INSERT INTO codes SELECT DISTINCT code, NULL, fs_kind(code), [], 'test' FROM events")
-    finally:
-        con.close()
-    return path
-
-
 def test_empty_warehouse_is_a_clear_error(tmp_path):
     warehouse.connect(tmp_path / "w.duckdb").close()
     with pytest.raises(T.TokenizeError, match="no events"):
@@ -285,17 +220,15 @@ def test_empty_warehouse_is_a_clear_error(tmp_path):
 
 
 def test_static_only_subject_and_round_trip_on_synthetic(tmp_path):
-    db = _tiny_warehouse(tmp_path / "w.duckdb")
-    con = warehouse.connect(db)
-    try:  # no timed event at all: 1000 has a sex and a birth, 1003 only a birth, 1002 only a sex
+    db = tiny_warehouse(tmp_path / "w.duckdb")
+    with warehouse.connect(db) as con:  # no timed event at all: 1000 has a sex and a birth, 1003 only a birth,
+        # 1002 only a sex
         con.execute("INSERT INTO events VALUES (1000, NULL, 'GENDER//F', NULL, NULL, NULL, NULL, 't', 't', 't'), "
                     "(1000, '1950-01-01', 'MEDS_BIRTH', NULL, NULL, NULL, NULL, 't', 't', 't'), "
                     "(1003, '1961-07-01', 'MEDS_BIRTH', NULL, NULL, NULL, NULL, 't', 't', 't'), "
                     "(1002, NULL, 'GENDER//M', NULL, NULL, NULL, NULL, 't', 't', 't')")
         con.execute("INSERT INTO subject_splits SELECT s, fs_split(s) FROM unnest([1000, 1002, 1003]) t(s)")
         splits = dict(con.execute("SELECT subject_id, split FROM subject_splits WHERE subject_id >= 1000").fetchall())
-    finally:
-        con.close()
     summary = T.tokenize(db, tmp_path / "tok", T.TokenizerConfig(min_subjects=3))
     assert summary["subjects"]["train"] > 30
     vocab = T.Vocabulary.load(tmp_path / "tok" / "vocab.json")
@@ -329,18 +262,15 @@ def _band_width(token: str) -> int:
 
 
 def test_marker_coarsening_is_counted(tmp_path):
-    db = _tiny_warehouse(tmp_path / "w.duckdb")
+    db = tiny_warehouse(tmp_path / "w.duckdb")
     summary = T.tokenize(db, tmp_path / "tok", T.TokenizerConfig(min_subjects=3))
     vocab = T.Vocabulary.load(tmp_path / "tok" / "vocab.json")
     report = summary["markers_coarsened"]
     assert "markers" not in vocab.report  # counts of people stay with the shards, out of the shipped vocab.json
-    con = warehouse.connect(db, read_only=True)
-    try:  # recount from the warehouse: train events and births, and the band each value got
+    with warehouse.connect(db, read_only=True) as con:  # recount: train events and births, and each value's band
         rows = con.execute(
             "SELECT e.subject_id, year(e.time), e.code = 'MEDS_BIRTH' FROM events e JOIN subject_splits s "
             "USING (subject_id) WHERE s.split = 'train' AND e.time IS NOT NULL").fetchall()
-    finally:
-        con.close()
     for kind, finest in (("YEAR", 1), ("BIRTH", vocab.config.birth_min_band)):
         hits = [(sid, y) for sid, y, birth in rows if birth == (kind == "BIRTH")
                 and _band_width(vocab.marker_map[kind][str(y)]) > finest]
@@ -354,14 +284,11 @@ def test_marker_coarsening_is_counted(tmp_path):
 
 
 def test_cli_tokenize_says_what_it_coarsened(tmp_path):
-    db = _tiny_warehouse(tmp_path / "w.duckdb")
-    con = warehouse.connect(db)
-    try:
+    db = tiny_warehouse(tmp_path / "w.duckdb")
+    with warehouse.connect(db) as con:
         con.execute("INSERT INTO events VALUES (1003, '1961-07-01', 'MEDS_BIRTH', NULL, NULL, NULL, NULL, 't', "
                     "'t', 't')")
         con.execute("INSERT INTO subject_splits VALUES (1003, fs_split(1003))")
-    finally:
-        con.close()
     proc = subprocess.run([sys.executable, "-m", "foresight.cli", "tokenize", "--db", str(db), "--out",
                            str(tmp_path / "tok"), "--min-subjects", "3"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -370,7 +297,7 @@ def test_cli_tokenize_says_what_it_coarsened(tmp_path):
 
 
 def test_dedup_window_drops_close_repeats(tmp_path):
-    db = _tiny_warehouse(tmp_path / "w.duckdb")
+    db = tiny_warehouse(tmp_path / "w.duckdb")
     a = T.tokenize(db, tmp_path / "a", T.TokenizerConfig(min_subjects=3))
     b = T.tokenize(db, tmp_path / "b", T.TokenizerConfig(min_subjects=3, dedup_window_minutes=24 * 60))
     assert b["tokens"]["train"] < a["tokens"]["train"]
@@ -384,7 +311,7 @@ def test_dedup_window_drops_close_repeats(tmp_path):
 
 
 def test_packed_rows_mask_subjects_and_cover_every_token(tmp_path):
-    db = _tiny_warehouse(tmp_path / "w.duckdb", n_subjects=80)
+    db = tiny_warehouse(tmp_path / "w.duckdb", n_subjects=80)
     T.tokenize(db, tmp_path / "tok", T.TokenizerConfig(min_subjects=3))
     ps = PackedSplit(tmp_path / "tok", "train")
     vocab = ps.vocab
@@ -413,7 +340,7 @@ def test_packed_rows_mask_subjects_and_cover_every_token(tmp_path):
 
 
 def test_continuation_prefix_carries_current_age_and_year(tmp_path):
-    db = _tiny_warehouse(tmp_path / "w.duckdb", n_subjects=80)
+    db = tiny_warehouse(tmp_path / "w.duckdb", n_subjects=80)
     T.tokenize(db, tmp_path / "tok", T.TokenizerConfig(min_subjects=3))
     ps = PackedSplit(tmp_path / "tok", "train")
     plan = ps.plan(40, seed=0, epoch=0)
@@ -432,16 +359,10 @@ def test_continuation_prefix_carries_current_age_and_year(tmp_path):
 
 @pytest.fixture(scope="module")
 def sim_tokens(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from foresight.simulate import simulate
-    from foresight.sources import meds
-
     d = tmp_path_factory.mktemp("simtok")
     simulate(400, d / "sim", seed=3)
-    con = warehouse.connect(d / "w.duckdb")
-    try:
-        meds.load(con, d / "sim")
-    finally:
-        con.close()
+    with warehouse.connect(d / "w.duckdb") as con:
+        sources.load("meds", con, d / "sim")
     T.tokenize(d / "w.duckdb", d / "tok", T.TokenizerConfig(min_subjects=10))
     return d / "w.duckdb", d / "tok"
 
@@ -467,11 +388,8 @@ def test_simulator_output_round_trips_and_keeps_the_floor(sim_tokens):
 def test_simulator_output_splits_are_disjoint_and_match_the_warehouse(sim_tokens):
     db, data = sim_tokens
     seen = _assert_splits_match_warehouse(db, data)
-    con = warehouse.connect(db, read_only=True)
-    try:
+    with warehouse.connect(db, read_only=True) as con:
         with_events = {s for (s,) in con.execute("SELECT DISTINCT subject_id FROM events").fetchall()}
-    finally:
-        con.close()
     # every subject with events is written to exactly one split, and every split is populated
     assert set().union(*seen.values()) == with_events
     assert all(len(ids) > 10 for ids in seen.values()), {s: len(v) for s, v in seen.items()}
@@ -500,10 +418,6 @@ def test_simulator_clock_and_markers_never_go_backwards_in_any_split(sim_tokens)
 def test_marker_fit_counts_ages_as_the_encoder_does() -> None:
     """The privacy floor per AGE band is counted on the ages the model sees: a birthday not yet reached that
     year must not count as a year older (DuckDB's date_diff('year') alone would)."""
-    import duckdb
-
-    from foresight.schema import BIRTH_CODE
-
     rng = np.random.default_rng(0)
     birth = rng.integers(-1_500_000_000, 1_200_000_000, 500)
     times = birth + rng.integers(0, 2_500_000_000, 500)
@@ -522,7 +436,7 @@ def test_marker_fit_counts_ages_as_the_encoder_does() -> None:
         [np.r_[ids, ids].tolist(), np.r_[birth, times].tolist(),
          [BIRTH_CODE] * len(ids) + ["DX//X"] * len(ids)])
     got = dict(con.execute(T.MARKER_SOURCES["AGE"].replace("$birth", "?"), [BIRTH_CODE, BIRTH_CODE]).fetchall())
-    want = T._ages(times, birth)
+    want = T.ages(times, birth)
     assert [got[i] for i in ids] == want.tolist()
     assert [got[i] for i in ids[-6:]] == [70, 71, 69, 68, 69, 0]
 
@@ -532,7 +446,7 @@ def test_stays_after_long_gaps_keep_their_length(tmp_path, correction):
     """Every 3-day stay of the tiny warehouse (stays 20-900 days apart, so the clock drifts by weeks after each
     long gap) keeps a positive length near 3 days in tokens with the bounded clock correction; unlimited error
     feedback, the old rule, squashes some of them to 0 (the test's own control that the case is hard)."""
-    db = _tiny_warehouse(tmp_path / "w.duckdb", n_subjects=120, seed=3)
+    db = tiny_warehouse(tmp_path / "w.duckdb", n_subjects=120, seed=3)
     out = tmp_path / "tokens"
     T.tokenize(db, out, T.TokenizerConfig(min_subjects=5, clock_correction=correction))
     vocab = T.Vocabulary.load(out / "vocab.json")

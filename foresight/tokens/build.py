@@ -1,0 +1,137 @@
+"""The warehouse -> token shards stage: fit the vocabulary on train, then encode and write every split."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from foresight import optout, warehouse
+from foresight.schema import SPLITS
+from foresight.tokens.fit import TokenizeError, data_fingerprint, fit_vocabulary
+from foresight.tokens.from_warehouse import register_code_map
+from foresight.tokens.shards import write_split
+from foresight.tokens.vocab import TokenizerConfig, Vocabulary
+
+
+def tokenize(
+    db: str | Path,
+    out_dir: str | Path,
+    config: TokenizerConfig | None = None,
+    *,
+    progress: Any = None,
+    exclude_subjects: Iterable[int] | None = None,
+) -> dict[str, Any]:
+    """Fit the vocabulary on train and write packed token shards for every split.
+
+    Output (``out_dir``): ``vocab.json`` (config, tokens, value deciles, marker bands, rule report, data
+    fingerprint), ``code_descriptions.json`` (token -> description); per split ``<split>.bin`` (token ids,
+    uint16/uint32), ``<split>.clock.bin`` (int32 minutes of the token clock since the subject's first event) and
+    ``<split>.index.npy`` (one row per subject: id, offset, length, prefix length, head length, first-event time,
+    birth time). ``progress(split, done, total)``
+    is called after each chunk of subjects.
+
+    The returned summary (also written as ``tokenize_summary.json``) has tokens and subjects per split, the
+    subjects with only static facts per split (``static_only_subjects``: no timed event, so ``BOS``, static
+    prefix, birth band, ``END``), the rule report (``rare_mapping``), the train subjects and events whose
+    age/year/birth markers the floor coarsened (``markers_coarsened``; kept out of ``vocab.json``, which ships
+    with models) and ``messages`` saying the unusual parts in words.
+
+    ``exclude_subjects`` (the national data opt-out, :mod:`foresight.optout`): these subjects are invisible to
+    every step (vocabulary counts, code map, value deciles, shards), as if the warehouse did not hold them. Only
+    their number and the list's sha256 are recorded (``vocab.report["opt_out"]``), and the list's digest is folded
+    into the data fingerprint so a model trained before the opt-out cannot be resumed on data after it.
+    """
+    t_start = time.perf_counter()
+    config = config or TokenizerConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    db = Path(db)
+    if not db.exists():
+        raise TokenizeError(f"{db}: warehouse not found")
+    with warehouse.connect(db, read_only=True) as con:
+        vocab, markers_coarsened = _fit_without(con, config, set(exclude_subjects or ()))
+        register_code_map(con, vocab)
+        descriptions = _code_descriptions(con, vocab)
+        summary: dict[str, Any] = {"out": str(out), "vocab_size": len(vocab.tokens), "rare_mapping": vocab.report,
+                                   "markers_coarsened": markers_coarsened, "tokens": {}, "subjects": {},
+                                   "static_only_subjects": {}, "unseen_codes": {}}
+        _write_splits(con, vocab, out, progress, summary)
+    vocab.save(out / "vocab.json")
+    (out / "code_descriptions.json").write_text(json.dumps(descriptions, indent=0, sort_keys=True))
+    summary["messages"] = summary_messages(summary)
+    summary["seconds"] = round(time.perf_counter() - t_start, 3)
+    summary["db"] = str(db.resolve())  # where the tokens came from: `foresight evaluate` finds the warehouse here
+    (out / "tokenize_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _fit_without(con: Any, config: TokenizerConfig, excluded: set[int]) -> tuple[Vocabulary, dict[str, Any]]:
+    """Hide the opted-out subjects, fit the vocabulary and record the opt-out in it: (vocabulary, the per-kind
+    counts of train subjects whose markers the floor coarsened)."""
+    n_hidden = optout.hide_subjects(con, excluded) if excluded else 0
+    vocab = fit_vocabulary(con, config)
+    # per-kind counts of train subjects whose markers the floor coarsened go to the summary, which stays with
+    # the shards, and not into vocab.json, which ships with every model: small counts of people stay inside
+    markers_coarsened = vocab.report.pop("markers", {})
+    if excluded:
+        list_digest = optout.digest(excluded)
+        vocab.fingerprint = data_fingerprint(con, list_digest)
+        vocab.report["opt_out"] = {"subjects_listed": len(excluded), "subjects_excluded": n_hidden,
+                                   "list_sha256": list_digest}
+    return vocab, markers_coarsened
+
+
+def _code_descriptions(con: Any, vocab: Vocabulary) -> dict[str, str]:
+    """Readable names of the code tokens (predictions, the server, model cards), from the codes table."""
+    return dict(con.execute(
+        "SELECT code, description FROM codes WHERE description IS NOT NULL AND code IN "
+        "(SELECT unnest(?::VARCHAR[]))", [vocab.tokens]).fetchall())
+
+
+def _write_splits(con: Any, vocab: Vocabulary, out: Path, progress: Any, summary: dict[str, Any]) -> None:
+    """Encode and write every split, recording its counts (and clock error) in ``summary``."""
+    # The distinct codes of each split, from one aggregation (a few thousand rows): an anti-join of every
+    # split's events against every train event ran DuckDB out of memory at 1M subjects (165M events).
+    split_codes: dict[str, set[str]] = {}
+    for split, code in con.execute("SELECT DISTINCT s.split, e.code FROM events e JOIN subject_splits s "
+                                   "USING (subject_id)").fetchall():
+        split_codes.setdefault(split, set()).add(code)
+    for split in SPLITS:
+        ids = np.array([r[0] for r in con.execute(
+            "SELECT DISTINCT e.subject_id FROM events e JOIN subject_splits s USING (subject_id) "
+            "WHERE s.split = ? ORDER BY 1", [split]).fetchall()], dtype=np.int64)
+        n_tokens, errors, n_static_only = write_split(con, vocab, split, ids, out, progress)
+        if len(errors):
+            summary.setdefault("clock_error_hours", {})[split] = {
+                "p50": round(float(np.percentile(errors, 50)) / 3600, 3),
+                "p95": round(float(np.percentile(errors, 95)) / 3600, 3),
+                "max": round(float(errors.max()) / 3600, 3)}
+        summary["tokens"][split] = n_tokens
+        summary["subjects"][split] = len(ids)
+        summary["static_only_subjects"][split] = n_static_only
+        summary["unseen_codes"][split] = len(split_codes.get(split, set()) - split_codes.get("train", set()))
+
+
+def summary_messages(summary: dict[str, Any]) -> list[str]:
+    """Plain-language notes on what the tokenizer did to unusual records (the CLI prints them)."""
+    messages = []
+    static_only = summary["static_only_subjects"]
+    if n := sum(static_only.values()):
+        per = ", ".join(f"{s} {c:,}" for s, c in static_only.items() if c)
+        messages.append(f"{n:,} subjects have only static facts (no timed event; {per}): encoded as BOS + static "
+                        "prefix + birth band + END, with no events, age/year markers or clock")
+    for kind, st in summary["markers_coarsened"].items():
+        parts = []
+        if st["subjects_coarsened"]:
+            parts.append(f"{st['subjects_coarsened']:,} train subjects ({st['events_coarsened']:,} events) got a "
+                         f"band wider than {st['finest_band_years']} year(s)")
+        if st["subjects_to_rare"]:
+            parts.append(f"{st['subjects_to_rare']:,} ({st['events_to_rare']:,} events) got {kind}//RARE")
+        if parts:
+            messages.append(f"{kind} markers under the privacy floor: {'; '.join(parts)}")
+    return messages

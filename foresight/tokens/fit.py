@@ -1,0 +1,373 @@
+"""Fitting the vocabulary on the train split: the privacy floor, marker bands, value deciles, data fingerprint.
+
+Every statistic is a DuckDB aggregate over a view of the train split (``train_events``), so fitting streams
+through a cohort far larger than memory. A code is a token only if at least ``min_subjects`` distinct train
+subjects have it (:func:`floor_map`); age, year and birth markers use the finest aligned band that reaches the
+same floor (:func:`fit_markers`); numeric values get per-code deciles of which only the inner edges are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from typing import Any
+
+from foresight.schema import BIRTH_CODE, DEATH_CODE, SEP, code_kind
+from foresight.tokens.vocab import (
+    AGE_PREFIX,
+    BIRTH_PREFIX,
+    QUANTILE_PREFIX,
+    RARE,
+    SPECIAL_TOKENS,
+    YEAR_PREFIX,
+    TokenizerConfig,
+    Vocabulary,
+    time_tokens,
+)
+
+QUANTILE_BATCH_VALUES = 8_000_000  # numeric values per exact-quantile query (~64 MB of doubles)
+
+# The train values behind each marker kind ($birth: the birth code), per (subject, value) row.
+MARKER_SOURCES = {
+    "BIRTH": "SELECT subject_id, year(time) AS v FROM train_events WHERE code = $birth",
+    "YEAR": "SELECT subject_id, year(time) AS v FROM train_events WHERE time IS NOT NULL AND code <> $birth",
+    # whole years of age, the same rule as codec.ages (the encoder): calendar years minus one when the time
+    # elapsed in the event's year is shorter than at birth (date_diff alone counts year boundaries)
+    "AGE": "SELECT e.subject_id, date_diff('year', b.birth, e.time) - CASE WHEN epoch(e.time) - "
+           "epoch(date_trunc('year', e.time)) < epoch(b.birth) - epoch(date_trunc('year', b.birth)) "
+           "THEN 1 ELSE 0 END AS v FROM train_events e JOIN "
+           "(SELECT subject_id, min(time) AS birth FROM train_events WHERE code = $birth GROUP BY 1) b "
+           "USING (subject_id) WHERE e.time IS NOT NULL AND e.code <> $birth",
+}
+
+
+class TokenizeError(Exception):
+    """The warehouse cannot be tokenized (empty, no train subjects, ...); the message says why."""
+
+
+def fit_vocabulary(con: Any, config: TokenizerConfig | None = None) -> Vocabulary:
+    """Fit the vocabulary on the TRAIN split of the warehouse behind ``con`` (see :func:`floor_map`)."""
+    config = config or TokenizerConfig()
+    k = config.min_subjects
+    n_train = _count_train_subjects(con)
+    _create_train_views(con, config)
+    code_map, n_events = _fit_code_map(con, k)
+    report = {"train_subjects": n_train, "min_subjects": k, **_code_map_report(code_map, n_events)}
+    code_map = {c: t for c, t in code_map.items() if c in n_events or t == c}  # drop pure ancestors
+    _map_unseen_codes(con, code_map)
+    quantile_edges = _fit_quantile_edges(con, config, code_map)
+    marker_map, report["markers"] = fit_markers(con, config)
+    tokens = _token_list(config, marker_map, code_map)
+    report["vocab_size"] = len(tokens)
+    report["codes_with_value_tokens"] = len(quantile_edges)
+    if code_map.get(DEATH_CODE) != DEATH_CODE and DEATH_CODE in code_map:
+        report["warning"] = f"fewer than {k} train subjects died: MEDS_DEATH is not its own token"
+    con.execute("DROP VIEW train_events; DROP TABLE code_pairs; DROP TABLE drop_kinds")
+    return Vocabulary(config, tokens, code_map, quantile_edges, marker_map, report, data_fingerprint(con))
+
+
+def _count_train_subjects(con: Any) -> int:
+    """Distinct train subjects with events; a :class:`TokenizeError` when there are none."""
+    n_train = con.execute(
+        "SELECT count(DISTINCT e.subject_id) FROM events e JOIN subject_splits s USING (subject_id) "
+        "WHERE s.split = 'train'"
+    ).fetchall()[0][0]
+    if n_train == 0:
+        n_all = con.execute("SELECT count(*) FROM events").fetchall()[0][0]
+        raise TokenizeError(
+            "the warehouse has no events" if n_all == 0 else
+            "no subject with events is in the train split: the vocabulary is fitted on train only")
+    return n_train
+
+
+def _create_train_views(con: Any, config: TokenizerConfig) -> None:
+    """TEMP ``drop_kinds(kind)``, view ``train_events`` and table ``code_pairs(node, subject_id)`` of train."""
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE drop_kinds AS SELECT unnest(?::VARCHAR[]) AS kind
+        """,
+        [list(config.drop_kinds)],
+    )
+    # A view, not a copy: the train split of a national cohort is far larger than memory, and every statistic
+    # below is one streaming aggregate over it.
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP VIEW train_events AS
+        SELECT e.* FROM events e JOIN subject_splits s USING (subject_id)
+        WHERE s.split = 'train' AND fs_kind(e.code) NOT IN (SELECT kind FROM drop_kinds)
+        """
+    )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE code_pairs AS SELECT DISTINCT code AS node, subject_id FROM train_events "
+        "WHERE code <> ?", [BIRTH_CODE])
+
+
+def _fit_code_map(con: Any, k: int) -> tuple[dict[str, str], dict[str, int]]:
+    """(code -> token for train codes and the ancestors that became tokens, train events per code)."""
+    chains = {c: list(p) for c, p in con.execute(
+        "SELECT code, coalesce(parent_codes, []::VARCHAR[]) FROM codes WHERE code IN (SELECT node FROM code_pairs)"
+    ).fetchall()}
+    code_map = floor_map(con, "code_pairs", chains, k)
+    n_events = dict(con.execute("SELECT code, count(*) FROM train_events GROUP BY code").fetchall())
+    # What is left goes to KIND//RARE, or RARE when the kind's rare pool is itself below the floor.
+    leftover = [c for c in n_events if c != BIRTH_CODE and c not in code_map]
+    if leftover:
+        kind_pools = dict(con.execute(
+            "SELECT fs_kind(node) AS kind, count(DISTINCT subject_id) FROM code_pairs "
+            "WHERE node IN (SELECT unnest(?::VARCHAR[])) GROUP BY kind", [leftover]).fetchall())
+        for c in leftover:
+            kind = code_kind(c)
+            code_map[c] = f"{kind}{SEP}RARE" if kind_pools.get(kind, 0) >= k else RARE
+    return code_map, n_events
+
+
+def _code_map_report(code_map: dict[str, str], n_events: dict[str, int]) -> dict[str, int]:
+    """How many train codes (and their events) kept their own token, went to a parent or to a RARE token."""
+    train_codes = [c for c in n_events if c != BIRTH_CODE]
+    to_parent = [c for c in train_codes if code_map[c] != c and not code_map[c].endswith("RARE")]
+    to_rare = [c for c in train_codes if code_map[c].endswith("RARE")]
+    as_is = [c for c in train_codes if code_map[c] == c]
+    return {
+        "codes_kept": len(as_is), "events_kept": sum(n_events[c] for c in as_is),
+        "codes_to_parent": len(to_parent), "events_to_parent": sum(n_events[c] for c in to_parent),
+        "codes_to_rare": len(to_rare), "events_to_rare": sum(n_events[c] for c in to_rare),
+    }
+
+
+def _map_unseen_codes(con: Any, code_map: dict[str, str]) -> None:
+    """Codes never seen in train (tuning/held-out only): nearest tokenised ancestor, else KIND//RARE / RARE."""
+    token_set = set(code_map.values())
+    for code, chain in con.execute(
+        "SELECT DISTINCT e.code, coalesce(c.parent_codes, []::VARCHAR[]) FROM events e LEFT JOIN codes c "
+        "USING (code) WHERE e.code <> ?", [BIRTH_CODE]
+    ).fetchall():
+        if code not in code_map:
+            rare = f"{code_kind(code)}{SEP}RARE"
+            code_map[code] = next((p for p in chain if p in token_set), rare if rare in token_set else RARE)
+
+
+def _fit_quantile_edges(con: Any, config: TokenizerConfig, code_map: dict[str, str]) -> dict[str, list[float]]:
+    """Value deciles per code token, from train values of codes that are their own token."""
+    n_edges = config.n_quantiles - 1
+    probs = [i / config.n_quantiles for i in range(1, config.n_quantiles)]
+    counts = con.execute(
+        """
+        SELECT code, count(*) FROM train_events WHERE numeric_value IS NOT NULL AND isfinite(numeric_value)
+        GROUP BY code HAVING count(*) >= ? ORDER BY code
+        """,
+        [config.min_values_for_quantiles],
+    ).fetchall()
+    edges_rows = []
+    for batch in _quantile_batches(counts):
+        edges_rows += con.execute(
+            """
+            SELECT code, quantile_cont(numeric_value, ?::DOUBLE[]) FROM train_events
+            WHERE numeric_value IS NOT NULL AND isfinite(numeric_value) AND code IN (SELECT unnest(?::VARCHAR[]))
+            GROUP BY code
+            """,
+            [probs, batch],
+        ).fetchall()
+    return {c: [float(x) for x in e] for c, e in edges_rows if code_map.get(c) == c and len(e) == n_edges}
+
+
+def _quantile_batches(counts: list[tuple[str, int]]) -> list[list[str]]:
+    """Codes in batches of at most QUANTILE_BATCH_VALUES values (a code with more is a batch of its own).
+
+    Exact quantiles hold every value of a group in memory (DuckDB cannot spill them), so batching keeps memory
+    bounded as the cohort grows (one pass over all codes at once ran out of a 512 MB limit at 1M subjects).
+    """
+    batches: list[list[str]] = [[]]
+    in_batch = 0
+    for code, n in counts:
+        if batches[-1] and in_batch + n > QUANTILE_BATCH_VALUES:
+            batches.append([])
+            in_batch = 0
+        batches[-1].append(code)
+        in_batch += n
+    return [b for b in batches if b]
+
+
+def _token_list(config: TokenizerConfig, marker_map: dict[str, dict[str, str]], code_map: dict[str, str]) -> list[str]:
+    """The vocabulary in id order: specials, interval bins, deciles, markers (bands, then RARE), code tokens."""
+    markers = sorted({t for m in marker_map.values() for t in m.values()})
+    markers += [f"{p}RARE" for p in (BIRTH_PREFIX, YEAR_PREFIX, AGE_PREFIX)]
+    tokens = list(SPECIAL_TOKENS)
+    tokens += [t for t, _ in time_tokens(config)]
+    tokens += [f"{QUANTILE_PREFIX}{i}" for i in range(1, config.n_quantiles + 1)]
+    tokens += markers
+    tokens += [t for t in sorted(set(code_map.values())) if t not in tokens]
+    return tokens
+
+
+def floor_map(con: Any, pairs_table: str, chains: dict[str, list[str]], k: int) -> dict[str, str]:
+    """Map every node of ``pairs_table(node, subject_id)`` to a token that covers >= ``k`` distinct subjects.
+
+    A node with >= k subjects of its own is its own token. Rarer nodes climb their ancestor ``chains``
+    (nearest first) level by level, deepest first: at each level the rare nodes sharing a parent pool their
+    subjects with the parent's own; a pool reaching ``k`` makes the parent a token for all of them (and for
+    the parent's own rows), otherwise they move up together. Counts are exact distinct-subject counts
+    computed in DuckDB, so this scales to millions of subjects. Nodes still unmapped at the top are absent
+    from the result (the caller sends them to a RARE token).
+    """
+    own = dict(con.execute(f"SELECT node, count(DISTINCT subject_id) FROM {pairs_table} GROUP BY node").fetchall())
+    mapping = {n: n for n, c in own.items() if c >= k}
+    parent, depth = _ancestry(chains)
+    cur = {n: n for n in own if n not in mapping}  # pending node -> the node it currently pools under
+    for level in range(max(depth.values(), default=0), 0, -1):
+        moving = {n: parent[c] for n, c in cur.items() if depth.get(c, 0) == level and c in parent}
+        if not moving:
+            continue
+        pools = _pool_sizes(con, pairs_table, moving)
+        for n, cand in moving.items():
+            target = mapping.get(cand)
+            if target is None and pools.get(cand, 0) >= k:
+                target = cand
+            if target is not None:
+                mapping[n] = target
+                del cur[n]
+            else:
+                cur[n] = cand
+        for cand, pool in pools.items():  # a parent that became a token also takes its own rows
+            if pool >= k and cand in cur:
+                mapping[cand] = mapping.get(cand, cand)
+                del cur[cand]
+    return mapping
+
+
+def _ancestry(chains: dict[str, list[str]]) -> tuple[dict[str, str], dict[str, int]]:
+    """(node -> its parent, node -> its height above the deepest node below it) from the ancestor chains."""
+    parent: dict[str, str] = {}
+    depth: dict[str, int] = {}
+    for node, chain in chains.items():
+        full = [node, *chain]
+        for i, a in enumerate(full):
+            depth[a] = max(depth.get(a, 0), len(full) - 1 - i)
+            if i + 1 < len(full):
+                parent.setdefault(a, full[i + 1])
+    return parent, depth
+
+
+def _pool_sizes(con: Any, pairs_table: str, moving: dict[str, str]) -> dict[str, int]:
+    """Distinct subjects of each candidate: the nodes moving to it (``moving``: node -> candidate) + its own."""
+    con.execute("CREATE OR REPLACE TEMP TABLE floor_moving (node VARCHAR, cand VARCHAR)")
+    con.execute("INSERT INTO floor_moving SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[])",
+                [list(moving), list(moving.values())])
+    return dict(con.execute(
+        f"""SELECT cand, count(DISTINCT subject_id) FROM (
+                SELECT m.cand, p.subject_id FROM {pairs_table} p JOIN floor_moving m USING (node)
+                UNION ALL
+                SELECT p.node, p.subject_id FROM {pairs_table} p
+                WHERE p.node IN (SELECT cand FROM floor_moving)
+            ) GROUP BY cand""").fetchall())
+
+
+def data_fingerprint(con: Any, opt_out_sha256: str | None = None) -> str:
+    """What the tokens were made from: md5 of the warehouse's ETL run history (``vocab.json: fingerprint``),
+    folded with the sha256 of the opt-out list when one was honoured."""
+    fp = con.execute(
+        "SELECT coalesce(md5(string_agg(run_id || ':' || input_checksums::VARCHAR, ',' ORDER BY run_id)), 'none') "
+        "FROM etl_runs").fetchall()[0][0]
+    # md5, not sha256: stored fingerprints (vocab.json, model directories) must keep matching
+    return hashlib.md5(f"{fp}:{opt_out_sha256}".encode()).hexdigest() if opt_out_sha256 else fp
+
+
+# --- age, year and birth markers ---------------------------------------------------------------------------
+
+
+def fit_markers(
+    con: Any, config: TokenizerConfig
+) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, int]]]:
+    """AGE/YEAR/BIRTH value -> token: an ordered partition of the values into aligned bands.
+
+    Top-down: start from the widest bands (e.g. 20 years) that reach the floor, and split a band into its
+    narrower aligned children (10, 5, then single years) only when every non-empty child reaches the floor
+    too. Tokens therefore never overlap and follow the order of the values (ages and years never appear to go
+    backwards), and each covers >= ``min_subjects`` distinct train subjects. Values in a too-rare widest band
+    map to KIND//RARE.
+
+    Also returns, per kind, what the floor cost in resolution on train: how many train subjects and events
+    had a value that landed in a band wider than the finest allowed one (``*_coarsened``) or in KIND//RARE
+    (``*_to_rare``). An event counts once per marker kind (its calendar year, its age); a birth is one event.
+    """
+    enabled = {"BIRTH": True, "YEAR": config.year_tokens, "AGE": config.age_tokens}
+    out: dict[str, dict[str, str]] = {}
+    stats: dict[str, dict[str, int]] = {}
+    for kind, sql in MARKER_SOURCES.items():
+        out[kind] = {}
+        if enabled[kind]:
+            out[kind], stats[kind] = _fit_marker_kind(con, config, kind, sql)
+    return out, stats
+
+
+def _fit_marker_kind(con: Any, config: TokenizerConfig, kind: str, sql: str) -> tuple[dict[str, str], dict[str, int]]:
+    """One marker kind of :func:`fit_markers`: (value -> band token, what the floor cost on train)."""
+    widths = sorted((w for w in config.marker_bands if kind != "BIRTH" or w >= config.birth_min_band),
+                    reverse=True) or [config.birth_min_band]
+    if any(a % b for a, b in itertools.pairwise(widths)):
+        raise ValueError(f"marker_bands {config.marker_bands} must divide each other (e.g. 20, 10, 5, 1)")
+    # GROUP BY with a count costs what DISTINCT did (both are one hash aggregate) and keeps the events per
+    # (value, subject), so the coarsening report below needs no second pass over train events
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE marker_pairs AS SELECT v, subject_id, count(*) AS n FROM ({sql}) "
+        "WHERE v >= 0 GROUP BY v, subject_id",
+        {"birth": BIRTH_CODE})
+    values = sorted(int(v) for (v,) in con.execute("SELECT DISTINCT v FROM marker_pairs").fetchall())
+    # DISTINCT as a grouping (which DuckDB can spill to disk) rather than count(DISTINCT ...) (which it
+    # cannot): tens of millions of (value, subject) pairs at 1M subjects must fit any memory limit
+    counts = {w: dict(con.execute(
+        "SELECT band, count(*) FROM (SELECT DISTINCT v - v % $w AS band, subject_id FROM marker_pairs) "
+        "GROUP BY band", {"w": w}).fetchall()) for w in widths}
+    part = _partition(values, widths, counts, config.min_subjects)
+    stats = {"finest_band_years": widths[-1]}
+    for label, vals in (("coarsened", [v for v, (_, w) in part.items() if w > widths[-1]]),
+                        ("to_rare", [v for v in values if v not in part])):
+        n_subj, n_ev = con.execute(
+            "SELECT count(*), coalesce(sum(n), 0) FROM (SELECT subject_id, sum(n) AS n FROM marker_pairs "
+            "WHERE v IN (SELECT unnest(?::BIGINT[])) GROUP BY subject_id)", [vals]).fetchall()[0]
+        stats |= {f"values_{label}": len(vals), f"subjects_{label}": int(n_subj), f"events_{label}": int(n_ev)}
+    con.execute("DROP TABLE marker_pairs")
+
+    prefix = f"{kind}{SEP}"
+    mapping: dict[str, str] = {}
+    # every value of a band maps to it, seen in train or not: a value missing from the map would become
+    # RARE and mark its holder as a non-member, and the map would list exactly the values train subjects had
+    for lo, w in set(part.values()):
+        for v in range(lo, lo + w):
+            mapping[str(v)] = _band_name(prefix, lo, w)
+    return mapping, stats
+
+
+def _band_name(prefix: str, lo: int, width: int) -> str:
+    return f"{prefix}{lo}" if width == 1 else f"{prefix}{lo}-{lo + width - 1}"
+
+
+def _partition(
+    values: list[int], widths: list[int], counts: dict[int, dict[int, int]], k: int
+) -> dict[int, tuple[int, int]]:
+    """value -> (band start, band width): widest bands first, split while every non-empty child has >= k.
+
+    ``counts[width][band start]``: distinct subjects in each band. With k = 2, the 5-year band 65-69 holds one
+    subject, so 60-69 stays whole; 70-79 splits down to single years:
+
+    >>> counts = {10: {60: 3, 70: 4}, 5: {60: 2, 65: 1, 70: 4}, 1: {61: 1, 62: 1, 67: 1, 71: 2, 72: 2}}
+    >>> _partition([61, 62, 67, 71, 72], [10, 5, 1], counts, 2)
+    {61: (60, 10), 62: (60, 10), 67: (60, 10), 71: (71, 1), 72: (72, 1)}
+    """
+    out: dict[int, tuple[int, int]] = {}
+
+    def assign(lo: int, level: int, members: list[int]) -> None:
+        if level + 1 < len(widths):
+            cw = widths[level + 1]
+            children = sorted({v - v % cw for v in members})
+            if all(counts[cw].get(c, 0) >= k for c in children):
+                for c in children:
+                    assign(c, level + 1, [v for v in members if c <= v < c + cw])
+                return
+        for v in members:
+            out[v] = (lo, widths[level])
+
+    top = widths[0]
+    for band in sorted({v - v % top for v in values}):
+        if counts[top].get(band, 0) >= k:
+            assign(band, 0, [v for v in values if band <= v < band + top])
+    return out

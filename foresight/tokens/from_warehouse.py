@@ -1,0 +1,75 @@
+"""Warehouse events -> encoded chunks: the SQL side of encoding (code map, event selection) for whole subjects.
+
+``register_code_map`` puts every warehouse code's token id into a TEMP table once per connection; then
+``encode_subjects`` selects a range of subjects' events (optionally of one split, of a cohort table, up to a
+point in time) and hands them to :func:`foresight.tokens.codec.encode_arrays`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from foresight.schema import BIRTH_CODE
+from foresight.tokens.codec import NO_TIME, EncodedChunk, encode_arrays, merge_static_only
+from foresight.tokens.vocab import Vocabulary
+
+
+def map_codes(con: Any, vocab: Vocabulary) -> dict[str, str]:
+    """Every code in the warehouse -> its token (through ``codes.parent_codes``; see Vocabulary.token_for)."""
+    rows = con.execute(
+        "SELECT DISTINCT e.code, c.parent_codes FROM events e LEFT JOIN codes c USING (code) WHERE e.code <> ?",
+        [BIRTH_CODE]).fetchall()
+    return {code: vocab.token_for(code, list(parents) if parents is not None else None) for code, parents in rows}
+
+
+def register_code_map(con: Any, vocab: Vocabulary) -> None:
+    """TEMP table ``vocab_map(code, tok)``: every warehouse code -> token id, for the SQL side of encoding."""
+    mapping = map_codes(con, vocab)
+    con.execute("CREATE OR REPLACE TEMP TABLE vocab_map (code VARCHAR, tok INTEGER)")
+    con.execute("INSERT INTO vocab_map SELECT unnest(?::VARCHAR[]), unnest(?::INTEGER[])",
+                [list(mapping), [vocab.index[t] for t in mapping.values()]])
+
+
+def encode_subjects(con: Any, vocab: Vocabulary, lo: int, hi: int, split: str | None = None,
+                    as_of: datetime | None = None, cohort_table: str | None = None) -> EncodedChunk:
+    """Encode the subjects with ids in [lo, hi] (of ``split`` / in ``cohort_table(subject_id)`` when given),
+    from their events up to ``as_of``. ``register_code_map`` must have run on ``con``."""
+    cfg = vocab.config
+    cond, params = _subject_filter(lo, hi, split, as_of, cohort_table)
+    data = con.execute(
+        f"""
+        SELECT e.subject_id, coalesce(epoch(e.time)::BIGINT, {NO_TIME}) AS t, m.tok,
+               coalesce(e.numeric_value::DOUBLE, 'NaN'::DOUBLE) AS v
+        FROM events e JOIN vocab_map m USING (code)
+        WHERE {cond} AND e.code <> ? AND fs_kind(e.code) NOT IN (SELECT unnest(?::VARCHAR[]))
+        """,
+        [*params, BIRTH_CODE, list(cfg.drop_kinds)],
+    ).fetchnumpy()
+    births = con.execute(
+        f"SELECT e.subject_id, epoch(min(e.time))::BIGINT FROM events e WHERE {cond} AND e.code = ? GROUP BY 1",
+        [*params, BIRTH_CODE],
+    ).fetchall()
+    chunk = encode_arrays(vocab, data["subject_id"], data["t"], data["tok"], data["v"], dict(births))
+    # subjects with a birth but no other event still get a (short) sequence
+    present = set(chunk.subject_ids.tolist())
+    extra = [sid for sid, _ in births if sid not in present]
+    return merge_static_only(vocab, chunk, extra, dict(births)) if extra else chunk
+
+
+def _subject_filter(lo: int, hi: int, split: str | None, as_of: datetime | None,
+                    cohort_table: str | None) -> tuple[str, list[Any]]:
+    """The WHERE condition on ``events e`` (and its bound values) of :func:`encode_subjects`."""
+    where = ["e.subject_id BETWEEN ? AND ?"]
+    params: list[Any] = [lo, hi]
+    if split is not None:
+        where.append("e.subject_id IN (SELECT subject_id FROM subject_splits WHERE split = ?)")
+        params.append(split)
+    if cohort_table is not None:
+        if not cohort_table.isidentifier():
+            raise ValueError(f"not a table name: {cohort_table!r}")
+        where.append(f"e.subject_id IN (SELECT subject_id FROM {cohort_table})")
+    if as_of is not None:
+        where.append("(e.time IS NULL OR e.time <= ?)")
+        params.append(as_of)
+    return " AND ".join(where), params

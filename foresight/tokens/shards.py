@@ -1,0 +1,87 @@
+"""Token shards on disk: one split's subjects encoded chunk by chunk into ``<split>.bin``, ``<split>.clock.bin``
+and ``<split>.index.npy`` (read back by :mod:`foresight.dataset`).
+
+- ``<split>.bin``: token ids of all subjects, back to back (uint16, or uint32 for vocabularies of 65,536+).
+- ``<split>.clock.bin``: int32 minutes of the token clock since the subject's first event, one per token.
+- ``<split>.index.npy``: one :data:`INDEX_DTYPE` row per subject.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from foresight.tokens.codec import NO_TIME, EncodedChunk
+from foresight.tokens.from_warehouse import encode_subjects
+from foresight.tokens.vocab import MINUTE, Vocabulary
+
+# One row per subject: where its tokens are, how long its static prefix is (with and without the markers of
+# the first timestamp), when its first event was and when it was born (NO_TIME when unknown).
+INDEX_DTYPE = np.dtype([("subject_id", "<i8"), ("offset", "<i8"), ("length", "<i8"), ("prefix_len", "<i4"),
+                        ("head_len", "<i4"), ("t0", "<i8"), ("birth", "<i8")])
+
+
+def write_split(
+    con: Any, vocab: Vocabulary, split: str, ids: np.ndarray, out: Path, progress: Any
+) -> tuple[int, np.ndarray, int]:
+    """Encode and append one split's subjects chunk by chunk: (tokens written, clock-error sample, subjects
+    with only static facts). ``register_code_map`` must have run on ``con``; ``progress(split, done, total)``
+    is called after each chunk."""
+    per = vocab.config.subjects_per_chunk
+    index_parts, written, errors, static_only = [], 0, [], 0
+    with open(out / f"{split}.bin", "wb") as ftok, open(out / f"{split}.clock.bin", "wb") as fclk:
+        for i in range(0, len(ids), per):
+            part = ids[i:i + per]
+            chunk = encode_subjects(con, vocab, int(part[0]), int(part[-1]), split)
+            ftok.write(chunk.tokens.astype(vocab.dtype).tobytes())
+            fclk.write(clock_minutes(chunk).tobytes())
+            index_parts.append(index_rows(vocab, chunk, written))
+            errors.append(chunk.clock_error_s[::max(1, len(chunk.clock_error_s) // 10_000)])  # a sample
+            # no timed event at all (static facts and/or a birth only): a valid but empty-looking record that
+            # the summary names, so a cohort full of them (a broken extract) does not pass unnoticed
+            static_only += int((chunk.t0_s == NO_TIME).sum())
+            written += len(chunk.tokens)
+            if progress is not None:
+                progress(split, min(i + per, len(ids)), len(ids))
+    np.save(out / f"{split}.index.npy", np.concatenate(index_parts) if index_parts else np.zeros(0, INDEX_DTYPE))
+    return written, np.concatenate(errors) if errors else np.zeros(0), static_only
+
+
+def write_shard(vocab: Vocabulary, chunk: EncodedChunk, out: Path, name: str) -> None:
+    """One encoded chunk as a whole split ``out/<name>.*`` (same files and layout as :func:`write_split`)."""
+    chunk.tokens.astype(vocab.dtype).tofile(out / f"{name}.bin")
+    clock_minutes(chunk).tofile(out / f"{name}.clock.bin")
+    np.save(out / f"{name}.index.npy", index_rows(vocab, chunk, 0))
+
+
+def clock_minutes(chunk: EncodedChunk) -> np.ndarray:
+    """int32 minutes of each token's clock since its subject's first event (0 for subjects without one)."""
+    t0 = np.repeat(np.where(chunk.t0_s == NO_TIME, 0, chunk.t0_s), np.diff(chunk.offsets))
+    return ((chunk.clock_s - t0) // MINUTE).astype(np.int32)
+
+
+def index_rows(vocab: Vocabulary, chunk: EncodedChunk, written: int) -> np.ndarray:
+    """The index rows of a chunk whose tokens start at position ``written`` of the split's token file."""
+    idx = np.zeros(len(chunk.subject_ids), dtype=INDEX_DTYPE)
+    idx["subject_id"] = chunk.subject_ids
+    idx["offset"] = chunk.offsets[:-1] + written
+    idx["length"] = np.diff(chunk.offsets)
+    idx["prefix_len"] = chunk.prefix_lens
+    idx["head_len"] = chunk.prefix_lens - first_markers(vocab, chunk)
+    idx["t0"] = chunk.t0_s
+    idx["birth"] = chunk.birth_s
+    return idx
+
+
+def first_markers(vocab: Vocabulary, chunk: EncodedChunk) -> np.ndarray:
+    """How many of each prefix's last tokens are interval/YEAR/AGE markers of the first timestamp."""
+    is_marker = (vocab.is_time | vocab.is_marker)[chunk.tokens]
+    n = np.zeros(len(chunk.subject_ids), dtype=np.int64)
+    for k in range(1, 4):  # at most TIME-free YEAR + AGE (+ safety)
+        pos = chunk.offsets[:-1] + chunk.prefix_lens - k
+        ok = (chunk.prefix_lens - k >= 0) & (n == k - 1)
+        hit = ok & is_marker[np.clip(pos, 0, max(len(chunk.tokens) - 1, 0))]
+        n += hit
+    return n
