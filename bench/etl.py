@@ -32,6 +32,10 @@ from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as `python bench/etl.py` from anywhere
+
+from foresight import sources, warehouse  # noqa: E402  (after the path line above)
+
 SHARED = Path(os.environ.get("FORESIGHT_SHARED_DATA", REPO.parent / "shared" / "data"))
 DEMO = SHARED / "mimic-iv-demo-2.2"
 SYNTHEA = SHARED / "synthea-ca-59pt"
@@ -197,15 +201,9 @@ def meds_input(copies: int) -> Path:
     base = OUT / "meds-mimic-demo"
     if not (base / ".complete").exists():
         shutil.rmtree(base, ignore_errors=True)
-        sys.path.insert(0, str(REPO))
-        from foresight import warehouse
-        from foresight.sources import mimic_iv
-
-        with tempfile.TemporaryDirectory() as tmp:
-            con = warehouse.connect(Path(tmp) / "w.duckdb")
-            mimic_iv.load(con, DEMO)
+        with tempfile.TemporaryDirectory() as tmp, warehouse.connect(Path(tmp) / "w.duckdb") as con:
+            sources.load("mimic-iv", con, DEMO)
             warehouse.export_meds(con, base)
-            con.close()
         (base / ".complete").touch()
     if copies == 1:
         return base

@@ -22,10 +22,12 @@ anybody on it.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from foresight.hashing import sha256
+from foresight.schema import uuid_subject_id
 
 OPT_OUT_REASON = "national data opt-out"
 
@@ -43,8 +45,6 @@ def resolve_id(raw: str) -> int:
     >>> resolve_id(" 593AAA05-D864-1DF7-5B96-155FBDB19F28 ") == uuid_subject_id("593aaa05-d864-1df7-5b96-155fbdb19f28")
     True
     """
-    from foresight.schema import uuid_subject_id
-
     text = raw.strip()
     if text.lstrip("-").isdigit():
         return int(text)
@@ -71,7 +71,7 @@ def read_subjects_file(path: str | Path) -> set[int]:
 
 def digest(subject_ids: Iterable[int]) -> str:
     """sha256 of the sorted id set: records WHICH list was honoured without storing the ids."""
-    return hashlib.sha256(",".join(str(s) for s in sorted(set(subject_ids))).encode()).hexdigest()
+    return sha256(",".join(str(s) for s in sorted(set(subject_ids))))
 
 
 def hide_subjects(con: Any, subject_ids: Iterable[int]) -> int:

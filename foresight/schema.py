@@ -1,8 +1,9 @@
 """The one place where Foresight's data contracts are defined.
 
 Everything that reads or writes the warehouse imports its names from here: the MEDS core columns, the
-code-naming rule, the DuckDB DDL for every warehouse table, the MEDS split names and the SQL macros that
-sources use to build codes and parse times. Nothing else in the project spells these out again.
+code-naming rule, the warehouse table names and the MEDS split names. Their SQL twins live next to the other SQL:
+the DDL of every warehouse table in ``foresight/sql/common/warehouse.sql`` and the macros sources use to build
+codes and parse times in ``foresight/sql/common/macros.sql``. Nothing else in the project spells these out again.
 
 MEDS (Medical Event Data Standard, v0.4) core data columns::
 
@@ -19,6 +20,7 @@ file it came from) and ``load_id`` (the ``etl_runs.run_id`` that wrote it).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import TYPE_CHECKING, Final
 
@@ -41,7 +43,6 @@ HELD_OUT: Final = "held_out"
 SPLITS: Final = (TRAIN, TUNING, HELD_OUT)
 # Percent buckets of the stable subject hash: [0, 80) train, [80, 90) tuning, [90, 100) held_out.
 SPLIT_BUCKETS: Final = {TRAIN: (0, 80), TUNING: (80, 90), HELD_OUT: (90, 100)}
-
 
 
 def meds_data_schema() -> pa.Schema:
@@ -166,66 +167,8 @@ def code_kind(code: str) -> str:
     return code.split(SEP, 1)[0]
 
 
-# The same rule for SQL, so vectorised sources build identical codes. Installed on every connection by
-# foresight.warehouse.connect(). `fs_part` mirrors code_part(); `fs_ts` parses ISO 8601 date or date-time
-# text ('2180-07-23 12:35:00', '2180-07-23', with 'T' or fractional seconds) and yields NULL otherwise.
-SQL_MACROS: Final = r"""
-CREATE OR REPLACE TEMP MACRO fs_part(x) AS
-    coalesce(nullif(regexp_replace(regexp_replace(upper(trim(x::VARCHAR)), '\s+', '_', 'g'), '/{2,}', '/', 'g'), ''),
-             'UNK');
-CREATE OR REPLACE TEMP MACRO fs_ts(x) AS TRY_CAST(trim(x::VARCHAR) AS TIMESTAMP);
-CREATE OR REPLACE TEMP MACRO fs_kind(code) AS
-    CASE WHEN code LIKE 'MEDS\_%' ESCAPE '\' THEN 'MEDS' ELSE split_part(code, '//', 1) END;
-CREATE OR REPLACE TEMP MACRO fs_id(x) AS TRY_CAST(trim(x::VARCHAR) AS BIGINT);
-CREATE OR REPLACE TEMP MACRO fs_num(x) AS TRY_CAST(trim(x::VARCHAR) AS DOUBLE);
--- ICD-style hierarchy by truncation, nearest ancestor first: fs_prefixes('DX//ICD10CM//', 'E1165', 3)
--- = ['DX//ICD10CM//E116', 'DX//ICD10CM//E11'].
-CREATE OR REPLACE TEMP MACRO fs_prefixes(prefix, value, min_len) AS
-    list_transform(range(length(value) - 1, min_len - 1, -1), lambda i: prefix || left(value, i));
--- Row checks shared by every source. Each returns a reason (naming the column and the raw value) or NULL;
--- a row's quarantine reason is the coalesce() of its checks, so the first failing check is reported.
-CREATE OR REPLACE TEMP MACRO fs_check_subject(raw, known) AS
-    CASE WHEN raw IS NULL THEN 'missing subject_id'
-         WHEN fs_id(raw) IS NULL THEN 'non-integer subject_id: ' || raw
-         WHEN known IS NULL THEN 'unknown subject_id (not in the patients table): ' || raw END;
-CREATE OR REPLACE TEMP MACRO fs_check_id(col, raw, required) AS
-    CASE WHEN raw IS NULL THEN CASE WHEN required THEN 'missing ' || col END
-         WHEN fs_id(raw) IS NULL THEN 'non-integer ' || col || ': ' || raw END;
-CREATE OR REPLACE TEMP MACRO fs_check_time(col, raw, required) AS
-    CASE WHEN raw IS NULL THEN CASE WHEN required THEN 'missing ' || col END
-         WHEN fs_ts(raw) IS NULL THEN 'unparseable ' || col || ': ' || raw
-         WHEN year(fs_ts(raw)) NOT BETWEEN 1800 AND 2300 THEN 'implausible ' || col || ': ' || raw END;
-CREATE OR REPLACE TEMP MACRO fs_check_num(col, raw, nonnegative) AS
-    CASE WHEN raw IS NULL THEN NULL
-         WHEN fs_num(raw) IS NULL THEN 'non-numeric ' || col || ': ' || raw
-         WHEN NOT isfinite(fs_num(raw)) OR abs(fs_num(raw)) > 1e9 THEN 'absurd ' || col || ': ' || raw
-         WHEN nonnegative AND fs_num(raw) < 0 THEN 'negative ' || col || ': ' || raw END;
-CREATE OR REPLACE TEMP MACRO fs_check_order(first_col, first_time, then_col, then_time) AS
-    CASE WHEN then_time < first_time THEN then_col || ' before ' || first_col END;
-CREATE OR REPLACE TEMP MACRO fs_check_birth(t, birth_floor) AS
-    CASE WHEN t < birth_floor THEN 'time before birth: ' || strftime(t, '%Y-%m-%d %H:%M:%S') END;
--- ISO 8601 text with a UTC offset ('2021-08-22T20:26:50-07:00', '...Z') as UTC wall-clock time. fs_ts() alone
--- drops the offset (keeps local wall-clock), which would shift FHIR times by hours against Synthea's UTC CSV times.
-CREATE OR REPLACE TEMP MACRO fs_ts_utc(x) AS
-    CASE WHEN regexp_matches(trim(x::VARCHAR), '[+-]\d\d:\d\d$')
-         THEN fs_ts(left(trim(x::VARCHAR), length(trim(x::VARCHAR)) - 6))
-              - to_minutes((CASE WHEN substr(trim(x::VARCHAR), -6, 1) = '-' THEN -1 ELSE 1 END)
-                           * (TRY_CAST(substr(trim(x::VARCHAR), -5, 2) AS INTEGER) * 60
-                              + TRY_CAST(substr(trim(x::VARCHAR), -2, 2) AS INTEGER)))
-         ELSE fs_ts(regexp_replace(trim(x::VARCHAR), '[Zz]$', '')) END;
--- "Future" is after the moment the load runs (UTC, like every event time of the UUID-keyed sources).
-CREATE OR REPLACE TEMP MACRO fs_check_future(col, t) AS
-    CASE WHEN t > (now() AT TIME ZONE 'UTC')
-         THEN 'time in the future (after the load ran): ' || col || ' ' || strftime(t, '%Y-%m-%d %H:%M:%S') END;
--- Stable subject id for a non-integer patient id (Synthea/FHIR UUIDs), same rule as uuid_subject_id().
-CREATE OR REPLACE TEMP MACRO fs_uuid_subject(x) AS
-    (4611686018427387904 + (('0x' || substr(md5(lower(trim(x::VARCHAR))), 1, 16))::UBIGINT
-                            % 4611686018427387904::UBIGINT))::BIGINT;
-CREATE OR REPLACE TEMP MACRO fs_split(subject_id) AS
-    CASE WHEN ('0x' || substr(md5(subject_id::VARCHAR), 1, 8))::UBIGINT % 100 < 80 THEN 'train'
-         WHEN ('0x' || substr(md5(subject_id::VARCHAR), 1, 8))::UBIGINT % 100 < 90 THEN 'tuning'
-         ELSE 'held_out' END;
-"""
+# The same rules in SQL (fs_part, fs_kind, fs_uuid_subject, fs_split, the row checks): foresight/sql/common/macros.sql,
+# installed on every connection by foresight.warehouse.connect().
 
 
 def split_of(subject_id: int) -> str:
@@ -236,8 +179,6 @@ def split_of(subject_id: int) -> str:
     >>> split_of(10000032)
     'tuning'
     """
-    import hashlib
-
     bucket = int(hashlib.md5(str(subject_id).encode()).hexdigest()[:8], 16) % 100
     for split, (lo, hi) in SPLIT_BUCKETS.items():
         if lo <= bucket < hi:
@@ -262,102 +203,12 @@ def uuid_subject_id(source_id: str) -> int:
     >>> a >= UUID_SUBJECT_BASE
     True
     """
-    import hashlib
-
     digest = int(hashlib.md5(source_id.strip().lower().encode()).hexdigest()[:16], 16)
     return UUID_SUBJECT_BASE + digest % UUID_SUBJECT_BASE
 
 
-# --- Warehouse DDL -----------------------------------------------------------------------------------------
-
-WAREHOUSE_DDL: Final = """
-CREATE TABLE IF NOT EXISTS events (
-    subject_id    BIGINT    NOT NULL,
-    time          TIMESTAMP,              -- NULL only for static facts
-    code          VARCHAR   NOT NULL,
-    numeric_value FLOAT,
-    text_value    VARCHAR,
-    unit          VARCHAR,
-    encounter_id  VARCHAR,
-    source        VARCHAR   NOT NULL,     -- the load that owns this row (replaced on re-load)
-    source_table  VARCHAR   NOT NULL,     -- input table/file it came from
-    load_id       VARCHAR   NOT NULL      -- etl_runs.run_id
-);
-
-CREATE TABLE IF NOT EXISTS codes (
-    code         VARCHAR PRIMARY KEY,
-    description  VARCHAR,
-    kind         VARCHAR NOT NULL,
-    parent_codes VARCHAR[],               -- ancestors, nearest first, in Foresight code form
-    source       VARCHAR
-);
-
-CREATE TABLE IF NOT EXISTS subject_splits (
-    subject_id BIGINT PRIMARY KEY,
-    split      VARCHAR NOT NULL CHECK (split IN ('train', 'tuning', 'held_out'))
-);
-
-CREATE TABLE IF NOT EXISTS subject_map (
-    source     VARCHAR NOT NULL,
-    source_id  VARCHAR NOT NULL,
-    subject_id BIGINT  NOT NULL,
-    PRIMARY KEY (source, source_id)
-);
-
-CREATE TABLE IF NOT EXISTS etl_runs (
-    run_id           VARCHAR PRIMARY KEY,
-    source           VARCHAR   NOT NULL,
-    source_kind      VARCHAR   NOT NULL,  -- mimic-iv, synthea, fhir, meds, notes, simulator
-    input_path       VARCHAR   NOT NULL,
-    input_checksums  JSON      NOT NULL,  -- {relative file: sha256}
-    started_at       TIMESTAMP NOT NULL,
-    finished_at      TIMESTAMP NOT NULL,
-    rows_read        BIGINT    NOT NULL,
-    rows_loaded      BIGINT    NOT NULL,
-    rows_quarantined BIGINT    NOT NULL,
-    rows_dropped     BIGINT    NOT NULL,
-    dropped_reasons  JSON      NOT NULL,  -- {reason: rows}
-    events_loaded    BIGINT    NOT NULL,
-    subjects         BIGINT    NOT NULL,
-    missing_tables   JSON      NOT NULL,  -- optional inputs that were absent
-    foresight_version VARCHAR  NOT NULL
-);
-
-CREATE TABLE IF NOT EXISTS etl_tables (
-    run_id           VARCHAR NOT NULL,
-    source_table     VARCHAR NOT NULL,
-    file             VARCHAR NOT NULL,
-    sha256           VARCHAR NOT NULL,
-    rows_read        BIGINT  NOT NULL,
-    rows_loaded      BIGINT  NOT NULL,
-    rows_quarantined BIGINT  NOT NULL,
-    rows_dropped     BIGINT  NOT NULL,
-    events           BIGINT  NOT NULL
-);
-
--- Free-text clinical notes (FHIR DocumentReference text, decoded), for the notes source to annotate. ``time`` is
--- when the note became available (leak-free, like events); rows are replaced per source on re-load.
-CREATE TABLE IF NOT EXISTS notes (
-    subject_id   BIGINT  NOT NULL,
-    time         TIMESTAMP,
-    note_id      VARCHAR NOT NULL,        -- the source's document id
-    note_type    VARCHAR,                 -- e.g. LOINC//34117-2 (History and physical note)
-    encounter_id VARCHAR,
-    text         VARCHAR NOT NULL,
-    source       VARCHAR NOT NULL,
-    source_table VARCHAR NOT NULL,
-    load_id      VARCHAR NOT NULL
-);
-
-CREATE TABLE IF NOT EXISTS quarantine (
-    run_id       VARCHAR NOT NULL,
-    source       VARCHAR NOT NULL,
-    source_file  VARCHAR NOT NULL,
-    row_number   BIGINT,                  -- 1-based line in the file (header = line 1); NULL if unknown
-    reason       VARCHAR NOT NULL,
-    raw          VARCHAR                  -- the offending row as read (never altered)
-);
-"""
+# --- Warehouse tables --------------------------------------------------------------------------------------
+# Their DDL is foresight/sql/common/warehouse.sql (run by foresight.warehouse.connect()).
 
 WAREHOUSE_TABLES: Final = (
     "events",

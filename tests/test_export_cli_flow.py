@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
 
 from foresight import schema, warehouse
 
-CLI = [sys.executable, "-m", "foresight.cli"]
-
-
-def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"foresight {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
-    return proc
+from .conftest import run_cli
 
 
 def test_meds_export_is_valid_meds(demo_db, tmp_path):
-    con = warehouse.connect(demo_db, read_only=True)
-    try:
+    with warehouse.connect(demo_db, read_only=True) as con:
         n_events = con.execute("SELECT count(*) FROM events").fetchall()[0][0]
         result = warehouse.export_meds(con, tmp_path / "meds", subjects_per_shard=30)
-    finally:
-        con.close()
     assert result["shards"] == 4
     shards = sorted((tmp_path / "meds" / "data").glob("*.parquet"))
     seen: set[int] = set()
@@ -53,13 +41,13 @@ def test_meds_export_is_valid_meds(demo_db, tmp_path):
 
 @pytest.mark.parametrize("cmd", [[], ["etl"], ["etl", "mimic-iv"], ["export", "meds"], ["tokenize"], ["demo"]])
 def test_every_command_has_help(cmd):
-    proc = _cli(*cmd, "--help")
+    proc = run_cli(*cmd, "--help", check=True)
     assert "Usage" in proc.stdout
 
 
 def test_cli_etl_json_contract(mimic_demo, tmp_path):
     db = tmp_path / "w.duckdb"
-    proc = _cli("etl", "mimic-iv", "--input", str(mimic_demo), "--db", str(db), "--json")
+    proc = run_cli("etl", "mimic-iv", "--input", str(mimic_demo), "--db", str(db), "--json", check=True)
     payload = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("subjects", "events", "events_by_kind", "rows_read", "rows_loaded", "rows_quarantined",
                 "rows_dropped", "seconds"):
@@ -68,17 +56,17 @@ def test_cli_etl_json_contract(mimic_demo, tmp_path):
     assert payload["rows_read"] == payload["rows_loaded"] + payload["rows_quarantined"] + payload["rows_dropped"]
     assert sum(payload["events_by_kind"].values()) == payload["events"]
     out = tmp_path / "meds"
-    proc = _cli("export", "meds", "--db", str(db), "--out", str(out), "--json")
+    proc = run_cli("export", "meds", "--db", str(db), "--out", str(out), "--json", check=True)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["events"] == payload["events"]
 
 
 def test_cli_bad_input_is_a_clear_error(tmp_path):
-    proc = _cli("etl", "mimic-iv", "--input", str(tmp_path / "nowhere"), "--db", str(tmp_path / "w.duckdb"),
+    proc = run_cli("etl", "mimic-iv", "--input", str(tmp_path / "nowhere"), "--db", str(tmp_path / "w.duckdb"),
                 check=False)
     assert proc.returncode == 2
     assert "nowhere" in proc.stderr and "not a folder" in proc.stderr
     (tmp_path / "empty" / "hosp").mkdir(parents=True)
-    proc = _cli("etl", "mimic-iv", "--input", str(tmp_path / "empty"), "--db", str(tmp_path / "w.duckdb"),
+    proc = run_cli("etl", "mimic-iv", "--input", str(tmp_path / "empty"), "--db", str(tmp_path / "w.duckdb"),
                 check=False)
     assert proc.returncode == 2 and "patients.csv.gz" in proc.stderr
 
@@ -97,13 +85,10 @@ def test_prefect_etl_flow_end_to_end(mimic_demo, demo_db, tmp_path):
     # the flow's warehouse holds exactly what the library load produces
     fingerprints = []
     for path in (db, demo_db):
-        con = warehouse.connect(path, read_only=True)
-        try:
+        with warehouse.connect(path, read_only=True) as con:
             fingerprints.append(con.execute(
                 "SELECT count(*), sum(hash(subject_id, time, code, numeric_value, text_value)) FROM events"
             ).fetchall()[0])
-        finally:
-            con.close()
     assert fingerprints[0] == fingerprints[1]
 
 

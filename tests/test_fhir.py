@@ -16,30 +16,14 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from foresight import schema, warehouse
-from foresight.sources import fhir, synthea
+from foresight import schema, sources, warehouse
+from foresight.sources import fhir
 
-from .conftest import SHARED_DATA
+from .conftest import SHARED_DATA, load_into, rows
 
 SYNTHEA = SHARED_DATA / "synthea-ca-59pt"
 requires_synthea = pytest.mark.skipif(not (SYNTHEA / "fhir").is_dir(),
                                       reason=f"Synthea export not found at {SYNTHEA} (../shared/data is absent)")
-
-
-def _load(module, root: Path, db: Path, **kw) -> warehouse.LoadSummary:
-    con = warehouse.connect(db)
-    try:
-        return module.load(con, root, **kw)
-    finally:
-        con.close()
-
-
-def _rows(db: Path, sql: str, params=None) -> list[tuple]:
-    con = warehouse.connect(db, read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +32,8 @@ def both_dbs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, ware
     if not (SYNTHEA / "fhir").is_dir():
         pytest.skip(f"Synthea export not found at {SYNTHEA}")
     d = tmp_path_factory.mktemp("fhir")
-    _load(synthea, SYNTHEA / "csv", d / "csv.duckdb")
-    summary = _load(fhir, SYNTHEA / "fhir", d / "fhir.duckdb")
+    load_into("synthea", SYNTHEA / "csv", d / "csv.duckdb")
+    summary = load_into("fhir", SYNTHEA / "fhir", d / "fhir.duckdb")
     return d / "csv.duckdb", d / "fhir.duckdb", summary
 
 
@@ -70,10 +54,10 @@ def test_real_bundles_every_entry_accounted(both_dbs):
     assert s.rows_quarantined == 0 and s.subjects == counts["Patient"] == 50
     assert s.dropped_reasons["other_resources: resource type not loaded: Claim"] == counts["Claim"]
     # DocumentReference text went to the notes table, decoded
-    assert s.notes == counts["DocumentReference"] == _rows(db, "SELECT count(*) FROM notes")[0][0]
-    text, note_type = _rows(db, "SELECT text, note_type FROM notes ORDER BY time LIMIT 1")[0]
+    assert s.notes == counts["DocumentReference"] == rows(db, "SELECT count(*) FROM notes")[0][0]
+    text, note_type = rows(db, "SELECT text, note_type FROM notes ORDER BY time LIMIT 1")[0]
     assert "# Chief Complaint" in text and note_type == "LOINC//34117-2"
-    assert _rows(db, "SELECT count(*) FROM notes WHERE time IS NULL OR encounter_id IS NULL")[0][0] == 0
+    assert rows(db, "SELECT count(*) FROM notes WHERE time IS NULL OR encounter_id IS NULL")[0][0] == 0
 
 
 @requires_synthea
@@ -81,7 +65,7 @@ def test_fhir_times_are_utc(both_dbs):
     _, db, _ = both_dbs
     # Jorge Luis88's first encounter: period.start 2021-08-22T20:26:50-07:00 = 2021-08-23T03:26:50Z (the CSV value)
     sid = schema.uuid_subject_id("593aaa05-d864-1df7-5b96-155fbdb19f28")
-    first = _rows(db, "SELECT min(time) FROM events WHERE subject_id = ? AND code LIKE 'ENCOUNTER//%'", [sid])[0][0]
+    first = rows(db, "SELECT min(time) FROM events WHERE subject_id = ? AND code LIKE 'ENCOUNTER//%'", [sid])[0][0]
     assert first == datetime(2021, 8, 23, 3, 26, 50)
 
 
@@ -287,9 +271,9 @@ def tiny_fhir(tmp_path: Path) -> Path:
 
 def test_tiny_bad_inputs_are_quarantined_with_file_and_entry(tiny_fhir, tmp_path):
     db = tmp_path / "w.duckdb"
-    s = _load(fhir, tiny_fhir, db)
+    s = load_into("fhir", tiny_fhir, db)
     assert s.rows_read == s.rows_loaded + s.rows_quarantined + s.rows_dropped
-    q = {(f, row): r for f, row, r in _rows(db, "SELECT source_file, row_number, reason FROM quarantine")}
+    q = {(f, row): r for f, row, r in rows(db, "SELECT source_file, row_number, reason FROM quarantine")}
     assert q[("broken.json", None)].startswith("not a readable FHIR JSON file: ")
     assert "Malformed JSON" in q[("broken.json", None)] and "broken.json" in q[("broken.json", None)]
     assert "UTF-8" in q[("latin1.json", None)]
@@ -302,7 +286,7 @@ def test_tiny_bad_inputs_are_quarantined_with_file_and_entry(tiny_fhir, tmp_path
     assert q[("a.json", 14)] == "time before birth: 1970-01-01 00:00:00"
     assert q[("a.json", 15)] == "Bundle entry without a resource"
     assert len(q) == s.rows_quarantined == 10
-    raw = _rows(db, "SELECT raw FROM quarantine WHERE row_number = 11")[0][0]
+    raw = rows(db, "SELECT raw FROM quarantine WHERE row_number = 11")[0][0]
     assert '"oa4"' in raw  # the offending resource is kept as read
     assert s.dropped_reasons == {
         "other_resources: resource type not loaded: Claim": 1,
@@ -312,11 +296,11 @@ def test_tiny_bad_inputs_are_quarantined_with_file_and_entry(tiny_fhir, tmp_path
 
 def test_tiny_codes_values_and_leak_free_times(tiny_fhir, tmp_path):
     db = tmp_path / "w.duckdb"
-    _load(fhir, tiny_fhir, db)
+    load_into("fhir", tiny_fhir, db)
     pa, pb = schema.uuid_subject_id(PA), schema.uuid_subject_id(PB)
     ev = Counter()
     got = {}
-    for sid, code, t, num, txt, unit in _rows(db, "SELECT subject_id, code, time, numeric_value, text_value, unit "
+    for sid, code, t, num, txt, unit in rows(db, "SELECT subject_id, code, time, numeric_value, text_value, unit "
                                                   "FROM events"):
         ev[(sid, code)] += 1
         got[(sid, code)] = (t, num, txt, unit)
@@ -331,7 +315,7 @@ def test_tiny_codes_values_and_leak_free_times(tiny_fhir, tmp_path):
     assert got[(pb, "MEDS_DEATH")][0] == datetime(2020, 1, 16, 6)
     assert got[(pa, "RACE//WHITE")][0] is None and (pb, "GENDER//M") in got
     assert ev[(pb, "LAB//LOINC//2339-0")] == 2  # from the NDJSON file
-    (note,) = _rows(db, "SELECT subject_id, time, note_id, note_type, encounter_id, text FROM notes")
+    (note,) = rows(db, "SELECT subject_id, time, note_id, note_type, encounter_id, text FROM notes")
     assert note == (pa, datetime(2019, 3, 4, 12), "da", "LOINC//34117-2", "ea1", "Patient has diabetes mellitus.")
 
 
@@ -339,22 +323,22 @@ def test_empty_and_unreadable_folders_are_clear_errors(tmp_path):
     db = tmp_path / "w.duckdb"
     (tmp_path / "empty").mkdir()
     with pytest.raises(warehouse.SourceError, match="no FHIR Bundle files"):
-        _load(fhir, tmp_path / "empty", db)
+        load_into("fhir", tmp_path / "empty", db)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.json").write_text("<html>not json</html>")
     with pytest.raises(warehouse.SourceError, match=r"no Patient resource in 1 file\(s\), 1 unreadable; first "
                                                     r"problem: x.json: not a readable FHIR JSON file"):
-        _load(fhir, tmp_path / "bad", db)
+        load_into("fhir", tmp_path / "bad", db)
 
 
 def test_reload_replaces_rows_and_keeps_ids(tiny_fhir, tmp_path):
     db = tmp_path / "w.duckdb"
-    _load(fhir, tiny_fhir, db)
+    load_into("fhir", tiny_fhir, db)
     fp = ("SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM quarantine), (SELECT count(*) FROM notes), "
           "(SELECT count(*) FROM subject_map), (SELECT sum(hash(subject_id, time, code)) FROM events)")
-    before = _rows(db, fp)
-    _load(fhir, tiny_fhir, db)
-    assert _rows(db, fp) == before
+    before = rows(db, fp)
+    load_into("fhir", tiny_fhir, db)
+    assert rows(db, fp) == before
 
 
 # --- the CLI and the Prefect flow for the new sources -----------------------------------------------------
@@ -386,12 +370,9 @@ def test_prefect_etl_flow_loads_each_new_source(tiny_fhir, tmp_path):
     (csv_root / "patients.csv").write_text("Id,BIRTHDATE,GENDER\np-1,1970-01-01,F\n")
     (csv_root / "conditions.csv").write_text("START,PATIENT,CODE\n2000-01-01,p-1,44054006\n2000-01-01,p-9,1\n")
     meds_root = tmp_path / "meds"
-    con = warehouse.connect(tmp_path / "src.duckdb")
-    try:
-        synthea.load(con, csv_root)
+    with warehouse.connect(tmp_path / "src.duckdb") as con:
+        sources.load("synthea", con, csv_root)
         warehouse.export_meds(con, meds_root)
-    finally:
-        con.close()
     with prefect_test_harness(server_startup_timeout=120):
         states = {kind: etl(source=kind, input=root, db=tmp_path / f"{kind}.duckdb", return_state=True)
                   for kind, root in (("synthea", csv_root), ("fhir", tiny_fhir), ("meds", meds_root))}

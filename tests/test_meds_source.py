@@ -3,9 +3,6 @@ validation accepts compatible types and rejects what is not MEDS; bad rows are q
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -14,43 +11,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from foresight import warehouse
-from foresight.sources import meds
+from foresight.schema import split_of
 
-CLI = [sys.executable, "-m", "foresight.cli"]
+from .conftest import cli_json, load_into, rows
+
 CORE = "subject_id, time, code, numeric_value, text_value"
-
-
-def _load(root: Path, db: Path, **kw) -> warehouse.LoadSummary:
-    con = warehouse.connect(db)
-    try:
-        return meds.load(con, root, **kw)
-    finally:
-        con.close()
-
-
-def _rows(db: Path, sql: str, params=None) -> list[tuple]:
-    con = warehouse.connect(db, read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
-
-
-def _cli(*args: str) -> dict:
-    proc = subprocess.run([*CLI, *args, "--json"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_round_trip_of_the_mimic_warehouse_is_identical(demo_db, tmp_path):
     """MIMIC demo warehouse -> `foresight export meds` -> `foresight etl meds` into a new warehouse."""
     out, db = tmp_path / "meds", tmp_path / "w.duckdb"
-    exported = _cli("export", "meds", "--db", str(demo_db), "--out", str(out), "--subjects-per-shard", "30")
-    loaded = _cli("etl", "meds", "--input", str(out), "--db", str(db))
+    exported = cli_json("export", "meds", "--db", str(demo_db), "--out", str(out), "--subjects-per-shard", "30")
+    loaded = cli_json("etl", "meds", "--input", str(out), "--db", str(db))
     assert loaded["events"] == exported["events"] and loaded["subjects"] == 100 == exported["subjects"]
     assert loaded["rows_quarantined"] == 0 and loaded["rows_read"] == loaded["rows_loaded"] == loaded["events"]
-    con = warehouse.connect(db)
-    try:
+    with warehouse.connect(db) as con:
         con.execute(f"ATTACH '{demo_db}' AS src (READ_ONLY)")
         diff = lambda a, b, cols: con.execute(  # noqa: E731
             f"SELECT count(*) FROM (SELECT {cols} FROM {a} EXCEPT ALL SELECT {cols} FROM {b})").fetchall()[0][0]
@@ -61,8 +36,6 @@ def test_round_trip_of_the_mimic_warehouse_is_identical(demo_db, tmp_path):
         assert diff(used.format("src.codes"), used.format("codes"), "*") == 0
         shards = con.execute("SELECT count(*) FROM etl_runs, json_each(input_checksums) WHERE key LIKE 'data/%'"
                              ).fetchall()[0][0]
-    finally:
-        con.close()
     assert shards == exported["shards"] == 4  # every shard's checksum is in the lineage
 
 
@@ -105,9 +78,9 @@ def test_compatible_types_bad_rows_splits_and_units(tmp_path):
     splits = _table(subject_id=pa.array([1, 2, 3], pa.int64()), split=pa.array(["held_out", "validation", "train"]))
     root = _dataset(tmp_path / "ds", {"1.parquet": a, "train/2.parquet": b, "train/3.parquet": c}, splits)
     db = tmp_path / "w.duckdb"
-    s = _load(root, db)
+    s = load_into("meds", root, db)
     assert s.rows_read == 10 == s.rows_loaded + s.rows_quarantined
-    q = {(f, r): why for f, r, why in _rows(db, "SELECT source_file, row_number, reason FROM quarantine")}
+    q = {(f, r): why for f, r, why in rows(db, "SELECT source_file, row_number, reason FROM quarantine")}
     assert q == {
         ("data/1.parquet", 4): "missing subject_id",
         ("data/1.parquet", 5): "missing code",
@@ -117,13 +90,12 @@ def test_compatible_types_bad_rows_splits_and_units(tmp_path):
     }
     assert any("ignored non-MEDS column(s) ['site']" in w for w in s.warnings)
     assert any("validation" in w for w in s.warnings)
-    events = _rows(db, f"SELECT {CORE}, unit FROM events ORDER BY subject_id, time NULLS FIRST, code")
+    events = rows(db, f"SELECT {CORE}, unit FROM events ORDER BY subject_id, time NULLS FIRST, code")
     assert events[0] == (1, None, "GENDER//F", None, None, None)
     assert (1, datetime(2021, 1, 1), "LAB//X", 1.5, None, None) in events
     # a subject's split from the dataset; an unknown split name falls back to the stable hash split
-    splits_got = dict(_rows(db, "SELECT subject_id, split FROM subject_splits"))
+    splits_got = dict(rows(db, "SELECT subject_id, split FROM subject_splits"))
     assert splits_got[1] == "held_out" and splits_got[3] == "train"
-    from foresight.schema import split_of
     assert splits_got[2] == split_of(2)
 
 
@@ -131,41 +103,41 @@ def test_unit_column_is_kept(tmp_path):
     t = _table(subject_id=pa.array([7], pa.int64()), time=pa.array([datetime(2020, 1, 1)], pa.timestamp("us")),
                code=pa.array(["LAB//K"]), numeric_value=pa.array([4.2], pa.float32()), unit=pa.array(["mmol/L"]))
     db = tmp_path / "w.duckdb"
-    _load(_dataset(tmp_path / "ds", {"0.parquet": t}), db)
-    got = _rows(db, "SELECT code, numeric_value::DOUBLE, unit FROM events")
+    load_into("meds", _dataset(tmp_path / "ds", {"0.parquet": t}), db)
+    got = rows(db, "SELECT code, numeric_value::DOUBLE, unit FROM events")
     assert got == [("LAB//K", pytest.approx(4.2), "mmol/L")]
 
 
 def test_not_meds_is_rejected_naming_the_path(tmp_path):
     db = tmp_path / "w.duckdb"
     with pytest.raises(warehouse.SourceError, match="not a folder"):
-        _load(tmp_path / "nowhere", db)
+        load_into("meds", tmp_path / "nowhere", db)
     (tmp_path / "csvs").mkdir()
     (tmp_path / "csvs" / "patients.csv").write_text("Id\n1\n")
     with pytest.raises(warehouse.SourceError, match=rf"{tmp_path / 'csvs'}: not a MEDS dataset: no data/"):
-        _load(tmp_path / "csvs", db)
+        load_into("meds", tmp_path / "csvs", db)
     no_code = _table(subject_id=pa.array([1], pa.int64()), time=pa.array([datetime(2020, 1, 1)]))
     root = _dataset(tmp_path / "a", {"0.parquet": no_code})
     with pytest.raises(warehouse.SourceError, match=r"0\.parquet: not MEDS data: missing required column\(s\) "
                                                     r"\['code'\]"):
-        _load(root, db)
+        load_into("meds", root, db)
     str_ids = _table(subject_id=pa.array(["p1"]), time=pa.array([datetime(2020, 1, 1)]), code=pa.array(["X"]))
     root = _dataset(tmp_path / "b", {"0.parquet": str_ids})
     with pytest.raises(warehouse.SourceError, match="column subject_id has type string, not compatible with MEDS"):
-        _load(root, db)
+        load_into("meds", root, db)
     (tmp_path / "c" / "data").mkdir(parents=True)
     (tmp_path / "c" / "data" / "0.parquet").write_text("not parquet")
     with pytest.raises(warehouse.SourceError, match="not a readable parquet file"):
-        _load(tmp_path / "c", db)
-    assert _rows(db, "SELECT count(*) FROM events")[0][0] == 0
+        load_into("meds", tmp_path / "c", db)
+    assert rows(db, "SELECT count(*) FROM events")[0][0] == 0
 
 
-def test_reload_replaces_its_own_rows(tmp_path):
+def test_reload_replaces_its_ownrows(tmp_path):
     t = _table(subject_id=pa.array([1, 2], pa.int64()), time=pa.array([None, None], pa.timestamp("us")),
                code=pa.array(["GENDER//F", "GENDER//M"]))
     root = _dataset(tmp_path / "ds", {"0.parquet": t})
     db = tmp_path / "w.duckdb"
-    _load(root, db)
-    _load(root, db)
-    assert _rows(db, "SELECT count(*) FROM events") == [(2,)]
-    assert _rows(db, "SELECT count(*) FROM etl_runs") == [(2,)]
+    load_into("meds", root, db)
+    load_into("meds", root, db)
+    assert rows(db, "SELECT count(*) FROM events") == [(2,)]
+    assert rows(db, "SELECT count(*) FROM etl_runs") == [(2,)]

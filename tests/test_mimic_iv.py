@@ -17,7 +17,7 @@ import pytest
 from foresight import warehouse
 from foresight.sources import mimic_iv
 
-from .conftest import read_csv_rows
+from .conftest import load_into, read_csv_rows
 
 # Tables whose every valid row is exactly one event.
 ONE_EVENT_PER_ROW = ("transfers", "services", "diagnoses_icd", "procedures_icd", "drgcodes", "hcpcsevents",
@@ -30,8 +30,7 @@ def _ro(db: Path):
 
 def _fingerprint(db: Path) -> tuple:
     """Everything a load could change, reduced to comparable numbers."""
-    con = _ro(db)
-    try:
+    with _ro(db) as con:
         return (
             con.execute("SELECT count(*), sum(hash(subject_id, time, code, numeric_value, text_value)) "
                         "FROM events").fetchall()[0],
@@ -40,21 +39,10 @@ def _fingerprint(db: Path) -> tuple:
             con.execute("SELECT count(*), sum(hash(code, description)) FROM codes").fetchall()[0],
             con.execute("SELECT count(*) FROM subject_splits").fetchall()[0],
         )
-    finally:
-        con.close()
-
-
-def _load(root: Path, db: Path, **kw) -> warehouse.LoadSummary:
-    con = warehouse.connect(db)
-    try:
-        return mimic_iv.load(con, root, **kw)
-    finally:
-        con.close()
 
 
 def test_demo_subjects_admissions_and_kinds(demo_db):
-    con = _ro(demo_db)
-    try:
+    with _ro(demo_db) as con:
         assert con.execute("SELECT count(DISTINCT subject_id) FROM events").fetchall()[0][0] == 100
         assert con.execute("SELECT count(*) FROM events WHERE code LIKE 'ADMIT//%'").fetchall()[0][0] == 275
         assert con.execute("SELECT count(*) FROM events WHERE code LIKE 'GENDER//%' AND time IS NULL"
@@ -65,24 +53,19 @@ def test_demo_subjects_admissions_and_kinds(demo_db):
         assert con.execute("SELECT count(*) FROM subject_splits").fetchall()[0][0] == 100
         assert con.execute("SELECT count(*) FROM (SELECT subject_id FROM subject_splits GROUP BY 1 "
                            "HAVING count(*) > 1)").fetchall()[0][0] == 0
-    finally:
-        con.close()
 
 
 def test_demo_counts_per_table_match_source_files(demo_db, mimic_demo):
-    con = _ro(demo_db)
-    try:
+    with _ro(demo_db) as con:
         run_id = con.execute("SELECT run_id FROM etl_runs").fetchall()[0][0]
         stats = {r[0]: r[1:] for r in con.execute(
             "SELECT source_table, rows_read, rows_loaded, rows_quarantined, rows_dropped, events "
             "FROM etl_tables WHERE run_id = ?", [run_id]).fetchall()}
         per_table_events = dict(con.execute(
             "SELECT source_table, count(*) FROM events GROUP BY 1").fetchall())
-    finally:
-        con.close()
     for group in mimic_iv.GROUPS:
         for table in group.tables:
-            path = mimic_iv._find(mimic_demo, table.folder, table.name)
+            path = mimic_iv.find_table(mimic_demo, table.folder, table.name)
             if path is None:
                 assert stats[table.name][0] == 0
                 continue
@@ -97,11 +80,8 @@ def test_demo_counts_per_table_match_source_files(demo_db, mimic_demo):
 
 def test_demo_diagnoses_are_timed_at_discharge(demo_db, mimic_demo):
     adm = {r["hadm_id"]: r for r in read_csv_rows(mimic_demo / "hosp" / "admissions.csv.gz")}
-    con = _ro(demo_db)
-    try:
+    with _ro(demo_db) as con:
         rows = con.execute("SELECT encounter_id, time FROM events WHERE code LIKE 'DX//%'").fetchall()
-    finally:
-        con.close()
     assert len(rows) == 4506
     for hadm, time in rows:
         assert time == datetime.fromisoformat(adm[hadm]["dischtime"]), hadm
@@ -110,40 +90,34 @@ def test_demo_diagnoses_are_timed_at_discharge(demo_db, mimic_demo):
 
 
 def test_demo_codes_have_descriptions(demo_db):
-    con = _ro(demo_db)
-    try:
+    with _ro(demo_db) as con:
         # codes that occur in events (ICD parents added for the hierarchy may lack a title in MIMIC's d_*)
         missing = dict(con.execute(
             "SELECT kind, count(*) FILTER (WHERE description IS NULL) FROM codes "
             "WHERE kind IN ('DX', 'LAB', 'DRG', 'RX_START', 'INPUT_START', 'MICRO') "
             "AND code IN (SELECT code FROM events) GROUP BY kind").fetchall())
         e119 = con.execute("SELECT description FROM codes WHERE code = 'DX//ICD10CM//E119'").fetchall()
-    finally:
-        con.close()
     assert missing["DX"] == 0 and missing["LAB"] == 0 and missing["DRG"] == 0 and missing["RX_START"] == 0
     assert e119 and "diabetes" in e119[0][0].lower()
 
 
 def test_rerun_is_idempotent(mimic_demo, tmp_path):
     db = tmp_path / "w.duckdb"
-    first = _load(mimic_demo, db)
+    first = load_into("mimic-iv", mimic_demo, db)
     before = _fingerprint(db)
-    second = _load(mimic_demo, db)
+    second = load_into("mimic-iv", mimic_demo, db)
     after = _fingerprint(db)
     assert after[0] == before[0] and after[1] == before[1] and after[3] == before[3]  # same events, not doubled
     assert after[2][0] == before[2][0] + 1  # the re-run is recorded in etl_runs
     assert first.events == second.events
-    con = _ro(db)
-    try:
+    with _ro(db) as con:
         checksums = [r[0] for r in con.execute("SELECT input_checksums FROM etl_runs").fetchall()]
-    finally:
-        con.close()
     assert checksums[0] == checksums[1]  # lineage: same inputs, same checksums
 
 
 def test_crash_mid_load_leaves_previous_state(mimic_demo, tmp_path):
     db = tmp_path / "w.duckdb"
-    _load(mimic_demo, db)
+    load_into("mimic-iv", mimic_demo, db)
     before = _fingerprint(db)
 
     def boom(group: str) -> None:
@@ -151,14 +125,14 @@ def test_crash_mid_load_leaves_previous_state(mimic_demo, tmp_path):
             raise RuntimeError("injected failure after the labs group")
 
     with pytest.raises(RuntimeError, match="injected"):
-        _load(mimic_demo, db, on_group_done=boom)
+        load_into("mimic-iv", mimic_demo, db, on_group_done=boom)
     assert _fingerprint(db) == before
 
 
 KILL_SCRIPT = r"""
 import os, signal, sys
 from foresight import warehouse
-from foresight.sources import mimic_iv
+from foresight import sources
 
 class KillingConnection:
     # Delegates to DuckDB, but SIGKILLs the process at a chosen statement: a real crash, no cleanup.
@@ -172,7 +146,7 @@ class KillingConnection:
         return getattr(self._con, name)
 
 db, root, needle = sys.argv[1], sys.argv[2], sys.argv[3]
-mimic_iv.load(KillingConnection(warehouse.connect(db), needle), root)
+sources.load("mimic-iv", KillingConnection(warehouse.connect(db), needle), root)
 """
 
 
@@ -180,7 +154,7 @@ mimic_iv.load(KillingConnection(warehouse.connect(db), needle), root)
                                     "INSERT INTO quarantine SELECT"])               # inside the publish transaction
 def test_killed_process_leaves_previous_state(mimic_demo, tmp_path, needle):
     db = tmp_path / "w.duckdb"
-    _load(mimic_demo, db)
+    load_into("mimic-iv", mimic_demo, db)
     before = _fingerprint(db)
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(db), str(mimic_demo), needle],
                           capture_output=True, text=True, timeout=300)
@@ -237,19 +211,16 @@ def _corrupt_copy(src: Path, dst: Path) -> dict:
 def test_corrupted_copy_is_quarantined_and_nothing_lost(mimic_demo, tmp_path):
     info = _corrupt_copy(mimic_demo, tmp_path / "mimic")
     db = tmp_path / "w.duckdb"
-    s = _load(tmp_path / "mimic", db)
+    s = load_into("mimic-iv", tmp_path / "mimic", db)
     t = {x.table: x for x in s.tables}
     for x in s.tables:
         assert x.rows_read == x.rows_loaded + x.rows_quarantined + x.rows_dropped, x.table
 
     lab = t["labevents"]
     assert lab.rows_read == info["lab_rows"]  # every line of the damaged file is accounted for
-    con = _ro(db)
-    try:
+    with _ro(db) as con:
         q = {(f, line): reason for f, line, reason in con.execute(
             "SELECT source_file, row_number, reason FROM quarantine").fetchall()}
-    finally:
-        con.close()
     lab_q = {line: r for (f, line), r in q.items() if f == "hosp/labevents.csv.gz"}
     assert lab_q[info["bad_date"]].startswith("unparseable charttime: 2150-02-30")
     assert "TOO MANY COLUMNS" in lab_q[info["extra_field"]]
@@ -272,13 +243,10 @@ def test_corrupted_copy_is_quarantined_and_nothing_lost(mimic_demo, tmp_path):
 
 
 def test_prescriptions_pharmacy_emar_cover_orders_once(demo_db):
-    con = _ro(demo_db)
-    try:
+    with _ro(demo_db) as con:
         by_table = Counter(dict(con.execute(
             "SELECT source_table, count(*) FROM events WHERE code LIKE 'RX_START//%' GROUP BY 1").fetchall()))
         run = con.execute("SELECT dropped_reasons FROM etl_runs").fetchall()[0][0]
-    finally:
-        con.close()
     assert by_table["prescriptions"] == 18087  # every order has a start
     assert 0 < by_table["pharmacy"] < 200      # only the orders prescriptions lacks
     assert "pharmacy: order already loaded from prescriptions (same pharmacy_id)" in run

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from foresight import optout, warehouse
+from foresight import optout, sources, warehouse
 from foresight import tokens as T
 from foresight.schema import SPLITS, uuid_subject_id
-from foresight.sources import mimic_iv
 
-from .test_tokenizer import _tiny_warehouse
+from .conftest import tiny_warehouse
 
 
 def _split_ids(data: Path) -> set[int]:
@@ -32,22 +31,18 @@ def test_subjects_file(tmp_path):
 
 def test_etl_drops_every_row_of_an_opted_out_subject(tiny_mimic, tmp_path):
     db = tmp_path / "w.duckdb"
-    con = warehouse.connect(db)
-    try:
-        full = mimic_iv.load(con, tiny_mimic)  # subject 1 loaded first, as before their opt-out
+    with warehouse.connect(db) as con:
+        full = sources.load("mimic-iv", con, tiny_mimic)  # subject 1 loaded first, as before their opt-out
         assert con.execute("SELECT count(*) FROM events WHERE subject_id = 1").fetchall()[0][0] > 0
         assert con.execute("SELECT count(*) FROM quarantine WHERE raw::VARCHAR LIKE '%\"subject_id\":\"1\"%'"
                            ).fetchall()[0][0] > 0  # subject 1's absurd lab value was quarantined, raw row kept
-        with warehouse.excluding_subjects({1}):
-            out = mimic_iv.load(con, tiny_mimic)
+        out = sources.load("mimic-iv", con, tiny_mimic, exclude_subjects={1})
         assert con.execute("SELECT count(*) FROM events WHERE subject_id = 1").fetchall()[0][0] == 0
         assert con.execute("SELECT count(*) FROM quarantine WHERE raw::VARCHAR LIKE '%\"subject_id\":\"1\"%'"
                            ).fetchall()[0][0] == 0
         assert con.execute("SELECT count(*) FROM subject_splits WHERE subject_id = 1").fetchall()[0][0] == 0
         assert con.execute("SELECT count(*) FROM events WHERE subject_id IN (2, 3)").fetchall()[0][0] > 0
         warehouse.reconcile(con, out.run_id)  # read = loaded + quarantined + dropped still holds
-    finally:
-        con.close()
     assert out.rows_read == full.rows_read
     assert out.rows_read == out.rows_loaded + out.rows_quarantined + out.rows_dropped
     opted = {k: v for k, v in out.dropped_reasons.items() if k.endswith(optout.OPT_OUT_REASON)}
@@ -68,11 +63,8 @@ def test_cli_etl_exclude_subjects(tiny_mimic, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert any(k.endswith(optout.OPT_OUT_REASON) for k in summary["dropped_reasons"])
-    con = warehouse.connect(tmp_path / "w.duckdb", read_only=True)
-    try:
+    with warehouse.connect(tmp_path / "w.duckdb", read_only=True) as con:
         assert con.execute("SELECT count(*) FROM events WHERE subject_id = 3").fetchall()[0][0] == 0
-    finally:
-        con.close()
     bad = tmp_path / "bad.txt"
     bad.write_text("1, 2\n")
     res = CliRunner().invoke(app, ["etl", "mimic-iv", "--input", str(tiny_mimic), "--db", str(tmp_path / "x.duckdb"),
@@ -81,15 +73,13 @@ def test_cli_etl_exclude_subjects(tiny_mimic, tmp_path):
 
 
 def test_tokenize_hides_opted_out_subjects_from_every_artifact(tmp_path):
-    db = _tiny_warehouse(tmp_path / "w.duckdb", n_subjects=60)
-    con = warehouse.connect(db)
-    try:  # a code only subject 5 has, known to the vocabulary's code map while 5 is in the warehouse
+    db = tiny_warehouse(tmp_path / "w.duckdb", n_subjects=60)
+    # a code only subject 5 has, known to the vocabulary's code map while 5 is in the warehouse
+    with warehouse.connect(db) as con:
         con.execute("INSERT INTO events VALUES (5, '2021-03-01', 'DX//ICD10CM//Q999', NULL, NULL, NULL, NULL, 't', "
                     "'t', 't')")
         gone = [5, *con.execute("SELECT subject_id FROM subject_splits WHERE split = 'train' ORDER BY subject_id "
                                 "LIMIT 3").fetchall()[0]]
-    finally:
-        con.close()
     T.tokenize(db, tmp_path / "all", T.TokenizerConfig(min_subjects=3))
     summary = T.tokenize(db, tmp_path / "out", T.TokenizerConfig(min_subjects=3), exclude_subjects=set(gone))
     assert set(gone) <= _split_ids(tmp_path / "all")
@@ -108,22 +98,16 @@ def test_tokenize_hides_opted_out_subjects_from_every_artifact(tmp_path):
 
 def test_opted_out_mimic_demo_subject_is_nowhere(mimic_demo, demo_db, tmp_path):
     """The real demo: pick a train subject, opt them out at ETL, and follow them through tokens and training data."""
-    con = warehouse.connect(demo_db, read_only=True)
-    try:
+    with warehouse.connect(demo_db, read_only=True) as con:
         sid = con.execute("SELECT min(subject_id) FROM subject_splits WHERE split = 'train'").fetchall()[0][0]
         n_before = con.execute("SELECT count(*) FROM events WHERE subject_id = ?", [sid]).fetchall()[0][0]
-    finally:
-        con.close()
     assert n_before > 0
     db = tmp_path / "w.duckdb"
-    con = warehouse.connect(db)
-    try:
-        with warehouse.excluding_subjects(optout.read_subjects_file(_write(tmp_path / "ids.txt", f"{sid}\n"))):
-            out = mimic_iv.load(con, mimic_demo)
+    with warehouse.connect(db) as con:
+        excluded = optout.read_subjects_file(_write(tmp_path / "ids.txt", f"{sid}\n"))
+        out = sources.load("mimic-iv", con, mimic_demo, exclude_subjects=excluded)
         assert con.execute("SELECT count(*) FROM events WHERE subject_id = ?", [sid]).fetchall()[0][0] == 0
         assert con.execute("SELECT count(DISTINCT subject_id) FROM events").fetchall()[0][0] == 99
-    finally:
-        con.close()
     assert sum(v for k, v in out.dropped_reasons.items() if k.endswith(optout.OPT_OUT_REASON)) > 0  # rows, not events
     T.tokenize(db, tmp_path / "tok", T.TokenizerConfig(min_subjects=5))
     ids = _split_ids(tmp_path / "tok")

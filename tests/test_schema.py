@@ -9,9 +9,8 @@ from foresight import schema, warehouse
 
 @pytest.fixture(scope="module")
 def con():
-    c = warehouse.connect(":memory:")
-    yield c
-    c.close()
+    with warehouse.connect(":memory:") as c:
+        yield c
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 from foresight import schema, warehouse
 from foresight.sources import synthea
 
-from .conftest import SHARED_DATA
+from .conftest import SHARED_DATA, load_into, rows
 
 SYNTHEA = SHARED_DATA / "synthea-ca-59pt"
 requires_synthea = pytest.mark.skipif(not (SYNTHEA / "csv" / "patients.csv").exists(),
@@ -22,25 +22,9 @@ requires_synthea = pytest.mark.skipif(not (SYNTHEA / "csv" / "patients.csv").exi
 ONE_EVENT_PER_ROW = ("procedures", "immunizations", "allergies", "imaging_studies", "observations")
 
 
-def _csv_rows(path: Path) -> list[dict[str, str]]:
+def _csvrows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
-
-
-def _load(root: Path, db: Path, **kw) -> warehouse.LoadSummary:
-    con = warehouse.connect(db)
-    try:
-        return synthea.load(con, root, **kw)
-    finally:
-        con.close()
-
-
-def _rows(db: Path, sql: str, params=None) -> list[tuple]:
-    con = warehouse.connect(db, read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +32,7 @@ def synthea_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, warehous
     if not (SYNTHEA / "csv" / "patients.csv").exists():
         pytest.skip(f"Synthea export not found at {SYNTHEA}")
     db = tmp_path_factory.mktemp("synthea") / "w.duckdb"
-    return db, _load(SYNTHEA, db)  # the export root: the source finds csv/ in it
+    return db, load_into("synthea", SYNTHEA, db)  # the export root: the source finds csv/ in it
 
 
 @requires_synthea
@@ -56,31 +40,31 @@ def test_real_export_counts_match_the_files(synthea_db):
     db, s = synthea_db
     assert s.subjects == 59 and s.rows_quarantined == 0 and s.missing_tables == []
     per_table = {t.table: t for t in s.tables}
-    events_by_table = dict(_rows(db, "SELECT source_table, count(*) FROM events GROUP BY 1"))
+    events_by_table = dict(rows(db, "SELECT source_table, count(*) FROM events GROUP BY 1"))
     for group in synthea.GROUPS:
         for table in group.tables:
-            n_file = len(_csv_rows(SYNTHEA / "csv" / f"{table.name}.csv"))  # independent count
+            n_file = len(_csvrows(SYNTHEA / "csv" / f"{table.name}.csv"))  # independent count
             t = per_table[table.name]
             assert t.rows_read == n_file == t.rows_loaded + t.rows_quarantined + t.rows_dropped, table.name
             assert events_by_table.get(table.name, 0) == t.events, table.name
             if table.name in ONE_EVENT_PER_ROW:
                 assert t.events == n_file - t.rows_dropped, table.name
-    obs = [r for r in _csv_rows(SYNTHEA / "csv" / "observations.csv") if r["CODE"] in ("QALY", "DALY", "QOLS")]
+    obs = [r for r in _csvrows(SYNTHEA / "csv" / "observations.csv") if r["CODE"] in ("QALY", "DALY", "QOLS")]
     assert per_table["observations"].rows_dropped == len(obs) == 1512
     # conditions: one DX each, one DX_END per resolved condition
-    conditions = _csv_rows(SYNTHEA / "csv" / "conditions.csv")
+    conditions = _csvrows(SYNTHEA / "csv" / "conditions.csv")
     assert s.events_by_kind["DX"] == len(conditions)
     assert s.events_by_kind["DX_END"] == sum(1 for r in conditions if r["STOP"])
-    assert _rows(db, "SELECT count(*) FROM events WHERE code = 'MEDS_BIRTH'")[0][0] == 59
+    assert rows(db, "SELECT count(*) FROM events WHERE code = 'MEDS_BIRTH'")[0][0] == 59
 
 
 @requires_synthea
 def test_subject_ids_are_the_stable_uuid_hash(synthea_db):
     db, _ = synthea_db
-    patients = _csv_rows(SYNTHEA / "csv" / "patients.csv")
-    mapped = dict(_rows(db, "SELECT source_id, subject_id FROM subject_map WHERE source = 'synthea'"))
+    patients = _csvrows(SYNTHEA / "csv" / "patients.csv")
+    mapped = dict(rows(db, "SELECT source_id, subject_id FROM subject_map WHERE source = 'synthea'"))
     assert mapped == {p["Id"]: schema.uuid_subject_id(p["Id"]) for p in patients}
-    births = dict(_rows(db, "SELECT subject_id, time FROM events WHERE code = 'MEDS_BIRTH'"))
+    births = dict(rows(db, "SELECT subject_id, time FROM events WHERE code = 'MEDS_BIRTH'"))
     for p in patients:
         assert births[schema.uuid_subject_id(p["Id"])] == datetime.fromisoformat(p["BIRTHDATE"])
 
@@ -89,13 +73,13 @@ def test_subject_ids_are_the_stable_uuid_hash(synthea_db):
 def test_diagnoses_are_known_at_the_end_of_their_encounter(synthea_db):
     """Leak-free: a condition recorded in an inpatient stay is timed at discharge, never at admission."""
     db, _ = synthea_db
-    enc = {r["Id"]: r for r in _csv_rows(SYNTHEA / "csv" / "encounters.csv")}
-    rows = _rows(db, "SELECT encounter_id, time FROM events WHERE code LIKE 'DX//%'")
-    conds = {(r["ENCOUNTER"], r["START"]) for r in _csv_rows(SYNTHEA / "csv" / "conditions.csv")}
-    assert len(rows) == 1534
+    enc = {r["Id"]: r for r in _csvrows(SYNTHEA / "csv" / "encounters.csv")}
+    dx = rows(db, "SELECT encounter_id, time FROM events WHERE code LIKE 'DX//%'")
+    conds = {(r["ENCOUNTER"], r["START"]) for r in _csvrows(SYNTHEA / "csv" / "conditions.csv")}
+    assert len(dx) == 1534
     utc = lambda s: datetime.fromisoformat(s.replace("Z", ""))  # noqa: E731
     inpatient = 0
-    for enc_id, time in rows:
+    for enc_id, time in dx:
         stop = utc(enc[enc_id]["STOP"])
         assert time >= stop, enc_id  # never before the recording encounter is over
         if enc[enc_id]["ENCOUNTERCLASS"] == "inpatient":
@@ -103,7 +87,7 @@ def test_diagnoses_are_known_at_the_end_of_their_encounter(synthea_db):
             assert time > utc(enc[enc_id]["START"])
     assert inpatient > 0 and len(conds) > 0
     # a date-only STOP is known by the end of that day in the westernmost zone: date + 35:59:59 UTC
-    (t,) = _rows(db, "SELECT time FROM events WHERE code = 'DX_END//SNOMED//359817006' "
+    (t,) = rows(db, "SELECT time FROM events WHERE code = 'DX_END//SNOMED//359817006' "
                      "AND subject_id = ?", [schema.uuid_subject_id("ac71ad72-4172-803c-4e82-448f043d8db3")])[0]
     assert t == datetime(2014, 3, 9) + timedelta(hours=35, minutes=59, seconds=59)
 
@@ -111,7 +95,7 @@ def test_diagnoses_are_known_at_the_end_of_their_encounter(synthea_db):
 @requires_synthea
 def test_codes_carry_the_export_descriptions(synthea_db):
     db, _ = synthea_db
-    got = dict(_rows(db, "SELECT code, description FROM codes WHERE code IN "
+    got = dict(rows(db, "SELECT code, description FROM codes WHERE code IN "
                          "('DX//SNOMED//359817006', 'RX_START//RXNORM//198405', 'VITAL//LOINC//8302-2')"))
     assert got == {"DX//SNOMED//359817006": "Closed fracture of hip",
                    "RX_START//RXNORM//198405": "Ibuprofen 100 MG Oral Tablet",
@@ -121,13 +105,13 @@ def test_codes_carry_the_export_descriptions(synthea_db):
 @requires_synthea
 def test_reload_is_idempotent(tmp_path):
     db = tmp_path / "w.duckdb"
-    first = _load(SYNTHEA / "csv", db)
+    first = load_into("synthea", SYNTHEA / "csv", db)
     fp = "SELECT count(*), sum(hash(subject_id, time, code, numeric_value, text_value)) FROM events"
-    before = _rows(db, fp)
-    second = _load(SYNTHEA / "csv", db)
-    assert _rows(db, fp) == before and first.events == second.events
-    assert _rows(db, "SELECT count(*) FROM subject_map")[0][0] == 59
-    assert _rows(db, "SELECT count(*) FROM etl_runs")[0][0] == 2
+    before = rows(db, fp)
+    second = load_into("synthea", SYNTHEA / "csv", db)
+    assert rows(db, fp) == before and first.events == second.events
+    assert rows(db, "SELECT count(*) FROM subject_map")[0][0] == 59
+    assert rows(db, "SELECT count(*) FROM etl_runs")[0][0] == 2
 
 
 # --- a hand-written export with one bad row of each kind ---------------------------------------------------
@@ -190,9 +174,9 @@ def tiny_synthea(tmp_path: Path) -> Path:
 
 def test_tiny_bad_rows_are_quarantined_with_reasons(tiny_synthea, tmp_path):
     db = tmp_path / "w.duckdb"
-    s = _load(tiny_synthea, db)
+    s = load_into("synthea", tiny_synthea, db)
     assert s.rows_read == s.rows_loaded + s.rows_quarantined + s.rows_dropped
-    q = {(f, line): r for f, line, r in _rows(db, "SELECT source_file, row_number, reason FROM quarantine")}
+    q = {(f, line): r for f, line, r in rows(db, "SELECT source_file, row_number, reason FROM quarantine")}
     assert q[("patients.csv", 4)].startswith("duplicate patient Id (line 2 kept)")
     assert q[("patients.csv", 5)].startswith("time in the future (after the load ran): BIRTHDATE")
     assert q[("patients.csv", 6)] == "DEATHDATE before BIRTHDATE: 1989-01-01"
@@ -214,9 +198,9 @@ def test_tiny_bad_rows_are_quarantined_with_reasons(tiny_synthea, tmp_path):
 
 def test_tiny_codes_values_and_times(tiny_synthea, tmp_path):
     db = tmp_path / "w.duckdb"
-    _load(tiny_synthea, db)
+    load_into("synthea", tiny_synthea, db)
     p1, p2 = schema.uuid_subject_id(P1), schema.uuid_subject_id(P2)
-    ev = {(sid, code): (t, num, txt, unit) for sid, code, t, num, txt, unit in _rows(
+    ev = {(sid, code): (t, num, txt, unit) for sid, code, t, num, txt, unit in rows(
         db, "SELECT subject_id, code, time, numeric_value, text_value, unit FROM events")}
     assert ev[(p1, "ADMIT//INPATIENT")][0] == datetime(2019, 3, 1, 8)
     assert ev[(p1, "DISCHARGE//INPATIENT")][0] == datetime(2019, 3, 4, 12)
@@ -230,59 +214,57 @@ def test_tiny_codes_values_and_times(tiny_synthea, tmp_path):
     assert ev[(p2, "MEDS_DEATH")][0] == datetime(2020, 1, 15) + timedelta(seconds=129599)
     assert {code for sid, code in ev if sid == p2 and code.split("//")[0] in ("GENDER", "RACE", "ETHNICITY")} == {
         "GENDER//M", "RACE//BLACK", "ETHNICITY//HISPANIC"}
-    assert _rows(db, "SELECT count(*) FROM events WHERE code LIKE 'RX_STOP%'")[0][0] == 0
+    assert rows(db, "SELECT count(*) FROM events WHERE code LIKE 'RX_STOP%'")[0][0] == 0
 
 
 def test_tiny_missing_column_empty_folder_and_procedure_dates(tiny_synthea, tmp_path):
     db = tmp_path / "w.duckdb"
     with pytest.raises(warehouse.SourceError, match="not a folder"):
-        _load(tmp_path / "nowhere", db)
+        load_into("synthea", tmp_path / "nowhere", db)
     (tmp_path / "empty").mkdir()
     with pytest.raises(warehouse.SourceError, match=r"patients\.csv: required file missing"):
-        _load(tmp_path / "empty", db)
-    rows = _csv_rows(tiny_synthea / "conditions.csv")
+        load_into("synthea", tmp_path / "empty", db)
+    conditions = _csvrows(tiny_synthea / "conditions.csv")
     _write(tiny_synthea / "conditions.csv", ["START", "STOP", "PATIENT", "ENCOUNTER", "DESCRIPTION"],
-           [[r["START"], r["STOP"], r["PATIENT"], r["ENCOUNTER"], r["DESCRIPTION"]] for r in rows])
+           [[r["START"], r["STOP"], r["PATIENT"], r["ENCOUNTER"], r["DESCRIPTION"]] for r in conditions])
     with pytest.raises(warehouse.SourceError, match=r"conditions\.csv: missing required column\(s\) \['CODE'\]"):
-        _load(tiny_synthea, db)
+        load_into("synthea", tiny_synthea, db)
     (tiny_synthea / "conditions.csv").unlink()
     _write(tiny_synthea / "procedures.csv", ["PATIENT", "CODE", "DESCRIPTION"], [[P1, "1", "x"]])
     with pytest.raises(warehouse.SourceError, match=r"procedures\.csv: missing required column: one of"):
-        _load(tiny_synthea, db)
+        load_into("synthea", tiny_synthea, db)
     # nothing was published by the failed loads
-    assert _rows(db, "SELECT count(*) FROM events")[0][0] == 0
+    assert rows(db, "SELECT count(*) FROM events")[0][0] == 0
 
 
 def test_crash_mid_load_leaves_the_warehouse_unchanged(tiny_synthea, tmp_path):
     db = tmp_path / "w.duckdb"
-    _load(tiny_synthea, db)
+    load_into("synthea", tiny_synthea, db)
     fp = "SELECT count(*), sum(hash(subject_id, time, code)) FROM events"
-    before = _rows(db, fp), _rows(db, "SELECT count(*) FROM quarantine"), _rows(db, "SELECT count(*) FROM etl_runs")
+    before = rows(db, fp), rows(db, "SELECT count(*) FROM quarantine"), rows(db, "SELECT count(*) FROM etl_runs")
 
     def boom(group: str) -> None:
         if group == "clinical":
             raise RuntimeError("injected failure")
 
     with pytest.raises(RuntimeError, match="injected"):
-        _load(tiny_synthea, db, on_group_done=boom)
-    after = _rows(db, fp), _rows(db, "SELECT count(*) FROM quarantine"), _rows(db, "SELECT count(*) FROM etl_runs")
+        load_into("synthea", tiny_synthea, db, on_group_done=boom)
+    after = rows(db, fp), rows(db, "SELECT count(*) FROM quarantine"), rows(db, "SELECT count(*) FROM etl_runs")
     assert after == before
 
 
 def test_subject_map_rows_are_kept_and_collisions_refused(tiny_synthea, tmp_path):
     db = tmp_path / "w.duckdb"
-    con = warehouse.connect(db)
-    con.execute("INSERT INTO subject_map VALUES ('synthea', ?, 42)", [P1])  # an existing mapping wins
-    con.close()
-    _load(tiny_synthea, db)
-    assert _rows(db, "SELECT DISTINCT subject_id FROM events WHERE code = 'GENDER//F'") == [(42,)]
-    assert _rows(db, "SELECT subject_id FROM subject_map WHERE source_id = ?", [P2]) == [
+    with warehouse.connect(db) as con:
+        con.execute("INSERT INTO subject_map VALUES ('synthea', ?, 42)", [P1])  # an existing mapping wins
+    load_into("synthea", tiny_synthea, db)
+    assert rows(db, "SELECT DISTINCT subject_id FROM events WHERE code = 'GENDER//F'") == [(42,)]
+    assert rows(db, "SELECT subject_id FROM subject_map WHERE source_id = ?", [P2]) == [
         (schema.uuid_subject_id(P2),)]
     # another patient already holding P2's hash id is a collision: refused, nothing published
     db2 = tmp_path / "w2.duckdb"
-    con = warehouse.connect(db2)
-    con.execute("INSERT INTO subject_map VALUES ('fhir', 'someone-else', ?)", [schema.uuid_subject_id(P2)])
-    con.close()
+    with warehouse.connect(db2) as con:
+        con.execute("INSERT INTO subject_map VALUES ('fhir', 'someone-else', ?)", [schema.uuid_subject_id(P2)])
     with pytest.raises(warehouse.SourceError, match="hash collision in subject_map"):
-        _load(tiny_synthea, db2)
-    assert _rows(db2, "SELECT count(*) FROM events") == [(0,)]
+        load_into("synthea", tiny_synthea, db2)
+    assert rows(db2, "SELECT count(*) FROM events") == [(0,)]

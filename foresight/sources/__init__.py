@@ -1,18 +1,25 @@
 """Input adapters: each turns one input format into MEDS events in the warehouse.
 
-A source module exposes ``SOURCE_KIND``, ``GROUPS`` (table groups, the unit of retry), ``check_input(path)``,
-``stage_group(load, root, group)``, ``stage_codes(load, root)`` and ``load(con, path, ...)``; see
-:mod:`foresight.warehouse` for the staging/publish contract they share.
+:func:`load` is the one entry point: ``load("mimic-iv", con, path, exclude_subjects=ids)``. It runs the one
+driver (:func:`foresight.sources.base.run_load`) over the adapter module of that kind; see
+:mod:`foresight.sources.base` for what an adapter module exposes and :mod:`foresight.warehouse` for the
+staging/publish contract they share.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import duckdb
+
+from foresight.sources.base import Group, finish_load, new_load, open_load, run_load, stage_one
+from foresight.warehouse import LoadSummary
+
+__all__ = ["SOURCES", "Group", "finish_load", "get_source", "load", "new_load", "open_load", "stage_one"]
 
 # source kind -> module; imported lazily so one source's dependencies never slow another's CLI.
 SOURCES: dict[str, str] = {
@@ -20,7 +27,7 @@ SOURCES: dict[str, str] = {
     "synthea": "foresight.sources.synthea",
     "fhir": "foresight.sources.fhir",
     "meds": "foresight.sources.meds",
-    "notes": "foresight.sources.notes",  # needs a MedCAT model pack: --model-pack or $FORESIGHT_MODEL_PACK
+    "notes": "foresight.sources.notes",  # needs a MedCAT model pack: model_pack= or $FORESIGHT_MODEL_PACK
 }
 
 
@@ -32,18 +39,16 @@ def get_source(kind: str) -> ModuleType:
         raise ValueError(f"unknown source {kind!r}; known sources: {', '.join(sorted(SOURCES))}") from None
 
 
-def load_sequentially(module_name: str, con: Any, input_path: str | Path, *, source: str,
-                      on_group_done: Callable[[str], None] | None = None) -> Any:
-    """The load of an adapter that needs no scheduling of its own: check the input, stage every table group in
-    order, stage the code metadata, publish in one transaction. Returns the LoadSummary."""
-    from foresight.warehouse import Load
+def load(kind: str, con: duckdb.DuckDBPyConnection, path: str | Path, *, source: str | None = None,
+         exclude_subjects: Iterable[int] | None = None, on_group_done: Callable[[str], None] | None = None,
+         **options: Any) -> LoadSummary:
+    """Load ``path`` with the adapter of ``kind`` into the warehouse behind ``con``; returns the LoadSummary.
 
-    module = sys.modules[module_name]
-    root = module.check_input(Path(input_path))
-    session = Load(con, source=source, source_kind=module.SOURCE_KIND, input_path=root)
-    for group in module.GROUPS:
-        module.stage_group(session, root, group)
-        if on_group_done is not None:
-            on_group_done(group.name)
-    module.stage_codes(session, root)
-    return session.publish()
+    ``source``: the load's name (default ``kind``); a re-run with the same name replaces its rows.
+    ``exclude_subjects``: national data opt-out, subject ids whose rows are dropped. ``on_group_done(name)``
+    after each table group. ``options`` go to the adapter's ``stage_group`` (notes: ``model_pack``,
+    ``n_process``, ``history_days``, ``vocab``, ``progress``). Raises ``ValueError`` for an unknown kind,
+    ``SourceError`` for an input that cannot be loaded, ``ReconciliationError`` when accounting fails.
+    """
+    return run_load(get_source(kind), con, path, source=source, exclude_subjects=exclude_subjects,
+                    on_group_done=on_group_done, **options)

@@ -28,16 +28,20 @@ absolute URLs (conditional references do not resolve: "unknown Patient").
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import duckdb
 
-from foresight.warehouse import CsvScan, Load, LoadSummary, SourceError
+from foresight import sql
+from foresight.sources.base import (
+    Group,
+    code_sections,
+    combined_checksum,
+    finish_group,
+    install_ehr_macros,
+)
+from foresight.warehouse import CsvScan, Load, SourceError, sql_literal
 
 SOURCE_KIND = "fhir"
 
@@ -62,14 +66,6 @@ PATTERNS = ("*.json", "*.json.gz", "*.ndjson", "*.ndjson.gz")
 FILES_PER_SCAN = 1000  # files per DuckDB scan: parallel within a scan, and a bad file only costs its chunk a rescan
 
 
-@dataclass(frozen=True)
-class Group:
-    """Tables staged together by one SQL file (also the unit a Prefect task retries)."""
-
-    name: str
-    tables: tuple[str, ...]
-
-
 GROUPS: tuple[Group, ...] = (
     Group("bundles", ("bundle_files", "other_resources")),
     Group("core", ("patient", "encounter")),
@@ -78,10 +74,6 @@ GROUPS: tuple[Group, ...] = (
     Group("observations", ("observation",)),
     Group("notes", ("document_reference",)),
 )
-
-
-def _sql(folder: str, name: str) -> str:
-    return resources.files("foresight").joinpath("sql", folder, f"{name}.sql").read_text()
 
 
 def bundle_files(root: Path) -> list[Path]:
@@ -101,14 +93,6 @@ def check_input(path: Path) -> Path:
     return root
 
 
-def prepare(load: Load) -> None:
-    """Install the EHR and FHIR macros and this load's name (SQL reads it from ``fs_load``)."""
-    load.con.execute(_sql("common", "ehr_macros"))
-    load.con.execute(_sql("fhir", "macros"))
-    load.con.execute("CREATE OR REPLACE TEMP TABLE fs_load AS SELECT $source::VARCHAR AS source",
-                     {"source": load.source})
-
-
 def _head(path: Path, n: int = 300) -> str:
     """The first characters of an unreadable file, for the quarantine's raw column."""
     try:
@@ -116,11 +100,6 @@ def _head(path: Path, n: int = 300) -> str:
             return fh.read(n).decode("utf-8", errors="replace")
     except (OSError, EOFError) as exc:
         return f"(unreadable: {exc})"
-
-
-def _sections() -> dict[str, str]:
-    parts = _sql("fhir", "bundles").split("\n-- section: ")
-    return {part.split()[0]: part.partition("\n")[2].strip().rstrip(";") for part in parts[1:]}
 
 
 def _max_line(con: duckdb.DuckDBPyConnection) -> int:
@@ -136,7 +115,7 @@ def _read_bundles(load: Load, root: Path, files: list[Path]) -> list[tuple[str, 
                                                           resource_type VARCHAR, marker VARCHAR, resource JSON,
                                                           full_url VARCHAR)"""
     )
-    sections = _sections()
+    sections = {name: text.strip().rstrip(";") for name, text in sql.sections("fhir", "bundles").items()}
     max_bytes = int(float(os.environ.get("FORESIGHT_FHIR_MAX_BUNDLE_MB", "64")) * (1 << 20))
     bad: list[tuple[str, str, str]] = []
     for kind in ("bundles", "ndjson"):
@@ -169,10 +148,7 @@ def _read_bundles(load: Load, root: Path, files: list[Path]) -> list[tuple[str, 
 
 def _digest(load: Load) -> str:
     """One checksum for tables read from all bundles: sha256 over the sorted per-file checksums."""
-    h = hashlib.sha256()
-    for name, sha in sorted(load.checksums.items()):
-        h.update(f"{name}\t{sha}\n".encode())
-    return h.hexdigest()
+    return combined_checksum(sorted(load.checksums.items()))
 
 
 def _register(load: Load, table: str, file: str) -> None:
@@ -197,7 +173,7 @@ def _stage_bundles(load: Load, root: Path) -> None:
         con.execute(
             f"""CREATE OR REPLACE VIEW fs_stage.raw_{table} AS
                 SELECT _line, _source_file, _source_row, resource FROM fs_stage.fhir_entries
-                WHERE marker IS NULL AND resource_type = {_sql_literal(rtype)}"""
+                WHERE marker IS NULL AND resource_type = {sql_literal(rtype)}"""
         )
     # Medication resources are only looked up (by MedicationRequest.medicationReference), by id and by fullUrl.
     con.execute(
@@ -212,7 +188,7 @@ def _stage_bundles(load: Load, root: Path) -> None:
         ) WHERE mid IS NOT NULL AND c IS NOT NULL ORDER BY mid, _line
         """
     )
-    types = ", ".join(_sql_literal(t) for t in RESOURCE_TABLES)
+    types = ", ".join(sql_literal(t) for t in RESOURCE_TABLES)
     con.execute(
         f"""
         CREATE OR REPLACE VIEW fs_stage.raw_other_resources AS
@@ -261,10 +237,6 @@ def _stage_bundles(load: Load, root: Path) -> None:
         raise SourceError(f"{root}: no Patient resource in {len(files)} file(s), {len(bad)} unreadable{first}")
 
 
-def _sql_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _drop_raw_views(load: Load, tables: tuple[str, ...]) -> None:
     """The per-type raw tables are views (see _stage_bundles); drop them before Load.drop_staging, which drops
     tables. After the last group the entries themselves go."""
@@ -274,32 +246,19 @@ def _drop_raw_views(load: Load, tables: tuple[str, ...]) -> None:
         load.con.execute("DROP TABLE IF EXISTS fs_stage.fhir_entries")
 
 
-def _code_sections() -> dict[str, str]:
-    parts = _sql("fhir", "codes").split("\n-- data: ")
-    out = {}
-    for part in parts[1:]:
-        name, _, body = part.partition("\n")
-        out[name.split()[0]] = body.strip().rstrip(";")
-    return out
-
-
 def stage_group(load: Load, root: Path, group: Group) -> list[str]:
     """Stage one group; safe to call again after a failure (Prefect retries). ``bundles`` must run first: it
     reads the files and stages every resource table the later groups validate."""
-    prepare(load)
+    install_ehr_macros(load, sql.load("fhir", "macros"))
     if group.name == "bundles":
         _stage_bundles(load, root)
         return list(group.tables)
     for table in group.tables:
         _register(load, table, f"bundles/{TABLE_TYPES[table]}")
-    load.con.execute(_sql("fhir", group.name))
+    load.con.execute(sql.load("fhir", group.name))
     if group.name == "core":
         load.stage_subject_map("SELECT pid, subject_id FROM fhir_subjects")
-    for table in group.tables:
-        load.finish_table(table)
-    sql = _code_sections().get(group.name)
-    if sql:
-        load.add_codes(sql)
+    finish_group(load, group.tables, code_sections("fhir").get(group.name))
     _drop_raw_views(load, group.tables)
     load.drop_staging(group.tables)
     return list(group.tables)
@@ -307,20 +266,3 @@ def stage_group(load: Load, root: Path, group: Group) -> list[str]:
 
 def stage_codes(load: Load, root: Path) -> None:
     """FHIR bundles carry no dictionary: descriptions (codings' display) are staged with each group."""
-
-
-def load(
-    con: duckdb.DuckDBPyConnection,
-    input_path: str | Path,
-    *,
-    source: str = SOURCE_KIND,
-    on_group_done: Callable[[str], None] | None = None,
-) -> LoadSummary:
-    """Load a folder of FHIR R4 bundles into the warehouse, replacing any earlier load of the same ``source``.
-
-    ``on_group_done(group_name)`` is called after each group is staged. Nothing is visible in the warehouse
-    until every group is staged and the final transaction commits.
-    """
-    from foresight.sources import load_sequentially
-
-    return load_sequentially(__name__, con, input_path, source=source, on_group_done=on_group_done)

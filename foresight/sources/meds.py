@@ -20,37 +20,21 @@ are often date-shifted (MIMIC-IV's times lie in the 22nd century).
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-import duckdb
-
+from foresight import sql
 from foresight.schema import MEDS_VERSION, SPLITS
-from foresight.warehouse import CsvScan, Load, LoadSummary, SourceError
+from foresight.sources.base import Group, combined_checksum
+from foresight.warehouse import CsvScan, Load, SourceError
 
 SOURCE_KIND = "meds"
-
-
-@dataclass(frozen=True)
-class Group:
-    """Tables staged together (also the unit a Prefect task retries)."""
-
-    name: str
-    tables: tuple[str, ...]
 
 
 GROUPS: tuple[Group, ...] = (Group("data", ("data",)),)
 
 REQUIRED_COLUMNS = ("subject_id", "time", "code")
 OPTIONAL_COLUMNS = ("numeric_value", "text_value", "unit")
-
-
-def _sql(name: str) -> str:
-    return resources.files("foresight").joinpath("sql", "meds", f"{name}.sql").read_text()
 
 
 def shards(root: Path) -> list[Path]:
@@ -119,10 +103,7 @@ def validate_schema(path: Path) -> tuple[list[str], bool]:
 
 
 def _digest(load: Load, files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{load.relpath(p)}\t{load.checksum(p)}\n".encode())
-    return h.hexdigest()
+    return combined_checksum((load.relpath(p), load.checksum(p)) for p in files)
 
 
 def stage_group(load: Load, root: Path, group: Group) -> list[str]:
@@ -160,7 +141,7 @@ def stage_group(load: Load, root: Path, group: Group) -> list[str]:
     rows = load.con.execute("SELECT count(*) FROM fs_stage.raw_data").fetchall()[0][0]
     load.register_scan(CsvScan("data", "data/*.parquet", "", rows, [], []))
     load.tables["data"].sha256 = _digest(load, files)  # each shard's own checksum is in input_checksums
-    load.con.execute(_sql("data"))
+    load.con.execute(sql.load("meds", "data"))
     load.finish_table("data")
     others = load.con.execute(
         "SELECT count(DISTINCT subject_id) FROM events WHERE source <> $source AND subject_id IN "
@@ -225,16 +206,3 @@ def stage_codes(load: Load, root: Path) -> None:
         else:
             if version and version.split(".")[:2] != MEDS_VERSION.split(".")[:2]:
                 load.warnings.append(f"dataset is MEDS {version}; Foresight reads MEDS {MEDS_VERSION}")
-
-
-def load(
-    con: duckdb.DuckDBPyConnection,
-    input_path: str | Path,
-    *,
-    source: str = SOURCE_KIND,
-    on_group_done: Callable[[str], None] | None = None,
-) -> LoadSummary:
-    """Load a MEDS dataset into the warehouse, replacing any earlier load of the same ``source``."""
-    from foresight.sources import load_sequentially
-
-    return load_sequentially(__name__, con, input_path, source=source, on_group_done=on_group_done)

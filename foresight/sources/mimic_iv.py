@@ -13,16 +13,12 @@ ingredientevents (per-component rows of emar/inputevents), provider and caregive
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-import duckdb
-
-from foresight.warehouse import CsvScan, Load, LoadSummary, SourceError
+from foresight import sql
+from foresight.sources.base import Group, code_sections, find_file, finish_group
+from foresight.warehouse import CsvScan, Load, SourceError
 
 SOURCE_KIND = "mimic-iv"
 
@@ -35,14 +31,6 @@ class Table:
     folder: str
     columns: tuple[str, ...]
     ignored: tuple[str, ...] = ()  # MIMIC columns deliberately not used (others are reported as unknown)
-
-
-@dataclass(frozen=True)
-class Group:
-    """Tables loaded together by one SQL file (also the unit a Prefect task retries)."""
-
-    name: str
-    tables: tuple[Table, ...]
 
 
 REQUIRED_TABLE = "patients"
@@ -121,25 +109,9 @@ DICTIONARIES: dict[str, str] = {
 }
 
 
-def _sql(name: str) -> str:
-    return resources.files("foresight").joinpath("sql", "mimic_iv", f"{name}.sql").read_text()
-
-
-def _find(root: Path, folder: str, name: str) -> Path | None:
-    for suffix in (".csv.gz", ".csv"):
-        p = root / folder / f"{name}{suffix}"
-        if p.exists():
-            return p
-    return None
-
-
-def _code_sections() -> Iterator[tuple[str, str, str]]:
-    """Yield (kind, name, sql) for each section of codes.sql: kind 'dictionary' (name = the d_* table) or
-    'data' (name = the table group whose rows carry the names)."""
-    text = _sql("codes")
-    parts = re.split(r"^-- (dictionary|data): (\w+).*$", text, flags=re.MULTILINE)
-    for i in range(1, len(parts), 3):
-        yield parts[i], parts[i + 1], parts[i + 2].strip().rstrip(";")
+def find_table(root: Path, folder: str, name: str) -> Path | None:
+    """``root/<folder>/<name>.csv.gz`` (or ``.csv``), or None when the export lacks it."""
+    return find_file(root / folder, name, (".csv.gz", ".csv"))
 
 
 def check_input(root: Path) -> Path:
@@ -147,7 +119,7 @@ def check_input(root: Path) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"{root}: not a folder (expected the MIMIC-IV root with hosp/ and icu/)")
-    if _find(root, "hosp", REQUIRED_TABLE) is None:
+    if find_table(root, "hosp", REQUIRED_TABLE) is None:
         raise SourceError(
             f"{root / 'hosp' / (REQUIRED_TABLE + '.csv.gz')}: required file missing "
             "(expected the MIMIC-IV root folder with hosp/patients.csv.gz)"
@@ -159,7 +131,7 @@ def scan_group(load: Load, root: Path, group: Group) -> list[CsvScan | Table]:
     """Scan the group's files (thread-safe); an absent table is returned as its spec."""
     scans: list[CsvScan | Table] = []
     for table in group.tables:
-        path = _find(root, table.folder, table.name)
+        path = find_table(root, table.folder, table.name)
         if path is None:
             if table.name == REQUIRED_TABLE:
                 raise SourceError(f"{root / table.folder / (table.name + '.csv.gz')}: required file missing")
@@ -180,60 +152,27 @@ def stage_group(load: Load, root: Path, group: Group, scans: list[CsvScan | Tabl
             load.empty_table(scan.name, f"{scan.folder}/{scan.name}.csv.gz", scan.columns)
         else:
             load.register_scan(scan)
-    load.con.execute(_sql(group.name))
-    for table in group.tables:
-        load.finish_table(table.name)
-    for kind, name, sql in _code_sections():
-        if kind == "data" and name == group.name:
-            load.add_codes(sql)
+    load.con.execute(sql.load("mimic_iv", group.name))
+    # codes.sql sections named after a group take the names that group's own rows carry
+    finish_group(load, group.table_names, code_sections("mimic_iv").get(group.name))
     # The core group's validated tables are what later groups check subjects and stays against.
-    load.drop_staging(t.name for t in group.tables if group.name != "core")
-    return [t.name for t in group.tables]
+    load.drop_staging(group.table_names if group.name != "core" else [])
+    return group.table_names
 
 
 def stage_codes(load: Load, root: Path) -> None:
     """Stage code descriptions and ICD hierarchies from the d_* dictionaries."""
     dictionaries, params = [], {}
-    for kind, name, sql in _code_sections():
-        if kind != "dictionary":
+    for name, text in code_sections("mimic_iv").items():
+        if name not in DICTIONARIES:  # a group's section (see stage_group)
             continue
-        path = _find(root, DICTIONARIES[name], name)
+        path = find_table(root, DICTIONARIES[name], name)
         if path is None:
             load.warnings.append(f"{DICTIONARIES[name]}/{name}.csv.gz missing: its codes have no description")
             continue
         load.checksum(path)
-        dictionaries.append(sql.replace("$path", f"$path_{name}"))
+        dictionaries.append(text.replace("$path", f"$path_{name}"))
         params[f"path_{name}"] = str(path)
     if dictionaries:
         # One statement, so DuckDB decompresses the dictionary files in parallel.
         load.add_codes("\nUNION ALL\n".join(dictionaries), params, priority=1, only_needed=True)
-
-
-def load(
-    con: duckdb.DuckDBPyConnection,
-    input_dir: str | Path,
-    *,
-    source: str = SOURCE_KIND,
-    on_group_done: Callable[[str], None] | None = None,
-) -> LoadSummary:
-    """Load a MIMIC-IV folder into the warehouse, replacing any earlier load of the same ``source``.
-
-    ``on_group_done(group_name)`` is called after each table group is staged (progress display; tests
-    use it to inject a crash mid-load). Nothing is visible in the warehouse until every group is staged and
-    the final transaction commits.
-    """
-    root = check_input(Path(input_dir))
-    session = Load(con, source=source, source_kind=SOURCE_KIND, input_path=root)
-    # Scan the next group's files on a second thread while this group is validated: gzip decompression is
-    # single-threaded per file, so this keeps both cores busy. One group of look-ahead bounds the memory.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="foresight-scan") as pool:
-        upcoming = pool.submit(scan_group, session, root, GROUPS[0])
-        for i, group in enumerate(GROUPS):
-            scans = upcoming.result()
-            if i + 1 < len(GROUPS):
-                upcoming = pool.submit(scan_group, session, root, GROUPS[i + 1])
-            stage_group(session, root, group, scans)
-            if on_group_done is not None:
-                on_group_done(group.name)
-    stage_codes(session, root)
-    return session.publish()

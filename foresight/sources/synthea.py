@@ -21,16 +21,12 @@ same ids.
 
 from __future__ import annotations
 
-import csv
-import gzip
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-import duckdb
-
-from foresight.warehouse import Load, LoadSummary, SourceError
+from foresight import sql
+from foresight.sources.base import Group, code_sections, find_file, finish_group, install_ehr_macros
+from foresight.warehouse import Load, SourceError, read_header
 
 SOURCE_KIND = "synthea"
 REQUIRED_TABLE = "patients"
@@ -44,14 +40,6 @@ class Table:
     columns: tuple[str, ...]
     optional: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()  # Synthea columns deliberately not used (others are reported as unknown)
-
-
-@dataclass(frozen=True)
-class Group:
-    """Tables staged together by one SQL file (also the unit a Prefect task retries)."""
-
-    name: str
-    tables: tuple[Table, ...]
 
 
 def _t(name: str, columns: str, optional: str = "", ignored: str = "") -> Table:
@@ -92,35 +80,9 @@ GROUPS: tuple[Group, ...] = (
 ONE_OF: dict[str, tuple[str, ...]] = {"procedures": ("START", "DATE")}
 
 
-def _sql(folder: str, name: str) -> str:
-    return resources.files("foresight").joinpath("sql", folder, f"{name}.sql").read_text()
-
-
-def _find(root: Path, name: str) -> Path | None:
-    for suffix in (".csv", ".csv.gz"):
-        p = root / f"{name}{suffix}"
-        if p.exists():
-            return p
-    return None
-
-
-def _header(path: Path) -> list[str]:
-    """The header row (only read to check version-dependent column alternatives; the scan validates the rest)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as fh:  # bytes: a bad byte in a later row must not fail the header
-            return [c.strip() for c in next(csv.reader([fh.readline().decode("utf-8")]), [])]
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{path}: cannot read the header line: {exc}") from exc
-
-
-def _code_sections() -> Iterator[tuple[str, str]]:
-    """(group, sql) for each ``-- data: <group>`` section of codes.sql."""
-    text = _sql("synthea", "codes")
-    parts = text.split("\n-- data: ")
-    for part in parts[1:]:
-        name, _, body = part.partition("\n")
-        yield name.split()[0], body.strip().rstrip(";")
+def find_table(root: Path, name: str) -> Path | None:
+    """``root/<name>.csv`` (or ``.csv.gz``), or None when the export lacks it."""
+    return find_file(root, name, (".csv", ".csv.gz"))
 
 
 def check_input(path: Path) -> Path:
@@ -130,61 +92,33 @@ def check_input(path: Path) -> Path:
     if not path.is_dir():
         raise SourceError(f"{path}: not a folder (expected a Synthea CSV export folder with patients.csv)")
     for root in (path, path / "csv"):
-        if _find(root, REQUIRED_TABLE) is not None:
+        if find_table(root, REQUIRED_TABLE) is not None:
             return root
     raise SourceError(f"{path / 'patients.csv'}: required file missing (expected a Synthea CSV export folder, "
                       "the csv/ folder of `run_synthea --exporter.csv.export true`)")
 
 
-def prepare(load: Load) -> None:
-    """Install the EHR macros and this load's name (SQL reads it from ``fs_load``) on the connection."""
-    load.con.execute(_sql("common", "ehr_macros"))
-    load.con.execute("CREATE OR REPLACE TEMP TABLE fs_load AS SELECT $source::VARCHAR AS source",
-                     {"source": load.source})
-
-
 def stage_group(load: Load, root: Path, group: Group) -> list[str]:
     """Read, validate and account for one table group; safe to call again after a failure (Prefect retries)."""
-    prepare(load)
+    install_ehr_macros(load)
     for table in group.tables:
-        path = _find(root, table.name)
+        path = find_table(root, table.name)
         if path is None:
             if table.name == REQUIRED_TABLE:
                 raise SourceError(f"{root / (table.name + '.csv')}: required file missing")
             load.empty_table(table.name, f"{table.name}.csv", table.columns + table.optional)
             continue
-        if table.name in ONE_OF and not set(ONE_OF[table.name]) & set(_header(path)):
+        if table.name in ONE_OF and not set(ONE_OF[table.name]) & set(read_header(path, allow_empty=True)):
             raise SourceError(f"{path}: missing required column: one of {list(ONE_OF[table.name])}")
         load.read_csv(table.name, path, table.columns, optional_columns=table.optional, ignored_columns=table.ignored)
-    load.con.execute(_sql("synthea", group.name))
+    load.con.execute(sql.load("synthea", group.name))
     if group.name == "core":
         load.stage_subject_map("SELECT pid, subject_id FROM synthea_subjects")
-    for table in group.tables:
-        load.finish_table(table.name)
-    for name, sql in _code_sections():
-        if name == group.name:
-            load.add_codes(sql)
+    finish_group(load, group.table_names, code_sections("synthea").get(group.name))
     # synthea_subjects / synthea_encounters (separate TEMP tables) carry what later groups need from core.
-    load.drop_staging(t.name for t in group.tables)
-    return [t.name for t in group.tables]
+    load.drop_staging(group.table_names)
+    return group.table_names
 
 
 def stage_codes(load: Load, root: Path) -> None:
     """Synthea ships no code dictionary: descriptions come from the rows, staged with each group."""
-
-
-def load(
-    con: duckdb.DuckDBPyConnection,
-    input_path: str | Path,
-    *,
-    source: str = SOURCE_KIND,
-    on_group_done: Callable[[str], None] | None = None,
-) -> LoadSummary:
-    """Load a Synthea CSV export into the warehouse, replacing any earlier load of the same ``source``.
-
-    ``on_group_done(group_name)`` is called after each table group is staged. Nothing is visible in the
-    warehouse until every group is staged and the final transaction commits.
-    """
-    from foresight.sources import load_sequentially
-
-    return load_sequentially(__name__, con, input_path, source=source, on_group_done=on_group_done)

@@ -1,8 +1,8 @@
 -- Code descriptions for FHIR codes: the display of the coding each event was built from (FHIR bundles carry no
--- dictionary). Each `-- data: <group>` section selects (code, description, parent_codes) right after that group
+-- dictionary). Each `-- section: <group>` selects (code, description, parent_codes) right after that group
 -- is staged; only codes that occur in the load reach `codes`.
 
--- data: core (encounter classes)
+-- section: core (encounter classes)
 SELECT DISTINCT ON (code) code, description, []::VARCHAR[]
 FROM (
     SELECT CASE WHEN ehr_is_hospital(cls) THEN 'ADMIT//' ELSE 'ENCOUNTER//' END || cls AS code,
@@ -14,7 +14,7 @@ FROM (
 )
 ORDER BY code, description;
 
--- data: clinical
+-- section: clinical
 SELECT DISTINCT ON (code) code, description, []::VARCHAR[]
 FROM (
     SELECT 'DX//' || c.vocab || '//' || fs_part(c.code) AS code, c.display AS description FROM v_condition
@@ -33,7 +33,7 @@ FROM (
 WHERE description IS NOT NULL AND code IS NOT NULL
 ORDER BY code, description;
 
--- data: observations
+-- section: observations
 SELECT DISTINCT ON (code) code, description, []::VARCHAR[]
 FROM (
     SELECT kind || '//' || c.vocab || '//' || fs_part(c.code) AS code, c.display AS description FROM v_observation

@@ -1,9 +1,9 @@
 -- Code descriptions and hierarchies for MIMIC-IV codes. Each section selects (code, description,
--- parent_codes): `-- dictionary: <table>` sections read a d_* dictionary file bound as $path;
--- `-- data: <group> (...)` sections take the names carried by that table group's own rows and run right
+-- parent_codes): `-- section: <d_* table>` sections read that dictionary file bound as $path;
+-- `-- section: <group> (...)` sections take the names carried by that table group's own rows and run right
 -- after the group is staged. Only codes that occur in the load (and their parents) reach `codes`.
 
--- dictionary: d_icd_diagnoses
+-- section: d_icd_diagnoses
 SELECT 'DX//ICD' || trim(icd_version) || 'CM//' || upper(trim(icd_code)) AS code, long_title AS description,
        fs_prefixes('DX//ICD' || trim(icd_version) || 'CM//', upper(trim(icd_code)),
                    CASE WHEN trim(icd_version) = '9' AND upper(trim(icd_code)) LIKE 'E%' THEN 4 ELSE 3 END)
@@ -12,7 +12,7 @@ FROM read_csv($path, header = true, auto_detect = false,
               columns = {'icd_code': 'VARCHAR', 'icd_version': 'VARCHAR', 'long_title': 'VARCHAR'})
 WHERE icd_code IS NOT NULL AND trim(icd_version) IN ('9', '10');
 
--- dictionary: d_icd_procedures
+-- section: d_icd_procedures
 SELECT CASE trim(icd_version) WHEN '9' THEN 'PX//ICD9PROC//' ELSE 'PX//ICD10PCS//' END || upper(trim(icd_code)),
        long_title,
        fs_prefixes(CASE trim(icd_version) WHEN '9' THEN 'PX//ICD9PROC//' ELSE 'PX//ICD10PCS//' END,
@@ -21,26 +21,26 @@ FROM read_csv($path, header = true, auto_detect = false,
               columns = {'icd_code': 'VARCHAR', 'icd_version': 'VARCHAR', 'long_title': 'VARCHAR'})
 WHERE icd_code IS NOT NULL AND trim(icd_version) IN ('9', '10');
 
--- dictionary: d_labitems
+-- section: d_labitems
 SELECT 'LAB//MIMIC//' || trim(itemid), label || ' (' || coalesce(fluid, '?') || ', ' || coalesce(category, '?') || ')',
        []::VARCHAR[]
 FROM read_csv($path, all_varchar = true)
 WHERE fs_id(itemid) IS NOT NULL;
 
--- dictionary: d_hcpcs
+-- section: d_hcpcs
 SELECT 'PX//HCPCS//' || fs_part(code), coalesce(long_description, short_description), []::VARCHAR[]
 FROM read_csv($path, header = true, auto_detect = false, columns = {'code': 'VARCHAR', 'category': 'VARCHAR',
               'long_description': 'VARCHAR', 'short_description': 'VARCHAR'})
 WHERE code IS NOT NULL;
 
--- dictionary: d_items
+-- section: d_items
 SELECT k.kind || '//MIMIC//' || trim(d.itemid), d.label || k.suffix, []::VARCHAR[]
 FROM read_csv($path, all_varchar = true) d
 CROSS JOIN (VALUES ('INPUT_START', ' (start)'), ('INPUT_END', ' (end, amount given)'), ('OUTPUT', ''),
                    ('PX', ''), ('PX_END', ' (end)'), ('DATETIME', ''), ('CHART', '')) k(kind, suffix)
 WHERE fs_id(d.itemid) IS NOT NULL;
 
--- data: medications (drug names as written in the orders)
+-- section: medications (drug names as written in the orders)
 SELECT DISTINCT ON (code) code, description, []::VARCHAR[]
 FROM (
     SELECT kind || '//DRUG//' || fs_part(name) AS code,
@@ -55,7 +55,7 @@ FROM (
 )
 ORDER BY code, description;
 
--- data: labs (microbiology test, organism and antibiotic names; outpatient measurement names)
+-- section: labs (microbiology test, organism and antibiotic names; outpatient measurement names)
 SELECT DISTINCT ON (code) code, description, []::VARCHAR[]
 FROM (
     SELECT 'MICRO//TEST//' || fs_id(test_itemid) AS code, test_name AS description FROM v_microbiologyevents
@@ -66,7 +66,7 @@ FROM (
 WHERE code IS NOT NULL AND description IS NOT NULL
 ORDER BY code, description;
 
--- data: coding (DRG titles)
+-- section: coding (DRG titles)
 SELECT DISTINCT ON (code) code, text_value, []::VARCHAR[]
 FROM e_drgcodes
 WHERE text_value IS NOT NULL

@@ -1,9 +1,9 @@
 -- Code descriptions for Synthea codes, from the DESCRIPTION columns the rows carry (Synthea ships no separate
--- dictionary). Each `-- data: <group>` section selects (code, description, parent_codes) and runs right after
+-- dictionary). Each `-- section: <group>` selects (code, description, parent_codes) and runs right after
 -- that table group is staged; only codes that occur in the load reach `codes`. SNOMED/RxNorm/LOINC hierarchies
 -- are not in the export, so parent_codes stay empty.
 
--- data: core (encounter classes)
+-- section: core (encounter classes)
 SELECT DISTINCT ON (code) code, description, []::VARCHAR[]
 FROM (
     SELECT CASE WHEN ehr_is_hospital(cls) THEN 'ADMIT//' ELSE 'ENCOUNTER//' END || cls AS code,
@@ -15,7 +15,7 @@ FROM (
 )
 ORDER BY code, description;
 
--- data: clinical (DESCRIPTION of each coded row)
+-- section: clinical (DESCRIPTION of each coded row)
 SELECT DISTINCT ON (code) code, description, []::VARCHAR[]
 FROM (
     SELECT 'DX//' || vocab || '//' || fs_part(code_raw) AS code, description FROM v_conditions
@@ -35,7 +35,7 @@ FROM (
 WHERE description IS NOT NULL AND code NOT LIKE '%//UNK'
 ORDER BY code, description;
 
--- data: observations
+-- section: observations
 SELECT DISTINCT ON (code) code, description, []::VARCHAR[]
 FROM (
     SELECT CASE WHEN category = 'vital-signs' THEN 'VITAL' ELSE 'LAB' END || '//LOINC//' || fs_part(code_raw) AS code,

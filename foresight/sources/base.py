@@ -1,0 +1,160 @@
+"""What every source adapter shares: the table-group record, the one load driver and common staging steps.
+
+A source adapter is a module with ``SOURCE_KIND``, ``GROUPS`` (:class:`Group`, the unit a Prefect task retries),
+``check_input(path) -> root``, ``stage_group(load, root, group, **options)`` and ``stage_codes(load, root)``.
+It may add ``scan_group(load, root, group)``, a thread-safe scan of the group's files: the driver then scans the
+next group on a second thread while the current one is validated, and passes the result as ``scans=``.
+
+The driver (:func:`run_load`) is the only place that sequences a load: check the input, open a
+:class:`foresight.warehouse.Load` (with the opt-out list), stage every group in order, stage the code metadata,
+publish in one transaction. The Prefect ``etl`` flow composes the same steps (``check_input``, :func:`new_load`,
+:func:`stage_one`, :func:`finish_load`) as tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import duckdb
+
+from foresight import sql
+from foresight.hashing import sha256
+from foresight.warehouse import Load, LoadSummary
+
+
+@dataclass(frozen=True)
+class Group:
+    """Input tables staged together by one SQL file (also the unit a Prefect task retries).
+
+    ``tables`` holds table names, or the adapter's table specs (objects with a ``name``).
+    """
+
+    name: str
+    tables: tuple[Any, ...]
+
+    @property
+    def table_names(self) -> list[str]:
+        return [t if isinstance(t, str) else t.name for t in self.tables]
+
+
+# --- the driver ------------------------------------------------------------------------------------------------
+
+
+def open_load(module: ModuleType, con: duckdb.DuckDBPyConnection, input_path: str | Path, *,
+              source: str | None = None, exclude_subjects: Iterable[int] | None = None) -> tuple[Load, Path]:
+    """Check the input (``SourceError`` naming the path) and open a load session; returns (session, root)."""
+    root = module.check_input(Path(input_path))
+    return new_load(module, con, root, source=source, exclude_subjects=exclude_subjects), root
+
+
+def new_load(module: ModuleType, con: duckdb.DuckDBPyConnection, root: Path, *, source: str | None = None,
+             exclude_subjects: Iterable[int] | None = None) -> Load:
+    """A load session of the adapter ``module`` for an input already checked (``root`` from ``check_input``)."""
+    return Load(con, source=source or module.SOURCE_KIND, source_kind=module.SOURCE_KIND, input_path=root,
+                exclude_subjects=exclude_subjects)
+
+
+def find_group(module: ModuleType, name: str) -> Group:
+    """The adapter's table group called ``name`` (a ValueError lists the groups there are)."""
+    for group in module.GROUPS:
+        if group.name == name:
+            return group
+    raise ValueError(f"{module.SOURCE_KIND} has no table group {name!r}: {[g.name for g in module.GROUPS]}")
+
+
+def stage_one(module: ModuleType, load: Load, root: Path, group: str | Group, **options: Any) -> list[str]:
+    """Stage one table group (by name or spec); safe to call again after a failure. Returns its table names."""
+    spec = find_group(module, group) if isinstance(group, str) else group
+    return module.stage_group(load, root, spec, **options)
+
+
+def stage_groups(module: ModuleType, load: Load, root: Path, *,
+                 on_group_done: Callable[[str], None] | None = None, **options: Any) -> None:
+    """Stage every table group in order, calling ``on_group_done(group_name)`` after each."""
+    scan = getattr(module, "scan_group", None)
+    if scan is None:
+        for group in module.GROUPS:
+            module.stage_group(load, root, group, **options)
+            if on_group_done is not None:
+                on_group_done(group.name)
+        return
+    # Scan the next group's files on a second thread while this group is validated: gzip decompression is
+    # single-threaded per file, so this keeps two cores busy. One group of look-ahead bounds the memory.
+    groups = module.GROUPS
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="foresight-scan") as pool:
+        upcoming = pool.submit(scan, load, root, groups[0])
+        for i, group in enumerate(groups):
+            scans = upcoming.result()
+            if i + 1 < len(groups):
+                upcoming = pool.submit(scan, load, root, groups[i + 1])
+            module.stage_group(load, root, group, scans=scans, **options)
+            if on_group_done is not None:
+                on_group_done(group.name)
+
+
+def finish_load(module: ModuleType, load: Load, root: Path, *, check: bool = True) -> LoadSummary:
+    """Stage the code metadata and publish the load in one transaction (see :meth:`Load.publish`)."""
+    module.stage_codes(load, root)
+    return load.publish(check=check)
+
+
+def run_load(module: ModuleType, con: duckdb.DuckDBPyConnection, input_path: str | Path, *,
+             source: str | None = None, exclude_subjects: Iterable[int] | None = None,
+             on_group_done: Callable[[str], None] | None = None, **options: Any) -> LoadSummary:
+    """Load ``input_path`` with the adapter ``module``, replacing any earlier load of the same ``source``
+    (default: the adapter's kind).
+
+    ``exclude_subjects``: national data opt-out, subject ids whose rows are dropped. ``on_group_done(name)`` is
+    called after each table group is staged (progress display; tests use it to inject a crash mid-load).
+    ``options`` go to the adapter's ``stage_group`` (e.g. the notes source's ``model_pack``). Nothing is visible
+    in the warehouse until every group is staged and the final transaction commits.
+    """
+    load, root = open_load(module, con, input_path, source=source, exclude_subjects=exclude_subjects)
+    stage_groups(module, load, root, on_group_done=on_group_done, **options)
+    return finish_load(module, load, root)
+
+
+# --- staging steps several adapters share ---------------------------------------------------------------------
+
+
+def find_file(folder: Path, name: str, suffixes: Iterable[str]) -> Path | None:
+    """``folder/<name><suffix>`` for the first suffix that exists, else None."""
+    for suffix in suffixes:
+        path = folder / f"{name}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def code_sections(folder: str) -> dict[str, str]:
+    """The ``-- section: NAME`` statements of ``foresight/sql/<folder>/codes.sql``, each ready to wrap in a
+    SELECT (no trailing semicolon)."""
+    return {name: body.strip().rstrip(";") for name, body in sql.sections(folder, "codes").items()}
+
+
+def install_ehr_macros(load: Load, *extra: str) -> None:
+    """Install the EHR macros (and ``extra`` SQL) and this load's name, which the SQL reads from ``fs_load``."""
+    load.con.execute(sql.load("common", "ehr_macros"))
+    for text in extra:
+        load.con.execute(text)
+    load.con.execute("CREATE OR REPLACE TEMP TABLE fs_load AS SELECT $source::VARCHAR AS source",
+                     {"source": load.source})
+
+
+def finish_group(load: Load, tables: Iterable[str], codes_sql: str | None = None) -> None:
+    """Account for each staged table of a group (:meth:`Load.finish_table`), then stage the group's code
+    descriptions (``codes_sql`` selects code, description, parent_codes)."""
+    for table in tables:
+        load.finish_table(table)
+    if codes_sql:
+        load.add_codes(codes_sql)
+
+
+def combined_checksum(checksums: Iterable[tuple[str, str]]) -> str:
+    """One lineage checksum for a table read from many files: sha256 over ``name<TAB>sha256`` lines in order."""
+    return sha256("".join(f"{name}\t{sha}\n" for name, sha in checksums))

@@ -1,0 +1,161 @@
+"""The steps of :meth:`foresight.warehouse.Load.finish_table`: every staged row of one input table accounted for.
+
+Each step reads the TEMP tables an adapter's SQL built for ``table``: ``raw_<table>`` (the rows read),
+``v_<table>(_line, _quarantine, _drop, ...)`` (one row per raw row), ``e_<table>`` (its events) and optionally
+``n_<table>`` (its free-text notes). ``keep(alias)`` is the opt-out filter (:func:`optout_lines`): a SQL condition
+``AND <alias>._line NOT IN optout_lines``, or "" when no subject is excluded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import duckdb
+
+from foresight.optout import OPT_OUT_REASON
+from foresight.warehouse.results import ReconciliationError, TableResult
+
+Keep = Callable[[str], str]
+
+
+def table_shape(con: duckdb.DuckDBPyConnection, table: str) -> tuple[set[str], bool]:
+    """The columns of ``v_<table>`` and whether the table stages notes (a TEMP view ``n_<table>``)."""
+    v_cols = {r[0] for r in con.execute(f"DESCRIBE v_{table}").fetchall()}
+    has_notes = bool(con.execute(
+        "SELECT 1 FROM duckdb_views() WHERE view_name = ? AND temporary", [f"n_{table}"]
+    ).fetchall())
+    return v_cols, has_notes
+
+
+def optout_lines(con: duckdb.DuckDBPyConnection, table: str, v_cols: set[str], has_notes: bool, active: bool
+                 ) -> tuple[int, Keep]:
+    """Lines of ``table`` that belong to opted-out subjects (TEMP ``optout_lines``) and a SQL filter maker.
+
+    A line is opted out when it produced an event or note of a listed subject (TEMP ``fs_optout``), or when
+    ``v_<table>`` has a ``subject_id`` column naming one (so their invalid rows are dropped rather than
+    quarantined). Returns (line count, ``keep``); with no list (``active`` false), (0, a filter that keeps all).
+    """
+    if not active:
+        return 0, lambda alias: ""
+    optout = "(SELECT subject_id FROM fs_optout)"
+    parts = [f"SELECT _line FROM e_{table} WHERE subject_id IN {optout}"]
+    if has_notes:
+        parts.append(f"SELECT _line FROM n_{table} WHERE subject_id IN {optout}")
+    if "subject_id" in v_cols:
+        parts.append(f"SELECT _line FROM v_{table} WHERE TRY_CAST(subject_id AS BIGINT) IN {optout}")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE optout_lines AS {' UNION '.join(parts)}")
+    n = con.execute("SELECT count(*) FROM optout_lines").fetchall()[0][0]
+    return int(n), lambda alias: f"AND {alias}._line NOT IN (SELECT _line FROM optout_lines)"
+
+
+def stage_quarantine(con: duckdb.DuckDBPyConnection, table: str, v_cols: set[str], keep: Keep, *, run_id: str,
+                     source: str, file: str) -> None:
+    """Stage the rows with a ``_quarantine`` reason, raw row kept as JSON, named by file and row (multi-file
+    inputs name them in ``v_<table>._source_file/_source_row``; default: the table's file and ``_line``)."""
+    file_expr = "coalesce(v._source_file, ?)" if "_source_file" in v_cols else "?"
+    row_expr = "v._source_row" if "_source_row" in v_cols else "v._line"
+    con.execute(
+        f"""
+        INSERT INTO staged_quarantine
+        SELECT ?, ?, {file_expr}, {row_expr}, v._quarantine, to_json(r), ?
+        FROM v_{table} v JOIN raw_{table} r USING (_line)
+        WHERE v._quarantine IS NOT NULL {keep("v")};
+        """,
+        [run_id, source, file, table],
+    )
+
+
+def check_validation(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, file: str) -> int:
+    """Check ``v_<table>`` has one row per raw row and no event comes from a quarantined row or lacks a subject or
+    code (``ReconciliationError`` otherwise); returns the quarantined rows (opted-out ones excluded)."""
+    n_raw, n_q, dups = con.execute(
+        f"SELECT count(*), count(v._quarantine) FILTER (WHERE true {keep('v')}), count(*) - count(DISTINCT _line) "
+        f"FROM v_{table} v"
+    ).fetchall()[0]
+    staged = con.execute(f"SELECT count(*) FROM raw_{table}").fetchall()[0][0]
+    if n_raw != staged or dups:
+        raise ReconciliationError(f"{file}: validation produced {n_raw} rows for {staged} read")
+    bad = con.execute(
+        f"""SELECT count(*) FROM e_{table} e JOIN v_{table} v USING (_line)
+            WHERE v._quarantine IS NOT NULL OR e.subject_id IS NULL OR e.code IS NULL"""
+    ).fetchall()[0][0]
+    if bad:
+        raise ReconciliationError(f"{file}: {bad} events from quarantined rows or with NULL subject/code")
+    return int(n_q)
+
+
+def drop_reasons(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, has_notes: bool, n_optout: int, file: str
+                 ) -> dict[str, int]:
+    """Rows dropped by reason: valid rows that produced nothing (their ``_drop`` reason), plus the opted-out
+    lines. ``ReconciliationError`` when a valid row produced nothing and has no reason."""
+    drops = con.execute(
+        f"""
+        SELECT coalesce(v._drop, 'UNEXPLAINED'), count(*)
+        FROM v_{table} v
+        WHERE v._quarantine IS NULL AND NOT EXISTS (SELECT 1 FROM e_{table} e WHERE e._line = v._line)
+          {f"AND NOT EXISTS (SELECT 1 FROM n_{table} n WHERE n._line = v._line)" if has_notes else ""}
+          {keep("v")}
+        GROUP BY ALL
+        """
+    ).fetchall()
+    dropped = {reason: n for reason, n in drops}
+    if n_optout:
+        dropped[OPT_OUT_REASON] = dropped.get(OPT_OUT_REASON, 0) + n_optout
+    if "UNEXPLAINED" in dropped:
+        raise ReconciliationError(
+            f"{file}: {dropped['UNEXPLAINED']} valid rows produced no event and have no drop reason"
+        )
+    return dropped
+
+
+def count_loaded(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, has_notes: bool) -> int:
+    """Lines that produced something: events, or (for note tables) notes."""
+    produced = (f"(SELECT _line FROM e_{table} x WHERE true {keep('x')}"
+                + (f" UNION SELECT _line FROM n_{table} x WHERE true {keep('x')})" if has_notes else ")"))
+    return int(con.execute(f"SELECT count(DISTINCT _line) FROM {produced}").fetchall()[0][0])
+
+
+def stage_notes(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, *, run_id: str, source: str, file: str
+                ) -> int:
+    """Check and stage the notes of ``n_<table>``; returns how many."""
+    bad_notes = con.execute(
+        f"""SELECT count(*) FROM n_{table} n JOIN v_{table} v USING (_line)
+            WHERE v._quarantine IS NOT NULL OR n.subject_id IS NULL OR n.text IS NULL"""
+    ).fetchall()[0][0]
+    if bad_notes:
+        raise ReconciliationError(f"{file}: {bad_notes} notes from quarantined rows or without subject/text")
+    return int(con.execute(
+        f"""
+        INSERT INTO staged_notes
+        SELECT subject_id, time, note_id, note_type, encounter_id, text, ?, ?, ? FROM n_{table} x
+        WHERE true {keep("x")}
+        """,
+        [source, table, run_id],
+    ).fetchall()[0][0])
+
+
+def stage_events(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, *, run_id: str, source: str) -> int:
+    """Move the events of ``e_<table>`` into the staging area; returns how many."""
+    return int(con.execute(
+        f"""
+        INSERT INTO staged_events
+        SELECT subject_id, time, code, numeric_value, text_value, unit, encounter_id, ?, ?, ?
+        FROM e_{table} x WHERE true {keep("x")}
+        """,
+        [source, table, run_id],
+    ).fetchall()[0][0])
+
+
+def settle(res: TableResult, *, loaded: int, quarantined: int, dropped: dict[str, int], events: int) -> TableResult:
+    """Record the table's counts; ``ReconciliationError`` unless read = loaded + quarantined + dropped."""
+    res.rows_loaded = loaded
+    res.rows_quarantined += quarantined
+    res.rows_dropped = sum(dropped.values())
+    res.dropped_reasons = {f"{res.table}: {k}": v for k, v in dropped.items()}
+    res.events = events
+    if res.rows_read != res.rows_loaded + res.rows_quarantined + res.rows_dropped:
+        raise ReconciliationError(
+            f"{res.file}: read {res.rows_read} != loaded {res.rows_loaded} + quarantined "
+            f"{res.rows_quarantined} + dropped {res.rows_dropped}"
+        )
+    return res

@@ -1,0 +1,139 @@
+"""The steps of :meth:`foresight.warehouse.Load.publish`: staged rows replace a source's rows in one transaction.
+
+Every step but :func:`drop_staging_area` runs inside the caller's transaction and reads the TEMP staging tables
+(``staged_events``, ``staged_quarantine``, ``staged_notes``, ``staged_codes``, ``staged_subject_map``,
+``staged_splits``) and ``fs_optout`` (the load's opt-out list).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import duckdb
+
+from foresight.version import __version__
+from foresight.warehouse.results import TableResult
+
+TOTALS = ("rows_read", "rows_loaded", "rows_quarantined", "rows_dropped", "events")
+
+
+def totals(tables: Iterable[TableResult]) -> tuple[dict[str, int], dict[str, int]]:
+    """The load's counts summed over its tables, and its drop reasons (already prefixed by table)."""
+    tables = list(tables)
+    counts = {k: sum(getattr(t, k) for t in tables) for k in TOTALS}
+    dropped_reasons: dict[str, int] = {}
+    for t in tables:
+        dropped_reasons.update(t.dropped_reasons)
+    return counts, dropped_reasons
+
+
+def replace_rows(con: duckdb.DuckDBPyConnection, source: str) -> None:
+    """Delete the source's events, quarantine rows and notes, insert the staged ones; add its subject_map rows
+    (existing rows win) and drop map rows of subjects who have opted out since an earlier load."""
+    con.execute("DELETE FROM events WHERE source = ?", [source])
+    con.execute("DELETE FROM quarantine WHERE source = ?", [source])
+    con.execute("INSERT INTO events SELECT * FROM staged_events")
+    con.execute("INSERT INTO quarantine SELECT * EXCLUDE (source_table) FROM staged_quarantine")
+    con.execute("DELETE FROM notes WHERE source = ?", [source])
+    con.execute("INSERT INTO notes SELECT * FROM staged_notes")
+    con.execute("INSERT OR IGNORE INTO subject_map SELECT * FROM staged_subject_map "
+                "WHERE subject_id NOT IN (SELECT subject_id FROM fs_optout)")
+    # an earlier load of this source may have mapped (and split) a subject who has since opted out
+    con.execute("DELETE FROM subject_map WHERE source = ? AND subject_id IN (SELECT subject_id FROM fs_optout)",
+                [source])
+
+
+def write_codes(con: duckdb.DuckDBPyConnection, source: str) -> None:
+    """Describe every code of the load and all its ancestors (highest-priority staged description wins)."""
+    con.execute(
+        """
+        INSERT OR REPLACE INTO codes
+        SELECT e.code, c.description, fs_kind(e.code), coalesce(c.parent_codes, []::VARCHAR[]), ?
+        FROM (
+            -- the load's codes and all their ancestors, so a parent a tokenizer maps to is described
+            SELECT DISTINCT code FROM staged_events
+            UNION
+            SELECT DISTINCT unnest(s.parent_codes) FROM staged_codes s
+            WHERE s.code IN (SELECT code FROM staged_events)
+        ) e
+        LEFT JOIN (
+            SELECT code, arg_max(description, priority) AS description,
+                   arg_max(parent_codes, priority) AS parent_codes
+            FROM staged_codes GROUP BY code
+        ) c USING (code)
+        """,
+        [source],
+    )
+
+
+def write_splits(con: duckdb.DuckDBPyConnection) -> None:
+    """Give every new subject a split (given by the input first, else the stable hash); splits never change.
+    Opted-out subjects left without events lose theirs."""
+    con.execute(
+        """
+        INSERT INTO subject_splits
+        SELECT subject_id, any_value(split) FROM staged_splits
+        WHERE subject_id IN (SELECT subject_id FROM staged_events)
+          AND subject_id NOT IN (SELECT subject_id FROM subject_splits)
+        GROUP BY subject_id
+        """
+    )
+    con.execute(
+        """
+        INSERT INTO subject_splits
+        SELECT DISTINCT subject_id, fs_split(subject_id) FROM staged_events
+        WHERE subject_id NOT IN (SELECT subject_id FROM subject_splits)
+        """
+    )
+    con.execute("DELETE FROM subject_splits WHERE subject_id IN (SELECT subject_id FROM fs_optout) "
+                "AND subject_id NOT IN (SELECT subject_id FROM events)")
+
+
+def staged_counts(con: duckdb.DuckDBPyConnection) -> tuple[int, dict[str, int]]:
+    """Subjects of the staged events, and the events by code kind."""
+    subjects = con.execute("SELECT count(DISTINCT subject_id) FROM staged_events").fetchall()[0][0]
+    by_kind = dict(
+        con.execute("SELECT fs_kind(code) AS k, count(*) FROM staged_events GROUP BY k ORDER BY k").fetchall()
+    )
+    return subjects, by_kind
+
+
+def record_run(con: duckdb.DuckDBPyConnection, run: dict[str, Any], tables: Iterable[TableResult]) -> None:
+    """Write the ``etl_runs`` row (``run`` holds its columns but the version) and one ``etl_tables`` row per
+    table."""
+    con.execute(
+        "INSERT INTO etl_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            run["run_id"], run["source"], run["source_kind"], run["input_path"],
+            json.dumps(run["checksums"], sort_keys=True), run["started_at"], datetime.now(),
+            run["rows_read"], run["rows_loaded"], run["rows_quarantined"], run["rows_dropped"],
+            json.dumps(run["dropped_reasons"], sort_keys=True), run["events"], run["subjects"],
+            json.dumps(run["missing_tables"]), __version__,
+        ],
+    )
+    con.executemany(
+        "INSERT INTO etl_tables VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            [run["run_id"], t.table, t.file, t.sha256, t.rows_read, t.rows_loaded,
+             t.rows_quarantined, t.rows_dropped, t.events]
+            for t in tables
+        ],
+    )
+
+
+def drop_staging_area(con: duckdb.DuckDBPyConnection) -> None:
+    """After the commit: drop the staging tables and detach the in-memory raw-scan database."""
+    con.execute("DROP TABLE IF EXISTS fs_optout; DROP TABLE IF EXISTS optout_lines")
+    con.execute("DROP TABLE staged_events; DROP TABLE staged_quarantine; DROP TABLE staged_codes; "
+                "DROP TABLE staged_notes; DROP TABLE staged_subject_map; DROP TABLE staged_splits")
+    con.execute("SET search_path = 'main'")
+    con.execute("DETACH fs_stage")
+
+
+def database_path(con: duckdb.DuckDBPyConnection) -> str:
+    """The file of the connection's current database."""
+    return str(con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()")
+               .fetchall()[0][0])
