@@ -37,6 +37,15 @@ REPO = Path(__file__).resolve().parents[1]
 # Python puts this script's folder first on sys.path, where bench/tokenize.py would shadow the standard library's
 # tokenize module (imported deep inside torch/transformers): replace it with the repository root.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+
+from foresight import model as M  # noqa: E402
+from foresight import sources, warehouse  # noqa: E402
+from foresight import tokens as T  # noqa: E402
+from foresight import train as TR  # noqa: E402
+from foresight.dataset import PackedSplit, RowStream  # noqa: E402
+
 SHARED = Path(os.environ.get("FORESIGHT_SHARED_DATA", REPO.parent / "shared" / "data"))
 OUT = REPO / "bench" / "out"
 
@@ -46,10 +55,6 @@ OUT = REPO / "bench" / "out"
 
 def demo_tokens() -> Path:
     """The MIMIC-IV demo, loaded into a warehouse and tokenized once (bench/out/train-demo/tokens)."""
-    from foresight import tokens as T
-    from foresight import warehouse
-    from foresight.sources import mimic_iv
-
     root = OUT / "train-demo"
     tokens = root / "tokens"
     if (tokens / "vocab.json").exists():
@@ -57,11 +62,8 @@ def demo_tokens() -> Path:
     root.mkdir(parents=True, exist_ok=True)
     db = root / "warehouse.duckdb"
     db.unlink(missing_ok=True)
-    con = warehouse.connect(db)
-    try:
-        mimic_iv.load(con, SHARED / "mimic-iv-demo-2.2")
-    finally:
-        con.close()
+    with warehouse.connect(db) as con:
+        sources.load("mimic-iv", con, SHARED / "mimic-iv-demo-2.2")
     T.tokenize(db, tokens, T.TokenizerConfig(min_subjects=5))
     return tokens
 
@@ -73,10 +75,6 @@ def synthetic_tokens(out: Path, subjects: int, vocab_codes: int = 10_000, seed: 
     some followed by a value token) and END. Timeline lengths are log-normal (median ~400 tokens, a long tail
     into the thousands, like hospital records), so packing and padding behave as on real data.
     """
-    import numpy as np
-
-    from foresight import tokens as T
-
     if (out / "vocab.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -144,8 +142,6 @@ def synthetic_tokens(out: Path, subjects: int, vocab_codes: int = 10_000, seed: 
 
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     """(a) foresight.train: the DeepSpeed loop, no evaluation or checkpoint until the end."""
-    from foresight import train as TR
-
     out = Path(tempfile.mkdtemp(prefix="bench-ours-"))
     cfg = TR.TrainConfig(preset=args.preset, seq_len=args.seq_len, micro_batch=args.micro_batch,
                          max_steps=args.steps, warmup_steps=2, eval_every=0, eval_rows=args.micro_batch,
@@ -166,10 +162,6 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     """(b) transformers.Trainer over the same rows (labels given as ``shift_labels``: already shifted)."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from foresight import model as M
-    from foresight.dataset import PackedSplit
-    from foresight.train import RowStream
 
     split = PackedSplit(args.data, "train")
     stream = RowStream(split, args.seq_len, seed=1)

@@ -13,11 +13,15 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+
+from foresight.train import TrainConfig
+from foresight.train import train as train_model
 
 # Variables a parent process may have set for its own (single-process) DeepSpeed run; the launcher must not
 # inherit them, it sets its own for every rank.
@@ -49,32 +53,23 @@ def launcher_command(data: Path, out: Path, *, num_gpus: int, preset: str | None
 
 
 @task(cache_policy=NO_CACHE)
-def train_in_process(data: Path, out: Path, preset: str, deepspeed_config: Path | None, max_steps: int | None,
-                     options: dict[str, Any], resume: bool) -> dict[str, Any]:
+def train_in_process(data: Path, out: Path, cfg: TrainConfig, deepspeed_config: Path | None,
+                     resume: bool) -> dict[str, Any]:
     """Run the training loop in this process (one rank)."""
-    from foresight import train as T
-
-    fields = {"preset": preset, **options}
-    if max_steps is not None:
-        fields["max_steps"] = max_steps
     logger = get_run_logger()
-    return T.train(data, out, T.TrainConfig.from_dict(fields), deepspeed_config_path=deepspeed_config,
-                   resume=resume, log=logger.info)
+    return train_model(data, out, cfg, deepspeed_config_path=deepspeed_config, resume=resume, log=logger.info)
 
 
 @task(cache_policy=NO_CACHE)
-def train_launched(data: Path, out: Path, preset: str, deepspeed_config: Path | None, max_steps: int | None,
-                   num_gpus: int, hostfile: Path | None, options: dict[str, Any], resume: bool) -> dict[str, Any]:
+def train_launched(data: Path, out: Path, cfg: TrainConfig, deepspeed_config: Path | None, num_gpus: int,
+                   hostfile: Path | None, resume: bool) -> dict[str, Any]:
     """Run ``foresight train`` under the DeepSpeed launcher; every output line goes to the Prefect log."""
     logger = get_run_logger()
-    extra: list[str] = []
-    if options:
-        cfg_file = Path(out) / "flow_train_config.json"
-        Path(out).mkdir(parents=True, exist_ok=True)
-        cfg_file.write_text(json.dumps(options))
-        extra = ["--config", str(cfg_file)]
-    cmd = launcher_command(data, out, num_gpus=num_gpus, preset=preset, deepspeed_config=deepspeed_config,
-                           max_steps=max_steps, hostfile=hostfile, resume=resume, extra=extra)
+    cfg_file = Path(out) / "flow_train_config.json"  # every rank reads the whole config from it
+    Path(out).mkdir(parents=True, exist_ok=True)
+    cfg_file.write_text(json.dumps(asdict(cfg)))
+    cmd = launcher_command(data, out, num_gpus=num_gpus, deepspeed_config=deepspeed_config, hostfile=hostfile,
+                           resume=resume, extra=["--config", str(cfg_file)])
     logger.info("launching: %s", " ".join(cmd))
     env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS}
     lines: list[str] = []
@@ -106,7 +101,8 @@ def train(data: Path, out: Path, preset: str = "small", deepspeed_config: Path |
     """Train a model on ``data`` into ``out``. ``num_gpus`` > 1 (ranks per node: GPUs, or CPU processes on a
     CPU machine) or a ``hostfile`` goes through the DeepSpeed launcher; ``options`` are extra TrainConfig fields.
     """
+    cfg = TrainConfig.from_dict({"preset": preset, **(options or {}),
+                                 **({"max_steps": max_steps} if max_steps is not None else {})})
     if num_gpus > 1 or hostfile is not None:
-        return train_launched(data, out, preset, deepspeed_config, max_steps, num_gpus, hostfile, options or {},
-                              resume)
-    return train_in_process(data, out, preset, deepspeed_config, max_steps, options or {}, resume)
+        return train_launched(data, out, cfg, deepspeed_config, num_gpus, hostfile, resume)
+    return train_in_process(data, out, cfg, deepspeed_config, resume)

@@ -14,6 +14,9 @@ the token clock per token, and an index of subject boundaries. Training reads fi
   from its code.
 - **Reproducible and resumable.** The row plan of an epoch is a pure function of (seed, epoch): subjects are
   shuffled, then packed; resuming at (epoch, row) continues exactly where an interrupted run stopped.
+- **A row stream for training.** :class:`RowStream` maps a global row index to a row over consecutive epochs,
+  so the rows of any optimiser step are a pure function of (seed, step); :func:`collate` stacks rows into
+  tensors.
 - **Time to the next event.** Each row also carries ``time_to_next_days``: at a position that ends a timestamp
   group (its label starts a later token-clock time) the gap in days to that next time, else 0. It feeds the
   optional exponential waiting-time loss of :mod:`foresight.model`; nothing else reads it.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,8 +37,8 @@ from foresight.tokens import (
     PAD,
     QUANTILE_PREFIX,
     Vocabulary,
-    _ages,
-    _years_of,
+    ages,
+    years_of,
 )
 
 IGNORE_INDEX = -100
@@ -99,12 +103,12 @@ class PackedSplit:
         clock = np.array([int(r["t0"]) + int(self.clock_min[pos]) * MINUTE], dtype=np.int64)
         markers = []
         if cfg.year_tokens:
-            markers.append(int(self.vocab.marker_ids("YEAR", _years_of(clock))[0]))
+            markers.append(int(self.vocab.marker_ids("YEAR", years_of(clock))[0]))
         if cfg.age_tokens:
             if r["birth"] == NO_TIME:
                 markers.append(self.vocab.index["AGE//UNK"])
             else:
-                markers.append(int(self.vocab.marker_ids("AGE", _ages(clock, np.array([r["birth"]])))[0]))
+                markers.append(int(self.vocab.marker_ids("AGE", ages(clock, np.array([r["birth"]])))[0]))
         return np.concatenate([head, np.array(markers, dtype=np.int64)])
 
     def _continuation_len(self, i: int) -> int:
@@ -197,3 +201,59 @@ class PackedSplit:
         gap_min = np.where(labels != IGNORE_INDEX, clock[1:] - clock[:-1], 0)
         return {"input_ids": seq[:-1], "labels": labels, "position_ids": positions[:-1],
                 "time_to_next_days": np.maximum(gap_min, 0).astype(np.float32) / np.float32(1440.0)}
+
+
+class RowStream:
+    """Global row index -> a packed row, over consecutive epochs of :meth:`PackedSplit.plan` (seed, epoch).
+
+    Epochs hold slightly different numbers of rows (packing depends on the shuffled order), so the index walks
+    the epochs' row counts; only the plans near the current position are kept in memory.
+    """
+
+    def __init__(self, split: PackedSplit, seq_len: int, seed: int, epoch_rows: list[int] | None = None) -> None:
+        self.split, self.seq_len, self.seed = split, seq_len, seed
+        self.epoch_rows: list[int] = list(epoch_rows or [])  # known row counts per epoch (from a checkpoint)
+        self._plans: dict[int, RowPlan] = {}
+
+    def _plan(self, epoch: int) -> RowPlan:
+        if epoch not in self._plans:
+            if len(self._plans) > 2:
+                self._plans.pop(min(self._plans))
+            self._plans[epoch] = self.split.plan(self.seq_len, seed=self.seed, epoch=epoch)
+            if self._plans[epoch].n_rows == 0:
+                raise ValueError(f"the {self.split.split} split has no rows to train on")
+        return self._plans[epoch]
+
+    def locate(self, g: int) -> tuple[int, int]:
+        """(epoch, row) of global row ``g``."""
+        epoch, start = 0, 0
+        while True:
+            if epoch == len(self.epoch_rows):
+                self.epoch_rows.append(self._plan(epoch).n_rows)
+            if g < start + self.epoch_rows[epoch]:
+                return epoch, g - start
+            start += self.epoch_rows[epoch]
+            epoch += 1
+
+    def row(self, g: int) -> dict[str, np.ndarray]:
+        """Global row ``g`` (see :meth:`PackedSplit.row`)."""
+        epoch, r = self.locate(g)
+        return self.split.row(self._plan(epoch), r)
+
+    def step_rows(self, step: int, *, micro_batch: int, grad_accum: int, rank: int, world_size: int
+                  ) -> list[list[dict[str, np.ndarray]]]:
+        """Rank ``rank``'s rows for optimiser step ``step``: ``grad_accum`` micro-batches of ``micro_batch`` rows.
+
+        ``global_row = step * global_batch + (micro * world_size + rank) * micro_batch + i``, a pure function of
+        (seed, step), which is what makes a resumed run draw exactly the rows the interrupted one would have.
+        """
+        global_batch = micro_batch * grad_accum * world_size
+        return [[self.row(step * global_batch + (m * world_size + rank) * micro_batch + i) for i in range(micro_batch)]
+                for m in range(grad_accum)]
+
+
+def collate(rows: list[dict[str, np.ndarray]], device: Any) -> dict[str, Any]:
+    """Stack rows into (B, T) tensors on ``device``."""
+    import torch
+
+    return {k: torch.from_numpy(np.stack([r[k] for r in rows])).to(device, non_blocking=True) for k in rows[0]}

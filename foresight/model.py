@@ -44,6 +44,7 @@ is meaningless.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -188,8 +189,6 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L
 
 def peak_flops(device_name: str) -> float | None:
     """The peak bf16 FLOP/s of a named GPU (override with FORESIGHT_PEAK_TFLOPS), None if unknown."""
-    import os
-
     if os.environ.get("FORESIGHT_PEAK_TFLOPS"):
         return float(os.environ["FORESIGHT_PEAK_TFLOPS"]) * 1e12
     for key, value in PEAK_FLOPS.items():
@@ -201,17 +200,12 @@ def peak_flops(device_name: str) -> float | None:
 # --- the time-to-next-event head ----------------------------------------------------------------------------
 
 
-def event_token_mask(vocab: Vocabulary) -> np.ndarray:
-    """Boolean mask over the vocabulary: True for EVENT tokens (the codes; see the module docstring)."""
-    return vocab.is_event
-
-
 def event_log_bias(vocab: Vocabulary) -> np.ndarray:
     """(V,) float32: ``-c`` on event tokens (``c = log #events``, see the module docstring), ``-inf`` elsewhere.
 
     ``logits + bias`` are the log-rates per day of the event tokens.
     """
-    mask = event_token_mask(vocab)
+    mask = vocab.is_event
     return np.where(mask, -np.log(max(int(mask.sum()), 1)), -np.inf).astype(np.float32)
 
 

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,13 +15,18 @@ import numpy as np
 import pytest
 import torch
 
+from flows.train import train as train_flow
 from foresight import model as M
 from foresight import tokens as T
 from foresight import train as TR
-from foresight.dataset import IGNORE_INDEX, PackedSplit
+from foresight.dataset import IGNORE_INDEX, PackedSplit, RowStream
+from foresight.hashing import sha256_file
+
+from .conftest import CLI
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread, here and in child runs
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "foresight.cli"]
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 # Small fp32 run used by the resume tests: every step is a few milliseconds.
@@ -33,21 +37,6 @@ RESUME = dict(preset="tiny", seq_len=64, micro_batch=4, max_steps=120, lr=3e-3, 
 def _clean_env() -> dict[str, str]:
     """The environment for a child run: none of the rank variables an in-process run left behind."""
     return {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here and in child processes: CI's two cores are often shared, and spinning OpenMP threads
-    then cost far more than they gain; it also gives every run, in-process or not, the same reduction order."""
-    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(before)
-    if env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
 
 
 def _log(out: Path, kind: str = "train") -> list[dict]:
@@ -108,6 +97,22 @@ def test_packed_subjects_cannot_see_each_other(demo_data):
         assert not torch.allclose(leaky[a:b], model(input_ids=ids[:, a:b], use_cache=False).logits[0], atol=1e-3)
 
 
+def test_row_stream_walks_the_epochs_and_splits_a_step_over_ranks(demo_data):
+    ps = PackedSplit(demo_data, "train")
+    stream = RowStream(ps, 64, seed=5)
+    first = ps.plan(64, seed=5, epoch=0)
+    assert stream.locate(first.n_rows - 1) == (0, first.n_rows - 1) and stream.locate(first.n_rows) == (1, 0)
+    assert np.array_equal(stream.row(first.n_rows)["input_ids"],
+                          ps.row(ps.plan(64, seed=5, epoch=1), 0)["input_ids"])
+    # two ranks with two micro-steps each take the four consecutive micro-batches of the global batch in turn
+    one = RowStream(ps, 64, seed=5).step_rows(3, micro_batch=2, grad_accum=4, rank=0, world_size=1)
+    ranks = [RowStream(ps, 64, seed=5).step_rows(3, micro_batch=2, grad_accum=2, rank=r, world_size=2)
+             for r in (0, 1)]
+    interleaved = [ranks[0][0], ranks[1][0], ranks[0][1], ranks[1][1]]
+    for a, b in zip(itertools.chain(*one), itertools.chain(*interleaved), strict=True):
+        assert np.array_equal(a["input_ids"], b["input_ids"])
+
+
 def test_time_to_next_days_marks_the_gaps(demo_data):
     ps = PackedSplit(demo_data, "train")
     plan = ps.plan(128, seed=0, epoch=0)
@@ -142,8 +147,7 @@ def test_time_to_next_days_marks_the_gaps(demo_data):
 
 def test_event_tokens_are_the_codes(demo_data):
     vocab = T.Vocabulary.load(demo_data / "vocab.json")
-    mask = M.event_token_mask(vocab)
-    is_event = dict(zip(vocab.tokens, mask.tolist(), strict=True))
+    is_event = dict(zip(vocab.tokens, vocab.is_event.tolist(), strict=True))
     for tok in ("[PAD]", "[BOS]", "[END]", "Q1", "Q10", "AGE//UNK", vocab.tokens[int(vocab.time_ids[0])]):
         assert not is_event[tok], tok
     assert not any(is_event[t] for t in vocab.tokens if t.startswith(("AGE//", "YEAR//", "BIRTH//", "GENDER//")))
@@ -289,7 +293,7 @@ def test_damaged_checkpoint_is_a_clear_error(demo_data, tmp_path):
     # a file that is garbage but matches its manifest (e.g. written wrong): DeepSpeed's failure is named too
     states.write_bytes(b"not a checkpoint")
     manifest = json.loads((ckpt / TR.MANIFEST).read_text())
-    manifest["files"][states.name] = {"bytes": states.stat().st_size, "sha256": TR._sha256(states)}
+    manifest["files"][states.name] = {"bytes": states.stat().st_size, "sha256": sha256_file(states)}
     (ckpt / TR.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(TR.CheckpointError, match=f"{ckpt}: DeepSpeed could not load it"):
         TR.train(demo_data, out, cfg, resume=True)
@@ -349,8 +353,6 @@ def test_flow_in_process_and_two_ranks_agree(demo_data, tmp_path):
     """The flow trains in-process; with num_gpus=2 it launches two CPU ranks (ZeRO-2) through the DeepSpeed
     launcher, whose run equals one rank accumulating two micro-batches (the same global batch)."""
     from prefect.testing.utilities import prefect_test_harness
-
-    from flows.train import train as train_flow
 
     opts = {k: v for k, v in RESUME.items() if k not in ("preset", "max_steps")}
     opts.update(eval_every=0, checkpoint_every=0)

@@ -1,0 +1,81 @@
+"""The trained model's directory: Hugging Face weights, ``vocab.json``, ``foresight.json`` (the model card) and
+``loss_curve.png``.
+
+``foresight.json`` holds the tokenizer, data fingerprint, training and DeepSpeed config, metrics, the time-head
+flag and every rank's weight checksum; the model itself loads with ``AutoModelForCausalLM.from_pretrained(out)``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from foresight import model as M
+from foresight.hashing import sha256_chunks
+from foresight.train.engine import Run
+from foresight.train.errors import TrainingError
+from foresight.train.log import plot_loss_curve
+
+CARD = "foresight.json"
+
+
+def gather_weights(run: Run) -> tuple[dict[str, Any] | None, list[str | None]]:
+    """Collective (every rank calls it): the full state dict to save under ZeRO-3 (None below it) and every rank's
+    weight checksum, which must agree (None each under ZeRO-3, where no rank holds all the weights)."""
+    import torch.distributed as dist
+
+    engine = run.engine
+    # ZeRO-3 shards the weights: gather them (a collective, every rank takes part) for rank 0 to save
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+    checksums: list[str | None] = [None] * run.world
+    digest = None
+    if engine.zero_optimization_stage() < 3:  # every rank holds the full weights: they must be identical
+        # hashed tensor by tensor, never a copy of the whole model at once
+        digest = sha256_chunks(p.detach().float().cpu().numpy().tobytes() for p in engine.module.parameters())
+    dist.all_gather_object(checksums, digest)
+    if digest is not None and len(set(checksums)) != 1:
+        raise TrainingError(f"ranks ended with different weights ({checksums}); data-parallel sync is broken")
+    return state_dict, checksums
+
+
+def model_card(run: Run, metrics: dict[str, Any], checksums: list[str | None]) -> dict[str, Any]:
+    """The contents of ``foresight.json``."""
+    cfg, vocab = run.cfg, run.vocab
+    n_events = int(vocab.is_event.sum())
+    return {
+        "format_version": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "preset": M.describe(cfg.preset),
+        "parameters": run.n_params,
+        "tokenizer": {"vocab": "vocab.json", "vocab_size": len(vocab.tokens), "config": asdict(vocab.config),
+                      "special_tokens": {t: vocab.index[t] for t in ("[PAD]", "[BOS]", "[END]")}},
+        "data": {"dir": str(run.data_dir.resolve()), "fingerprint": vocab.fingerprint, "seq_len": cfg.seq_len,
+                 "train_tokens": run.train_split.n_tokens, "tuning_tokens": run.tuning_split.n_tokens},
+        "training": asdict(cfg),
+        "deepspeed": run.ds_cfg,
+        "world_size": run.world,
+        "device": run.device_name,
+        "precision": run.precision,
+        "time_head": {"enabled": cfg.time_head, "weight": cfg.time_loss_weight, "unit": "days",
+                      "event_tokens": n_events, "log_rate_offset": float(np.log(max(n_events, 1))),
+                      "loss": "joint per-token NLL: (sum CE + weight * sum exponential gap NLL) / tokens"},
+        "metrics": metrics,
+        "rank_weight_checksums": checksums,
+    }
+
+
+def write_model_dir(run: Run, state_dict: dict[str, Any] | None, checksums: list[str | None],
+                    metrics: dict[str, Any], history: list[dict[str, Any]], unigram: float) -> None:
+    """Rank 0 only: the weights, the vocabulary (and code descriptions), ``foresight.json`` and the loss curve."""
+    out, data_dir = run.out, run.data_dir
+    run.engine.module.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    shutil.copyfile(data_dir / "vocab.json", out / "vocab.json")
+    if (data_dir / "code_descriptions.json").exists():  # readable names for predictions and the model card
+        shutil.copyfile(data_dir / "code_descriptions.json", out / "code_descriptions.json")
+    (out / CARD).write_text(json.dumps(model_card(run, metrics, checksums), indent=1, default=str))
+    plot_loss_curve(history, out / "loss_curve.png", unigram)
