@@ -1,7 +1,7 @@
 """Benchmark Monte Carlo futures: the batched KV-cache sampler vs a naive loop of HF ``generate``, same model.
 
 Both sample ``--samples`` futures for each of ``--patients`` timelines, ``--new-tokens`` tokens each (no early stop,
-so both do the same work): (a) ``Forecaster._sample_batch`` (prompt once per patient, cache repeated per sample,
+so both do the same work): (a) ``Forecaster.sample_batch`` (prompt once per patient, cache repeated per sample,
 all rows decoded together), (b) one ``model.generate(do_sample=True)`` call per patient and sample. Reports
 generated tokens/s (median of ``--runs``) and their ratio, measured in the same process, plus next-event query
 latency p50/p99 (``Forecaster.next_events`` one timeline at a time).
@@ -25,6 +25,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from foresight import warehouse  # noqa: E402
+from foresight.forecast import Forecaster  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,17 +42,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from foresight import warehouse
-    from foresight.forecast import Forecaster
-
     fc = Forecaster.from_pretrained(args.model)
-    con = warehouse.connect(args.db, read_only=True)
-    try:
+    with warehouse.connect(args.db, read_only=True) as con:
         ids = [r[0] for r in con.execute(
             "SELECT subject_id FROM subject_splits WHERE split = 'held_out' ORDER BY subject_id").fetchall()]
         tls = [t for t in (fc.timeline_from_warehouse(con, s) for s in ids[: args.patients * 3]) if not t.dead]
-    finally:
-        con.close()
     tls = tls[: args.patients]
     for t in tls:
         t.as_of = t.clock  # no waiting phase: both sides sample from the first token on
@@ -61,7 +58,7 @@ def main() -> None:
         t0 = time.perf_counter()
         per = max(1, 512 // args.samples)
         for b in range(0, len(tls), per):
-            fc._sample_batch(tls[b:b + per], args.samples, horizon, 1.0, 1.0, gen, args.new_tokens)
+            fc.sample_batch(tls[b:b + per], args.samples, horizon, 1.0, 1.0, gen, args.new_tokens)
         return total / (time.perf_counter() - t0)
 
     def naive() -> float:

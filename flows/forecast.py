@@ -18,34 +18,24 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.retry import transient
 from foresight import warehouse
-from foresight.forecast import Forecaster, cohort_as_of, plot_population, population_rates, weekly_history
+from foresight.forecast import Forecaster, PopulationForecast, forecast_cohort, plot_population
+from foresight.pipeline import empty_cohort_message, latest_release, resolve_as_of
 
 
-@task(retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
-def select_cohort(db: Path, as_of: datetime, split: str | None, max_subjects: int | None,
-                  codes: tuple[str, ...], history_weeks: int) -> tuple[list[int], list[tuple[datetime, int]]]:
-    """The cohort alive at ``as_of`` and its observed weekly history."""
-    con = warehouse.connect(db, read_only=True)
-    try:
-        ids = cohort_as_of(con, as_of, split=split, limit=max_subjects)
-        return ids, weekly_history(con, ids, as_of, history_weeks, codes)
-    finally:
-        con.close()
-
-
-@task(cache_policy=NO_CACHE)
-def forecast_rates(model: Path, db: Path, ids: list[int], as_of: datetime, horizon_days: float, samples: int,
-                   codes: tuple[str, ...], history: list[tuple[datetime, int]], seed: int) -> dict[str, Any]:
-    """Sample futures for the cohort and aggregate weekly counts."""
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient, cache_policy=NO_CACHE)
+def forecast_rates(model: Path, db: Path, as_of: datetime, horizon_days: float, samples: int,
+                   codes: tuple[str, ...], split: str | None, max_subjects: int | None, history_weeks: int,
+                   seed: int) -> dict[str, Any]:
+    """The cohort alive at ``as_of``, its observed weekly history, and its sampled weekly counts."""
     fc = Forecaster.from_pretrained(model)
-    con = warehouse.connect(db, read_only=True)
-    try:
-        timelines = fc.timelines_from_warehouse(con, ids, as_of)
-    finally:
-        con.close()
-    return population_rates(fc, timelines, as_of, horizon_days, samples=samples, codes=codes, seed=seed,
-                            history=history).to_json()
+    with warehouse.connect(db, read_only=True) as con:
+        run = forecast_cohort(fc, con, as_of, horizon_days, samples=samples, codes=codes, split=split,
+                              max_subjects=max_subjects, history_weeks=history_weeks, seed=seed)
+        if run.forecast is None:
+            raise ValueError(empty_cohort_message(db, as_of, con, split=split))
+    return run.forecast.to_json()
 
 
 @flow(name="forecast hospitalisation rates")
@@ -60,8 +50,6 @@ def forecast(db: Path, model: Path | None = None, registry: Path | None = None,
     ``model``: a model directory, or ``registry``: use the last model the privacy gate released there (the
     scheduled Monday run forecasts only with released models).
     """
-    from foresight.pipeline import empty_cohort_message, latest_release, resolve_as_of
-
     if model is None:
         if registry is None:
             raise ValueError("give a model directory or a registry of released models")
@@ -69,16 +57,12 @@ def forecast(db: Path, model: Path | None = None, registry: Path | None = None,
         if model is None:
             raise ValueError(f"{registry} holds no released model yet: nothing passed the privacy gate")
     as_of = resolve_as_of(db, as_of) or datetime.combine(datetime.now().date(), datetime.min.time())
-    ids, history = select_cohort(db, as_of, split, max_subjects, tuple(codes), history_weeks)
-    if not ids:
-        raise ValueError(empty_cohort_message(db, as_of, split=split))
-    result = forecast_rates(model, db, ids, as_of, horizon_days, samples, tuple(codes), history, seed)
+    result = forecast_rates(model, db, as_of, horizon_days, samples, tuple(codes), split, max_subjects,
+                            history_weeks, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"forecast-{as_of:%Y%m%d}"
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    from foresight.forecast import PopulationForecast
-
     png = plot_population(PopulationForecast(**result), out_dir / f"{stem}.png")
     create_table_artifact(key="weekly-forecast", table=result["weeks"],
                           description=f"Expected {', '.join(codes)} per week from {as_of:%Y-%m-%d}")
@@ -86,8 +70,8 @@ def forecast(db: Path, model: Path | None = None, registry: Path | None = None,
     image = base64.b64encode(png.read_bytes()).decode("ascii")
     create_markdown_artifact(
         key="forecast-summary",
-        markdown=f"**{total:.1f}** expected {', '.join(codes)} events for **{len(ids):,}** subjects over "
-                 f"{horizon_days:g} days from {as_of:%Y-%m-%d}.\n\n"
+        markdown=f"**{total:.1f}** expected {', '.join(codes)} events for **{result['cohort_size']:,}** subjects "
+                 f"over {horizon_days:g} days from {as_of:%Y-%m-%d}.\n\n"
                  f"![Weekly forecast with 50% and 90% intervals](data:image/png;base64,{image})\n\n"
                  f"JSON: `{out_dir / (stem + '.json')}`  \nPlot: `{png}`",
         description=f"Forecast from {as_of:%Y-%m-%d} with its plot",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -13,18 +14,13 @@ import torch
 from foresight import tokens as T
 from foresight import warehouse
 from foresight.evaluate import backtest_rates, bootstrap_ci, expected_calibration_error, risk_metrics
-from foresight.forecast import (
-    BUILTIN_TASKS,
-    Forecaster,
-    TaskSpec,
-    load_task,
-    population_rates,
-    risk_from_futures,
-    weekly_counts,
-    wilson,
-)
+from foresight.forecast import Forecaster
+from foresight.forecast.cohorts import cohort_as_of, like_patterns, weekly_history
+from foresight.forecast.population import forecast_cohort, population_rates, weekly_counts
+from foresight.forecast.risks import RB_INTERVAL, WILSON_INTERVAL, risk_with_interval, risks_with_intervals
+from foresight.forecast.tasks import BUILTIN_TASKS, TaskSpec, load_task, risk_from_futures, wilson
 
-from .test_tokenizer import _simulated_tokens, _tiny_warehouse
+from .conftest import alive_timelines, simulated_warehouse, tiny_warehouse
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +29,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Forecaster, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("fc")
-    db = _tiny_warehouse(d / "w.duckdb", n_subjects=60)
+    db = tiny_warehouse(d / "w.duckdb", n_subjects=60)
     T.tokenize(db, d / "tok", T.TokenizerConfig(min_subjects=3))
     vocab = T.Vocabulary.load(d / "tok" / "vocab.json")
     torch.manual_seed(0)
@@ -43,19 +39,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Forecaster, Path]:
     return Forecaster(LlamaForCausalLM(cfg), vocab), db
 
 
-def _alive_timelines(fc: Forecaster, db: Path, n: int = 6):
-    con = warehouse.connect(db, read_only=True)
-    try:
-        ids = [r[0] for r in con.execute("SELECT DISTINCT subject_id FROM events ORDER BY 1").fetchall()]
-        tls = [fc.timeline_from_warehouse(con, s) for s in ids]
-    finally:
-        con.close()
-    return [t for t in tls if not t.dead][:n]
-
-
 def test_next_events_probabilities_and_filters(tiny):
     fc, db = tiny
-    tl = _alive_timelines(fc, db, 1)[0]
+    tl = alive_timelines(fc, db, 1)[0]
     full = fc.next_events(tl, top_k=50)
     assert 0 < full.probability_mass <= 1 + 1e-9
     probs = [e["probability"] for e in full.events]
@@ -73,7 +59,7 @@ def test_next_events_probabilities_and_filters(tiny):
 
 def test_futures_are_reproducible_and_move_forward(tiny):
     fc, db = tiny
-    tls = _alive_timelines(fc, db, 4)
+    tls = alive_timelines(fc, db, 4)
     horizon = 400.0
     a = fc.sample_futures(tls, 5, horizon, seed=7, max_new_tokens=80)
     b = fc.sample_futures(tls, 5, horizon, seed=7, max_new_tokens=80)
@@ -96,7 +82,7 @@ def test_futures_are_reproducible_and_move_forward(tiny):
 
 def test_future_starts_after_as_of_even_long_after_the_last_event(tiny):
     fc, db = tiny
-    tl = _alive_timelines(fc, db, 1)[0]
+    tl = alive_timelines(fc, db, 1)[0]
     tl.as_of = tl.clock + timedelta(days=800)  # two quiet years since the last record
     futs = fc.sample_futures([tl], 6, 60, seed=0, max_new_tokens=60)[0]
     for fut in futs:
@@ -107,8 +93,7 @@ def test_prompts_are_anchored_at_the_true_last_event_not_the_token_clock(tiny):
     """After gaps of months the token clock is off the truth by days; a prompt cut at an event must still start
     its future at that event's real time (a lagging clock made futures 'wait' and lose the rest of a stay)."""
     fc, db = tiny
-    con = warehouse.connect(db, read_only=True)
-    try:
+    with warehouse.connect(db, read_only=True) as con:
         rows = con.execute("SELECT subject_id, time FROM events WHERE code LIKE 'ADMIT//%' ORDER BY 1, 2").fetchall()
         off = []
         for sid, t in rows:
@@ -116,8 +101,6 @@ def test_prompts_are_anchored_at_the_true_last_event_not_the_token_clock(tiny):
             assert tl.clock == t and tl.as_of == t  # the last event is the admission itself, at its real time
             chunk = T.encode_subjects(con, fc.vocab, sid, sid, as_of=t)
             off.append(abs(int(chunk.clock_s[-1]) - int(T.to_epoch(t))))
-    finally:
-        con.close()
     assert max(off) > 86400  # the case is real: some token clocks are more than a day off at an admission
     for fut in fc.sample_futures([tl], 4, 30, seed=1, max_new_tokens=40)[0]:
         assert all(tl.as_of <= e["time"] <= tl.as_of + timedelta(days=30) for e in fut)
@@ -172,7 +155,7 @@ def test_metrics_agree_with_reference_implementations():
 
 def test_population_rates_and_backtest(tiny):
     fc, db = tiny
-    tls = _alive_timelines(fc, db, 5)
+    tls = alive_timelines(fc, db, 5)
     as_of = max(t.clock for t in tls)
     for t in tls:
         t.as_of = as_of
@@ -189,6 +172,65 @@ def test_population_rates_and_backtest(tiny):
     assert bt["coverage90"] == 0.5
 
 
+def test_risks_with_intervals_give_what_predict_and_the_server_computed_by_hand(tiny):
+    """Binary tasks: mean +- 1.96 SE of the Rao-Blackwellised paths; time tasks: one shared set of futures over
+    the longest window, share of hits with a Wilson interval."""
+    fc, db = tiny
+    tl = alive_timelines(fc, db, 1)[0]
+    tasks = [BUILTIN_TASKS["admission_30d"], BUILTIN_TASKS["length_of_stay"], TaskSpec("lab", ("LAB//*",), 7,
+                                                                                       value="time")]
+    got = risks_with_intervals(fc, tl, tasks, 8, seed=4)
+    p, se = fc.task_risks([tl], tasks[0], 8, seed=4)
+    assert got[0].to_dict() == {"task": "admission_30d", "probability": float(p[0]),
+                                "low": max(0.0, float(p[0] - 1.96 * se[0])),
+                                "high": min(1.0, float(p[0] + 1.96 * se[0])), "samples": 8}
+    assert got[0].interval == RB_INTERVAL and got[0].warnings == []
+    futures = fc.sample_futures([tl], 8, 365, seed=4)[0]  # the longest window of the time tasks
+    for est, task in zip(got[1:], tasks[1:], strict=True):
+        ref = risk_from_futures(task, futures, tl.as_of)
+        assert est.to_dict() == {"task": ref.task, "probability": ref.probability, "low": ref.low,
+                                 "high": ref.high, "samples": 8, "mean_value": ref.mean_value}
+        assert est.interval == WILSON_INTERVAL
+    one = risk_with_interval(fc, tl, tasks[0], 1, seed=4)  # one path: no spread, no interval
+    assert (one.low, one.high) == (0.0, 1.0) and one.warnings == ["one future gives no interval: ask for more "
+                                                                  "samples"]
+    assert "time_head_risk" not in got[0].to_dict()  # no time head: predict's JSON has no such key
+
+
+def _cohort_by_hand(fc, con, as_of, *, samples, max_subjects, history_weeks, seed):
+    """The sequence `foresight forecast` ran before forecast_cohort existed."""
+    ids = cohort_as_of(con, as_of, limit=max_subjects, seed=seed)
+    history = weekly_history(con, ids, as_of, history_weeks, ("ADMIT//*",))
+    timelines = fc.timelines_from_warehouse(con, ids, as_of)
+    return ids, population_rates(fc, timelines, as_of, 21, samples=samples, codes=("ADMIT//*",), seed=seed,
+                                 history=history)
+
+
+def test_forecast_cohort_is_the_cli_sequence_and_narrows_by_codes(tiny):
+    fc, db = tiny
+    with warehouse.connect(db, read_only=True) as con:
+        first, last = con.execute("SELECT min(time), max(time) FROM events WHERE code <> 'MEDS_BIRTH'").fetchone()
+        as_of = first + (last - first) / 2
+        everyone = cohort_as_of(con, as_of)
+        assert len(everyone) > 6
+        ids, ref = _cohort_by_hand(fc, con, as_of, samples=3, max_subjects=6, history_weeks=4, seed=2)
+        messages = []
+        run = forecast_cohort(fc, con, as_of, 21, samples=3, max_subjects=6, history_weeks=4, seed=2,
+                              status=lambda m: messages.append(m) or contextlib.nullcontext())
+        assert run.subject_ids == ids and run.cohort_size == len(everyone) and run.subsampled
+        assert run.forecast is not None and run.forecast.to_json() == ref.to_json()
+        assert messages == ["encoding 6 timelines", "sampling 3 futures for 6 subjects"]
+        # narrowed to subjects with an admission on or before as_of, by hand
+        admitted = sorted({r[0] for r in con.execute(
+            "SELECT subject_id FROM events WHERE code LIKE $p ESCAPE '\\' AND time <= $t",
+            {"p": like_patterns(["ADMIT//*"])[0], "t": as_of}).fetchall()} & set(everyone))
+        coded = forecast_cohort(fc, con, as_of, 7, samples=1, cohort_codes=["ADMIT//*"], history_weeks=0)
+        assert coded.subject_ids == admitted and coded.forecast is not None and coded.forecast.history == []
+        small = forecast_cohort(fc, con, as_of, 7, samples=1, min_size=len(everyone) + 1)
+        assert small.forecast is None and small.cohort_size == len(everyone)
+        assert forecast_cohort(fc, con, first - timedelta(days=1), 7).forecast is None  # nobody before the data
+
+
 # --- admission-time evaluation points and the forecast flow, on a small simulated warehouse --------------------
 
 
@@ -198,7 +240,7 @@ def sim_small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("simsmall")
-    _simulated_tokens(d, 400, seed=3)
+    simulated_warehouse(d, 400, seed=3)
     vocab = T.Vocabulary.load(d / "tok" / "vocab.json")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(vocab.tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -214,8 +256,7 @@ def test_admission_points_and_stay_labels_match_the_record(sim_small):
 
     from foresight.evaluate import ADMISSION_TASKS, observed_labels, prediction_points
 
-    con = warehouse.connect(sim_small["db"], read_only=True)
-    try:
+    with warehouse.connect(sim_small["db"], read_only=True) as con:
         ids = [r[0] for r in con.execute("SELECT subject_id FROM subject_splits").fetchall()]
         points = prediction_points(con, ids, mode="admissions", max_per_subject=10_000)
         labels = {name: observed_labels(con, t, points) for name, t in ADMISSION_TASKS.items()}
@@ -223,8 +264,6 @@ def test_admission_points_and_stay_labels_match_the_record(sim_small):
             """SELECT subject_id, time, code FROM events WHERE time IS NOT NULL AND (code LIKE 'ADMIT//%'
                OR code LIKE 'DISCHARGE//%' OR code IN ('MEDS_DEATH', 'ICU//ADMIT')) ORDER BY subject_id, time"""
         ).fetchall()
-    finally:
-        con.close()
     # by hand: a stay runs from its ADMIT to the first discharge or death after it; stays the extract cuts off
     # before they end have no outcome and are not prediction points
     stays = {}

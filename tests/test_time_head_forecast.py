@@ -17,11 +17,14 @@ from foresight import model as M
 from foresight import tokens as T
 from foresight import train as TR
 from foresight import warehouse
-from foresight.forecast import BUILTIN_TASKS, Forecaster, TaskSpec
+from foresight.forecast.forecaster import Forecaster
+from foresight.forecast.risks import risks_with_intervals
+from foresight.forecast.tasks import BUILTIN_TASKS, TaskSpec
 
-from .test_forecast import _alive_timelines as _timelines
-from .test_tokenizer import _tiny_warehouse
-from .test_train import one_thread  # noqa: F401  (autouse: one torch thread for this module, as for training)
+from .conftest import alive_timelines, tiny_warehouse
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread, here and in child runs
+
 
 # A few steps are enough: the test checks the arithmetic on whatever the weights are, not the model's skill.
 FAST = dict(preset="tiny", seq_len=64, micro_batch=4, max_steps=20, lr=3e-3, min_lr=3e-4, warmup_steps=2,
@@ -32,7 +35,7 @@ FAST = dict(preset="tiny", seq_len=64, micro_batch=4, max_steps=20, lr=3e-3, min
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A synthetic warehouse, its tokens, and two tiny models trained on them: with and without the time head."""
     d = tmp_path_factory.mktemp("th")
-    db = _tiny_warehouse(d / "w.duckdb", n_subjects=60)
+    db = tiny_warehouse(d / "w.duckdb", n_subjects=60)
     T.tokenize(db, d / "tok", T.TokenizerConfig(min_subjects=3))
     for name, head in (("head", True), ("plain", False)):
         TR.train(d / "tok", d / name, TR.TrainConfig(**FAST, time_head=head))
@@ -49,7 +52,7 @@ def test_next_events_carry_the_time_head_view(models):
     fc = Forecaster.from_pretrained(models["head"])
     assert fc.has_time_head
     bias = torch.from_numpy(M.event_log_bias(fc.vocab))
-    for tl in _timelines(fc, models["db"], 3):
+    for tl in alive_timelines(fc, models["db"], 3):
         nxt = fc.next_events(tl, top_k=5)
         assert nxt.time_to_next_source == "interval_tokens"  # the interval-token distribution is still there
         assert math.isclose(sum(x["probability"] for x in nxt.time_to_next), 1.0, abs_tol=1e-9)
@@ -77,7 +80,7 @@ def test_next_events_carry_the_time_head_view(models):
 
 def test_time_head_task_risk_is_the_closed_form(models):
     fc = Forecaster.from_pretrained(models["head"])
-    tls = _timelines(fc, models["db"], 4)
+    tls = alive_timelines(fc, models["db"], 4)
     tls[1].as_of = tls[1].clock + timedelta(days=40)  # a later start: memoryless clocks give the same risk
     bias = torch.from_numpy(M.event_log_bias(fc.vocab)).double()
     for name in ("admission_30d", "readmission_30d", "mortality_30d"):
@@ -105,7 +108,7 @@ def test_model_without_the_head_has_no_time_head_keys(models):
     fc = Forecaster.from_pretrained(models["plain"])
     assert not fc.has_time_head
     assert json.loads((models["plain"] / "foresight.json").read_text())["time_head"]["enabled"] is False
-    tl = _timelines(fc, models["db"], 1)[0]
+    tl = alive_timelines(fc, models["db"], 1)[0]
     nxt = fc.next_events(tl, top_k=5)
     assert nxt.time_head is None and "time_head" not in nxt.to_dict()
     assert fc.time_head_risks([tl], BUILTIN_TASKS["admission_30d"]) is None
@@ -120,7 +123,7 @@ def test_predict_cli_and_evaluate_report_the_time_head(models, tmp_path):
     from foresight.evaluate import PredictionPoint, evaluate_task
 
     fc = Forecaster.from_pretrained(models["head"])
-    tl = _timelines(fc, models["db"], 1)[0]
+    tl = alive_timelines(fc, models["db"], 1)[0]
     # in-hospital death as a task file, with a short window so the futures stay short: has stop codes, no closed form
     stopped = tmp_path / "death_in_hospital_7d.json"
     stopped.write_text(json.dumps({"name": "death_in_hospital_7d", "codes": ["MEDS_DEATH"], "window_days": 7,
@@ -142,9 +145,8 @@ def test_predict_cli_and_evaluate_report_the_time_head(models, tmp_path):
     body = json.loads(plain.stdout.strip().splitlines()[-1])
     assert "time_head" not in body["next_events"] and all("time_head_risk" not in r for r in body["risks"])
     # evaluate scores the closed form as one more predictor, on the same points as the futures' estimate
-    con = warehouse.connect(models["db"], read_only=True)
-    try:
-        points = [PredictionPoint(t.subject_id, t.clock) for t in _timelines(fc, models["db"], 4)]
+    with warehouse.connect(models["db"], read_only=True) as con:
+        points = [PredictionPoint(t.subject_id, t.clock) for t in alive_timelines(fc, models["db"], 4)]
         task = BUILTIN_TASKS["admission_30d"]
         res = evaluate_task(fc, con, task, points, samples=2, n_boot=10)
         one_by_one = [fc.time_head_risks([fc.timeline_from_warehouse(con, p.subject_id, p.time)], task)[0]
@@ -153,5 +155,12 @@ def test_predict_cli_and_evaluate_report_the_time_head(models, tmp_path):
         assert res["model_time_head"]["metrics"].keys() == res["model"]["metrics"].keys()
         assert "model_time_head" not in evaluate_task(fc, con, TaskSpec.from_dict(json.loads(stopped.read_text())),
                                                       points, samples=2, n_boot=10)
-    finally:
-        con.close()
+
+
+def test_risks_with_intervals_carry_the_closed_form_where_it_applies(models):
+    fc = Forecaster.from_pretrained(models["head"])
+    tl = alive_timelines(fc, models["db"], 1)[0]
+    adm, los = BUILTIN_TASKS["admission_30d"], BUILTIN_TASKS["length_of_stay"]
+    got = risks_with_intervals(fc, tl, [adm, los], 2, time_head=True)
+    assert got[0].to_dict()["time_head_risk"] == float(fc.time_head_risks([tl], adm)[0])
+    assert got[1].to_dict()["time_head_risk"] is None  # days until discharge: not a closed-form question

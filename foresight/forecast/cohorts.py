@@ -1,0 +1,75 @@
+"""Cohorts and their observed history, read from the warehouse: who is alive at a date, who had some codes, and
+how many matching events they had per week before it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+
+def like_patterns(codes: Sequence[str]) -> list[str]:
+    """Glob patterns over codes (``ADMIT//*``) as SQL LIKE patterns (escape character ``\\``)."""
+    return [p.replace("%", r"\%").replace("_", r"\_").replace("*", "%").replace("?", "_") for p in codes]
+
+
+def subsample(subject_ids: Sequence[int], limit: int | None, seed: int = 0) -> list[int]:
+    """A seeded random subset of at most ``limit`` subjects, sorted (all of them when they fit)."""
+    ids = list(subject_ids)
+    if limit is not None and len(ids) > limit:
+        rng = np.random.default_rng(seed)
+        ids = sorted(rng.choice(ids, size=limit, replace=False).tolist())
+    return ids
+
+
+def cohort_as_of(con: Any, as_of: datetime, *, split: str | None = None, active_days: float | None = 3 * 365,
+                 limit: int | None = None, seed: int = 0) -> list[int]:
+    """Subjects alive at ``as_of`` with an event on or before it (and, by default, one in the last 3 years)."""
+    where, params = ["e.time <= $as_of"], {"as_of": as_of}
+    if split:
+        where.append("e.subject_id IN (SELECT subject_id FROM subject_splits WHERE split = $split)")
+        params["split"] = split
+    rows = con.execute(
+        f"""
+        SELECT e.subject_id FROM events e
+        WHERE {' AND '.join(where)}
+        GROUP BY e.subject_id
+        HAVING count(*) FILTER (WHERE e.code = 'MEDS_DEATH') = 0
+           AND ($active IS NULL OR max(e.time) FILTER (WHERE e.code <> 'MEDS_BIRTH') >= $as_of - to_days($active))
+        ORDER BY e.subject_id
+        """,
+        {**params, "active": None if active_days is None else int(active_days)},
+    ).fetchall()
+    return subsample([r[0] for r in rows], limit, seed)
+
+
+def with_codes(con: Any, subject_ids: Sequence[int], as_of: datetime, codes: Sequence[str]) -> list[int]:
+    """The subjects among ``subject_ids`` with an event matching one of ``codes`` (globs) on or before ``as_of``."""
+    con.execute("CREATE OR REPLACE TEMP TABLE coded_cohort AS SELECT unnest(?::BIGINT[]) AS subject_id",
+                [list(subject_ids)])
+    return [r[0] for r in con.execute(
+        "SELECT DISTINCT e.subject_id FROM events e JOIN coded_cohort USING (subject_id) "
+        "WHERE e.time <= $as_of AND EXISTS (SELECT 1 FROM unnest($p::VARCHAR[]) p(pat) "
+        "WHERE e.code LIKE p.pat ESCAPE '\\') ORDER BY 1",
+        {"as_of": as_of, "p": like_patterns(codes)}).fetchall()]
+
+
+def weekly_history(con: Any, subject_ids: Sequence[int], as_of: datetime, weeks: int,
+                   codes: Sequence[str] = ("ADMIT//*",)) -> list[tuple[datetime, int]]:
+    """Observed weekly counts of ``codes`` events among ``subject_ids`` in the ``weeks`` before ``as_of``."""
+    start = as_of - timedelta(days=7 * weeks)
+    con.execute("CREATE OR REPLACE TEMP TABLE history_cohort AS SELECT unnest(?::BIGINT[]) AS subject_id",
+                [list(subject_ids)])
+    counts = dict(con.execute(
+        """
+        SELECT floor(date_diff('second', $start, e.time) / (7 * 86400))::INTEGER AS w, count(*)
+        FROM events e JOIN history_cohort USING (subject_id)
+        WHERE e.time >= $start AND e.time < $as_of
+          AND EXISTS (SELECT 1 FROM unnest($patterns::VARCHAR[]) p(pat) WHERE e.code LIKE p.pat ESCAPE '\\')
+        GROUP BY w
+        """,
+        {"start": start, "as_of": as_of, "patterns": like_patterns(codes)},
+    ).fetchall())
+    return [(start + timedelta(days=7 * w), int(counts.get(w, 0))) for w in range(weeks)]
