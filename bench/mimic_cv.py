@@ -12,7 +12,6 @@ Risk predictions are pooled over the folds; 95% CIs resample patients.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -26,12 +25,24 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import numpy as np  # noqa: E402
 
+from foresight import sources, tokens, warehouse  # noqa: E402
+from foresight.evaluate import (  # noqa: E402
+    bootstrap_ci,
+    evaluate_task,
+    next_event_accuracy,
+    prediction_points,
+    risk_metrics,
+)
+from foresight.forecast import BUILTIN_TASKS, Forecaster  # noqa: E402
+from foresight.hashing import sha256  # noqa: E402
+from foresight.train import TrainConfig, train  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = Path(os.environ.get("FORESIGHT_SHARED_DATA", REPO.parent / "shared" / "data")) / "mimic-iv-demo-2.2"
 
 
 def fold_of(subject_id: int, k: int = 5) -> int:
-    return int(hashlib.sha256(f"cv:{subject_id}".encode()).hexdigest()[:8], 16) % k
+    return int(sha256(f"cv:{subject_id}")[:8], 16) % k
 
 
 def main() -> None:
@@ -42,30 +53,22 @@ def main() -> None:
     ap.add_argument("--min-subjects", type=int, default=10)
     args = ap.parse_args()
 
-    from foresight import tokens, warehouse
-    from foresight.evaluate import bootstrap_ci, evaluate_task, next_event_accuracy, prediction_points, risk_metrics
-    from foresight.forecast import BUILTIN_TASKS, Forecaster
-    from foresight.sources import mimic_iv
-    from foresight.train import TrainConfig, train
-
     task = BUILTIN_TASKS["admission_30d"]
     work = Path(tempfile.mkdtemp(prefix="mimic-cv-"))
     base = work / "base.duckdb"
-    con = warehouse.connect(base)
-    mimic_iv.load(con, DEMO)
-    con.close()
+    with warehouse.connect(base) as con:
+        sources.load("mimic-iv", con, DEMO)
     t0 = time.perf_counter()
     accs, pooled = [], {"y": [], "model": [], "logistic": [], "prevalence": [], "subject": []}
     for k in range(args.folds):
         db = work / f"fold{k}.duckdb"
         shutil.copy(base, db)
-        con = warehouse.connect(db)
-        ids = [r[0] for r in con.execute("SELECT subject_id FROM subject_splits").fetchall()]
-        for sid in ids:
-            split = "held_out" if fold_of(sid, args.folds) == k else \
-                ("tuning" if fold_of(sid, 10 * args.folds) % 10 == 0 else "train")
-            con.execute("UPDATE subject_splits SET split = ? WHERE subject_id = ?", [split, sid])
-        con.close()
+        with warehouse.connect(db) as con:
+            ids = [r[0] for r in con.execute("SELECT subject_id FROM subject_splits").fetchall()]
+            for sid in ids:
+                split = "held_out" if fold_of(sid, args.folds) == k else \
+                    ("tuning" if fold_of(sid, 10 * args.folds) % 10 == 0 else "train")
+                con.execute("UPDATE subject_splits SET split = ? WHERE subject_id = ?", [split, sid])
         data = work / f"tok{k}"
         tokens.tokenize(db, data, tokens.TokenizerConfig(min_subjects=args.min_subjects))
         model = work / f"model{k}"
@@ -74,8 +77,7 @@ def main() -> None:
         fc = Forecaster.from_pretrained(model)
         acc = next_event_accuracy(fc, data, "held_out", seq_len=256)
         accs.append(acc.to_json())
-        con = warehouse.connect(db, read_only=True)
-        try:
+        with warehouse.connect(db, read_only=True) as con:
             held = [r[0] for r in con.execute("SELECT subject_id FROM subject_splits WHERE split = 'held_out'")
                     .fetchall()]
             tr = [r[0] for r in con.execute("SELECT subject_id FROM subject_splits WHERE split = 'train'").fetchall()]
@@ -88,8 +90,6 @@ def main() -> None:
             pooled["prevalence"] += res["_p"].get("prevalence", [float("nan")] * n)
             pooled["logistic"] += res["_p"].get("logistic_counts", [float("nan")] * n)
             pooled["subject"] += res["_subjects"]
-        finally:
-            con.close()
         print(f"fold {k}: top-10 {acc.topk['top10']:.3f} (Markov {acc.baselines['markov']['top10']:.3f}); "
               f"{len(res['_y'])} discharge points", file=sys.stderr)
     seconds = time.perf_counter() - t0

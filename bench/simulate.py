@@ -27,7 +27,14 @@ import time
 from datetime import date
 from pathlib import Path
 
-import psutil
+# bench/ holds tokenize.py, which shadows the standard library's tokenize (imported by inspect, which the
+# oracle's imports need) when a script runs from here: drop the script's folder from the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+from foresight.simulate import Oracle, read_history  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "simulate"
@@ -76,10 +83,6 @@ def run_once(subjects: int, workers: int, formats: list[str], out: Path) -> dict
 
 def bench_oracle(folder: Path) -> dict:
     """Time the oracle on a simulated folder (in this process)."""
-    import numpy as np
-
-    from foresight.simulate import Oracle, read_history
-
     oracle = Oracle.from_dir(folder)
     t0 = time.perf_counter()
     history = read_history(folder, oracle.model)
@@ -96,10 +99,6 @@ def bench_oracle(folder: Path) -> dict:
 
 
 def main() -> None:
-    # bench/ holds tokenize.py, which shadows the standard library's tokenize (imported by inspect, which the
-    # oracle's imports need) when a script runs from here: drop the script's folder from the import path.
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--runs", type=int, default=3, help="runs per size (median reported)")

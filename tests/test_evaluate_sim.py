@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from foresight import warehouse
-from foresight.evaluate import evaluate_task, prediction_points
+from foresight.evaluate import evaluate_model, evaluate_task, prediction_points
 from foresight.forecast import BUILTIN_TASKS, Forecaster
 from foresight.pipeline import simulator_oracle
 
-from .test_tokenizer import _simulated_tokens
+from .conftest import run_cli, simulated_warehouse
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def sim_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from foresight.train import TrainConfig, train
 
     d = tmp_path_factory.mktemp("simeval")
-    _simulated_tokens(d, 3000, seed=11)
+    simulated_warehouse(d, 3000, seed=11)
     train(d / "tok", d / "model", TrainConfig(preset="tiny", seq_len=256, micro_batch=8, max_steps=300,
                                               warmup_steps=30, lr=3e-3, min_lr=3e-4, eval_every=0,
                                               checkpoint_every=0))
@@ -38,8 +38,7 @@ def sim_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_30_day_admission_auroc_lower_bound_above_chance(sim_model):
     fc = Forecaster.from_pretrained(sim_model["model"])
     task = BUILTIN_TASKS["admission_30d"]
-    con = warehouse.connect(sim_model["db"], read_only=True)
-    try:
+    with warehouse.connect(sim_model["db"], read_only=True) as con:
         ids = [r[0] for r in con.execute(
             "SELECT subject_id FROM subject_splits WHERE split IN ('tuning', 'held_out')").fetchall()]
         train_ids = [r[0] for r in con.execute(
@@ -49,8 +48,6 @@ def test_30_day_admission_auroc_lower_bound_above_chance(sim_model):
         oracle = simulator_oracle(sim_model["sim"])
         res = evaluate_task(fc, con, task, points, samples=8, train_points=train_points,
                             oracle=lambda pts: oracle(task, pts), n_boot=300)
-    finally:
-        con.close()
     model = res["model"]
     assert model["metrics"]["n"] > 300 and 0.01 < model["metrics"]["prevalence"] < 0.3
     lo, hi = model["ci95"]["auroc"]
@@ -73,24 +70,24 @@ def test_forecast_and_evaluate_commands_on_a_trained_model(sim_model, tmp_path):
     assert all(w["p05"] <= w["mean"] <= w["p95"] or w["p05"] == w["p95"] for w in payload["weeks"])
     assert json.loads(out.read_text())["weeks"] == payload["weeks"]
     # a subject-level query through the CLI
-    con = warehouse.connect(sim_model["db"], read_only=True)
-    try:
-        sid = con.execute("SELECT min(subject_id) FROM subject_splits WHERE split = 'held_out'").fetchall()[0][0]
-    finally:
-        con.close()
+    with warehouse.connect(sim_model["db"], read_only=True) as con:  # a held-out subject alive at the as-of date
+        sid = con.execute(
+            """SELECT min(s.subject_id) FROM subject_splits s WHERE s.split = 'held_out'
+                 AND EXISTS (SELECT 1 FROM events e WHERE e.subject_id = s.subject_id AND e.code = 'MEDS_BIRTH'
+                               AND e.time <= TIMESTAMP '2025-06-01')
+                 AND NOT EXISTS (SELECT 1 FROM events e WHERE e.subject_id = s.subject_id
+                                   AND e.code = 'MEDS_DEATH' AND e.time <= TIMESTAMP '2025-06-01')""").fetchall()[0][0]
     proc = subprocess.run([sys.executable, "-m", "foresight.cli", "predict", "--model", str(sim_model["model"]),
                            "--db", str(sim_model["db"]), "--subject", str(sid), "--as-of", "2025-06-01", "--task",
                            "admission_30d", "--samples", "10", "--json"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     pred = json.loads(proc.stdout.strip().splitlines()[-1])
-    if not pred["dead"]:
-        assert 0 < len(pred["next_events"]["events"]) <= 10
-        assert 0 <= pred["risks"][0]["low"] <= pred["risks"][0]["probability"] <= pred["risks"][0]["high"] <= 1
+    assert not pred["dead"]  # else there would be nothing to check below
+    assert 0 < len(pred["next_events"]["events"]) <= 10
+    assert 0 <= pred["risks"][0]["low"] <= pred["risks"][0]["probability"] <= pred["risks"][0]["high"] <= 1
 
 
 def test_evaluate_report_with_baselines(sim_model, tmp_path):
-    from foresight.evaluate import evaluate_model
-
     report = evaluate_model(sim_model["model"], sim_model["data"], db=sim_model["db"],
                             tasks=[BUILTIN_TASKS["admission_30d"]], at=["discharges"], as_of=None, samples=4,
                             max_points=120, out_dir=tmp_path / "ev", max_rows=60)
@@ -102,13 +99,12 @@ def test_evaluate_report_with_baselines(sim_model, tmp_path):
     t = report["tasks"][0]
     assert {"model", "prevalence", "logistic_counts"} <= set(t)
     assert (tmp_path / "ev" / "report.json").exists() and (tmp_path / "ev" / "calibration.png").exists()
-    assert np.isfinite(t["model"]["metrics"]["brier"])
+    assert t["points"] > 50
+    # no worse than always answering 0.5 (Brier 0.25): a 30-day risk is rare, so a calibrated model scores far below
+    assert 0 <= t["model"]["metrics"]["brier"] < 0.25
     assert datetime.fromisoformat(report["created"])
 
 
-def _evaluate_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "foresight.cli", "evaluate", *args], capture_output=True, text=True,
-                          timeout=900)
 
 
 def test_evaluate_without_db_finds_the_warehouse_and_scores_admission_tasks(sim_model, tmp_path):
@@ -116,7 +112,7 @@ def test_evaluate_without_db_finds_the_warehouse_and_scores_admission_tasks(sim_
     are scored at discharges and admission tasks at admissions (both by default), and the calibration plot is
     written."""
     tasks = ["admission_30d", "in_hospital_mortality", "icu_during_stay", "length_of_stay"]  # LOS: as LOS > 7 d
-    proc = _evaluate_cli("--model", str(sim_model["model"]), "--data", str(sim_model["data"]),
+    proc = run_cli("evaluate", "--model", str(sim_model["model"]), "--data", str(sim_model["data"]),
                          *(a for t in tasks for a in ("--task", t)), "--samples", "4", "--max-points", "80",
                          "--oracle", str(sim_model["sim"]), "--out", str(tmp_path / "ev"), "--json")
     assert proc.returncode == 0, proc.stderr
@@ -150,7 +146,7 @@ def test_evaluate_says_which_tasks_it_skipped_when_the_warehouse_is_gone(sim_mod
     summary = json.loads((sim_model["data"] / "tokenize_summary.json").read_text())
     gone = tmp_path / "deleted.duckdb"
     (data / "tokenize_summary.json").write_text(json.dumps({**summary, "db": str(gone)}))
-    proc = _evaluate_cli("--model", str(sim_model["model"]), "--data", str(data), "--out", str(tmp_path / "ev"),
+    proc = run_cli("evaluate", "--model", str(sim_model["model"]), "--data", str(data), "--out", str(tmp_path / "ev"),
                          "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -22,11 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import chi2
 
-from foresight import schema
+from foresight import schema, sources, warehouse
 from foresight.simulate import Oracle, default_config, simulate
 from foresight.simulate import catalog as cat
+from foresight.simulate.history import read_history
 from foresight.simulate.model import AGE_KNOTS, OMEGA, YEAR, Model
-from foresight.simulate.oracle import read_history
+from foresight.simulate.writers import SYNTHEA_HEADERS
 
 TOL_SE = 4.0  # tolerance of every count check, in standard errors
 CAL_P = 1e-4  # decile calibration: chi-square (10 df) must stay below its 1 - CAL_P quantile
@@ -95,6 +96,7 @@ def _first_after(tab: pa.Table, codes: list[str], subjects: np.ndarray, t0: np.n
 def _check_risk(p: np.ndarray, se: np.ndarray, y: np.ndarray, what: str) -> None:
     """Observed count within TOL_SE of the oracle's expectation, and calibrated by decile."""
     ok = ~np.isnan(p)
+    assert ok.sum() >= 100, f"{what}: only {ok.sum()} scored pairs"  # a check on no pairs would pass vacuously
     p, se, y = p[ok], se[ok], y[ok]
     var = float((p * (1 - p)).sum() + (se**2).sum())
     z = (y.sum() - p.sum()) / math.sqrt(var)
@@ -170,8 +172,6 @@ def test_meds_layout_matches_the_project_contract(small):
 def test_synthea_layout_uses_the_real_synthea_columns(small):
     csv_dir = small / "csv"
     real = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "synthea-ca-59pt" / "csv"
-    from foresight.simulate.writers import SYNTHEA_HEADERS
-
     for name, header in SYNTHEA_HEADERS.items():
         ours = (csv_dir / f"{name}.csv").read_text().splitlines()[0].split(",")
         assert ours == header
@@ -306,6 +306,7 @@ def test_oracle_matches_an_independent_calculation_for_a_simple_history(oracle):
         season = 1 + amp * np.cos(OMEGA * t - 2 * math.pi * peak)
         total += rate / 1000 / YEAR * season.sum() / 96
     expected = 1 - math.exp(-total)
+    assert expected > 0.001  # she is at some risk: the tolerance below is relative to it
     assert abs(risk.probability[0] - expected) < 0.01 * expected + TOL_SE * risk.stderr[0]
     assert risk.stderr[0] < 0.01 * expected
 
@@ -339,6 +340,7 @@ def _admissions(events: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 def test_oracle_inside_a_stay_uses_the_posterior_of_its_course(events, oracle, history, hours):
     """As of 30 min (nothing seen yet) or 3 h (labs and any ICU transfer seen) into each admission."""
     sid, t = _admissions(events)
+    assert sid.size > 1_000
     as_of = t + np.timedelta64(int(hours * 3600), "s")
     for event, codes in (("death", ["MEDS_DEATH"]), ("icu_admission", ["ICU//ADMIT"])):
         risk = oracle.true_risk(history, as_of, 30, event, subjects=sid, samples=16, seed=2)
@@ -360,6 +362,7 @@ def test_oracle_readmission_after_discharge(events, oracle, history):
     # A discharge raises the hazard: the 30 days after one carry more risk than 30 days a year later.
     later = oracle.true_risk(history, t + np.timedelta64(365, "D"), 30, "admission", subjects=sid, samples=8)
     both = ~np.isnan(later.probability)
+    assert both.sum() > 100
     assert risk.probability[both].mean() > 1.3 * later.probability[both].mean()
 
 
@@ -386,12 +389,8 @@ def test_expected_weekly_admissions_match_the_cohort(events, oracle, history):
 
 
 def test_meds_output_loads_through_the_meds_source(small, tmp_path):
-    meds = pytest.importorskip("foresight.sources.meds", reason="foresight/sources/meds.py not there yet")
-    from foresight import warehouse
-
-    con = warehouse.connect(tmp_path / "w.duckdb")
-    try:
-        summary = meds.load(con, small, source="sim")
+    with warehouse.connect(tmp_path / "w.duckdb") as con:
+        summary = sources.load("meds", con, small, source="sim")
         assert summary.rows_quarantined == 0 and summary.rows_dropped == 0
         assert summary.subjects == 1_500
         written = ds.dataset(small / "data").to_table()
@@ -403,22 +402,17 @@ def test_meds_output_loads_through_the_meds_source(small, tmp_path):
         assert loaded.cast(expected.schema).equals(expected)  # the same events, value for value
         splits = dict(con.execute("SELECT subject_id, split FROM subject_splits").fetchall())
         assert all(splits[i] == schema.split_of(i) for i in range(1, 1_501))
-    finally:
-        con.close()
 
 
 def test_synthea_output_loads_through_the_synthea_source(small, tmp_path):
-    synthea = pytest.importorskip("foresight.sources.synthea", reason="foresight/sources/synthea.py not there yet")
-    from foresight import warehouse
-
-    con = warehouse.connect(tmp_path / "w.duckdb")
-    try:
-        summary = synthea.load(con, small / "csv", source="sim-synthea")
+    with warehouse.connect(tmp_path / "w.duckdb") as con:
+        summary = sources.load("synthea", con, small / "csv", source="sim-synthea")
         assert summary.rows_quarantined == 0, con.execute("SELECT * FROM quarantine LIMIT 5").fetchall()
         assert summary.subjects == 1_500
         written = {name: len((small / "csv" / f"{name}.csv").read_text().splitlines()) - 1
                    for name in ("patients", "encounters", "conditions", "medications", "observations",
                                 "procedures")}
+        assert set(written) <= {t.table for t in summary.tables}  # every file counted, none skipped silently
         for t in summary.tables:
             if t.table in written:
                 assert t.rows_read == written[t.table], t
@@ -430,5 +424,3 @@ def test_synthea_output_loads_through_the_synthea_source(small, tmp_path):
         assert con.execute("SELECT count(*) FROM events WHERE code LIKE 'ADMIT//%'").fetchall()[0][0] == n_admits
         n_obs = con.execute("SELECT count(*) FROM events WHERE code LIKE '%LOINC//%'").fetchall()[0][0]
         assert n_obs == written["observations"]
-    finally:
-        con.close()

@@ -9,9 +9,11 @@ discharge coding. Admissions peak in winter. Codes are real: ICD-10-CM, ICD-10-P
 SNOMED CT, RxNorm and LOINC in the Synthea-style CSV.
 
 Modules: :mod:`~foresight.simulate.catalog` (codes), :mod:`~foresight.simulate.model` (every hazard, one JSON
-configuration), :mod:`~foresight.simulate.engine` (the vectorised simulation), :mod:`~foresight.simulate.cohort`
-(a chunk of the cohort), :mod:`~foresight.simulate.writers` (MEDS, Synthea CSV, notes) and
-:mod:`~foresight.simulate.oracle` (true risks given a recorded history).
+configuration), :mod:`~foresight.simulate.state` (a run's rows and output columns),
+:mod:`~foresight.simulate.engine` (the vectorised simulation), :mod:`~foresight.simulate.cohort` (a chunk of the
+cohort), :mod:`~foresight.simulate.writers` (MEDS, Synthea CSV, notes), :mod:`~foresight.simulate.history` (a
+recorded history and the state rebuilt from it) and :mod:`~foresight.simulate.oracle` (true risks given a recorded
+history).
 
 >>> from foresight.simulate import simulate, Oracle        # doctest: +SKIP
 >>> simulate(2000, "work/sim", seed=1)                     # doctest: +SKIP
@@ -20,6 +22,7 @@ configuration), :mod:`~foresight.simulate.engine` (the vectorised simulation), :
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -27,8 +30,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from foresight.simulate import catalog as cat
+from foresight.simulate import writers
+from foresight.simulate.cohort import simulate_chunk
+from foresight.simulate.history import read_history
 from foresight.simulate.model import DEFAULT_CONFIG, Model, default_config
-from foresight.simulate.oracle import EVENTS, Oracle, Risk, WeeklyExpectation, read_history, true_risk
+from foresight.simulate.oracle import EVENTS, Oracle, Risk, WeeklyExpectation, true_risk
 
 __all__ = ["DEFAULT_CONFIG", "EVENTS", "FORMATS", "Model", "Oracle", "Risk", "WeeklyExpectation", "default_config",
            "read_history", "simulate", "true_risk"]
@@ -64,33 +73,11 @@ def simulate(
     if bad or not formats:
         raise ValueError(f"unknown format(s) {sorted(bad)}; choose from {', '.join(FORMATS)}")
     model = Model.from_config(config)  # validates the configuration before any work
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / "data", out / "csv", out / ".parts"):
-        if stale.exists():
-            shutil.rmtree(stale)
-    (out / "notes.csv").unlink(missing_ok=True)
+    out = _clear_outputs(Path(out))
     n_chunks = -(-subjects // chunk_size)
     jobs = [(model.config, seed, i, min(chunk_size, subjects - i * chunk_size), first_subject_id + i * chunk_size,
              str(out), tuple(formats), notes) for i in range(n_chunks)]
-    results: list[dict[str, Any]] = []
-    if workers <= 1 or n_chunks == 1:
-        for job in jobs:
-            results.append(_run_chunk(*job))
-            if on_chunk:
-                on_chunk(len(results), n_chunks)
-    else:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            for res in pool.map(_run_chunk_star, jobs):
-                results.append(res)
-                if on_chunk:
-                    on_chunk(len(results), n_chunks)
-
-    from foresight.simulate import writers
-
-    rows: dict[str, dict[str, int]] = {}
+    results = _run_chunks(jobs, workers, on_chunk)
     meta = {
         "config": model.config,
         "seed": seed,
@@ -105,27 +92,7 @@ def simulate(
         "deaths": int(sum(r["deaths"] for r in results)),
         "admissions": int(sum(r["admissions"] for r in results)),
     }
-    if "meds" in formats:
-        import numpy as np
-
-        ids = np.arange(first_subject_id, first_subject_id + subjects, dtype=np.int64)
-        writers.write_meds_metadata(out, ids, meta)
-        rows["meds"] = {"data": int(sum(r["meds_rows"] for r in results))}
-    else:
-        writers.write_simulator_json(out / "metadata", meta)
-    parts = out / ".parts"
-    if "synthea" in formats:
-        csv_dir = out / "csv"
-        rows["synthea"] = writers.write_synthea_static(csv_dir)
-        for name in writers.SYNTHEA_DATA_FILES:
-            writers.assemble_parts(parts, csv_dir / f"{name}.csv", name, ",".join(writers.SYNTHEA_HEADERS[name]),
-                                   n_chunks)
-            rows["synthea"][name] = int(sum(r["synthea"].get(name, 0) for r in results))
-    if notes:
-        writers.assemble_parts(parts, out / "notes.csv", "notes", "subject_id,time,text", n_chunks)
-        rows["notes"] = {"notes": int(sum(r["notes"] for r in results))}
-    if parts.exists():
-        shutil.rmtree(parts)
+    rows = _finish_outputs(out, meta, results, n_chunks)
     return {
         "subjects": subjects,
         "events": meta["events"],
@@ -140,6 +107,61 @@ def simulate(
     }
 
 
+def _clear_outputs(out: Path) -> Path:
+    """``out``, created, without the outputs of an earlier run (so a smaller rerun leaves no stale shards)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / "data", out / "csv", out / ".parts"):
+        if stale.exists():
+            shutil.rmtree(stale)
+    (out / "notes.csv").unlink(missing_ok=True)
+    return out
+
+
+def _run_chunks(jobs: list[tuple], workers: int, on_chunk: Callable[[int, int], None] | None
+                ) -> list[dict[str, Any]]:
+    """Every chunk's summary, in chunk order (in worker processes when ``workers > 1``)."""
+    results: list[dict[str, Any]] = []
+    if workers <= 1 or len(jobs) == 1:
+        for job in jobs:
+            results.append(_run_chunk(*job))
+            if on_chunk:
+                on_chunk(len(results), len(jobs))
+        return results
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        for res in pool.map(_run_chunk_star, jobs):
+            results.append(res)
+            if on_chunk:
+                on_chunk(len(results), len(jobs))
+    return results
+
+
+def _finish_outputs(out: Path, meta: dict[str, Any], results: list[dict[str, Any]], n_chunks: int
+                    ) -> dict[str, dict[str, int]]:
+    """Metadata, static files and the chunks' part files joined per format; returns rows per format and file."""
+    rows: dict[str, dict[str, int]] = {}
+    if "meds" in meta["formats"]:
+        first = meta["first_subject_id"]
+        ids = np.arange(first, first + meta["subjects"], dtype=np.int64)
+        writers.write_meds_metadata(out, ids, meta)
+        rows["meds"] = {"data": int(sum(r["meds_rows"] for r in results))}
+    else:
+        writers.write_simulator_json(out / "metadata", meta)
+    parts = out / ".parts"
+    if "synthea" in meta["formats"]:
+        csv_dir = out / "csv"
+        rows["synthea"] = writers.write_synthea_static(csv_dir)
+        for name in writers.SYNTHEA_DATA_FILES:
+            writers.assemble_parts(parts, csv_dir / f"{name}.csv", name, ",".join(writers.SYNTHEA_HEADERS[name]),
+                                   n_chunks)
+            rows["synthea"][name] = int(sum(r["synthea"].get(name, 0) for r in results))
+    if meta["notes"]:
+        writers.assemble_parts(parts, out / "notes.csv", "notes", "subject_id,time,text", n_chunks)
+        rows["notes"] = {"notes": int(sum(r["notes"] for r in results))}
+    if parts.exists():
+        shutil.rmtree(parts)
+    return rows
+
+
 def _run_chunk_star(job: tuple) -> dict[str, Any]:
     return _run_chunk(*job)
 
@@ -147,12 +169,6 @@ def _run_chunk_star(job: tuple) -> dict[str, Any]:
 def _run_chunk(config: dict[str, Any], seed: int, index: int, n: int, first_id: int, out: str,
                formats: tuple[str, ...], notes: bool) -> dict[str, Any]:
     """Simulate and write one chunk (runs in a worker process when ``workers > 1``)."""
-    import numpy as np
-
-    from foresight.simulate import catalog as cat
-    from foresight.simulate import writers
-    from foresight.simulate.cohort import simulate_chunk
-
     model = Model.from_config(config)
     chunk = simulate_chunk(model, seed, index, n, first_id)
     out_p = Path(out)

@@ -74,9 +74,6 @@ CONDITIONS: Final[tuple[Condition, ...]] = (
 )
 BIT: Final = {c.name: i for i, c in enumerate(CONDITIONS)}
 N_BITS: Final = len(CONDITIONS)
-CHRONIC_BITS: Final = tuple(BIT[n] for n in (
-    "OBESITY", "SMOKER", "HTN", "T2D", "CKD", "HF", "COPD", "ASTHMA", "DEPRESSION", "AF", "CAD", "DEMENTIA",
-    "OSTEOPOROSIS", "OA_KNEE"))
 # Bits that count as comorbidity in the stay model (in-hospital death): diseases, not risk factors or status.
 COMORBIDITY_BITS: Final = tuple(BIT[n] for n in (
     "T2D", "CKD", "HF", "COPD", "AF", "CAD", "DEMENTIA", "HX_MI", "HX_STROKE"))
@@ -355,9 +352,6 @@ MEASURES: Final[tuple[Measure, ...]] = (
     Measure("DBP", "VITAL", "8462-4", "Diastolic blood pressure", "mm[Hg]", 0),
     Measure("BMI", "VITAL", "39156-5", "Body mass index (BMI) [Ratio]", "kg/m2", 1),
 )
-MEASURE: Final = {m.key: i for i, m in enumerate(MEASURES)}
-# Drawn at every emergency admission (one hour after it) to a cause-dependent panel; see model.ADMISSION_LABS.
-ADMISSION_LAB_KEYS: Final = ("CREAT", "HGB", "NA", "K", "WBC", "TROP", "BNP", "CRP", "GLU", "LACT")
 
 
 # --- hierarchy and titles of the parent codes --------------------------------------------------------------

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from foresight.simulate import catalog as cat
-from foresight.simulate.engine import Engine, Sink, State
+from foresight.simulate.engine import Engine
 from foresight.simulate.model import Model
+from foresight.simulate.state import Sink, State
 
 # Bits of the global encounter id reserved for the within-chunk counter (a chunk has far fewer encounters).
 ENC_BITS = 40

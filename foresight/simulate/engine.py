@@ -23,22 +23,33 @@ transfer), in which case it is 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from foresight.simulate import catalog as cat
 from foresight.simulate.model import RECENCY_EDGES, YEAR, Model
+from foresight.simulate.state import (
+    E_ACUTE,
+    E_DIAGNOSIS,
+    E_ELECTIVE,
+    E_EMERGENCY,
+    E_ROUTINE,
+    F_DX_ACUTE,
+    F_DX_CHRONIC,
+    F_DX_EXTRA,
+    F_DX_PRINCIPAL,
+    F_DX_SECONDARY,
+    N_ACUTE,
+    N_DIAGNOSIS,
+    N_DISCHARGE,
+    N_ROUTINE,
+    Pending,
+    Sink,
+    State,
+    Task,
+)
 
 HOUR = 1.0 / 24.0
 
-# Sink flags: what a diagnosis row is, so the Synthea writer can tell conditions from discharge coding.
-F_OTHER, F_DX_SECONDARY, F_DX_CHRONIC, F_DX_ACUTE, F_DX_PRINCIPAL, F_DX_EXTRA = range(6)
-# Encounter classes; an encounter's ``reason`` is a cause (stays), a condition bit (diagnosis visits) or an acute
-# problem (acute visits) index, -1 for routine visits.
-E_ROUTINE, E_ACUTE, E_DIAGNOSIS, E_EMERGENCY, E_ELECTIVE = range(5)
-# Note kinds.
-N_ROUTINE, N_ACUTE, N_DIAGNOSIS, N_DISCHARGE = range(4)
 
 _CAUSE_SETS = np.array([sum(1 << cat.BIT[b] for b in c.sets) for c in cat.CAUSES], dtype=np.int64)
 _CAUSE_ELECTIVE = np.array([c.admit == "ELECTIVE" for c in cat.CAUSES])
@@ -64,145 +75,6 @@ def _bit(cond: np.ndarray, name: str) -> np.ndarray:
     return ((cond >> cat.BIT[name]) & 1).astype(bool)
 
 
-@dataclass
-class State:
-    """Per-row state of a batch of lives; times are days since 1970-01-01."""
-
-    birth: np.ndarray
-    male: np.ndarray
-    race: np.ndarray  # index into catalog.RACES
-    hisp: np.ndarray
-    cond: np.ndarray  # int64 bitmask of catalog.CONDITIONS
-    n_adm: np.ndarray
-    last_dis: np.ndarray  # -inf if never discharged
-    t: np.ndarray
-    t_end: np.ndarray
-    alive: np.ndarray
-    death_t: np.ndarray  # inf while alive
-    onset: np.ndarray | None = None  # (n, N_BITS) onset time of each bit (NaN if absent); generation only
-    rx: np.ndarray | None = None  # int64 bitmask of chronic drugs started; generation only
-
-    @property
-    def n(self) -> int:
-        return self.birth.shape[0]
-
-    @classmethod
-    def new(cls, birth: np.ndarray, male: np.ndarray, race: np.ndarray, hisp: np.ndarray, t_end: np.ndarray | float,
-            *, track_outputs: bool) -> State:
-        """Fresh lives at birth."""
-        n = birth.shape[0]
-        return cls(
-            birth=birth.astype(np.float64), male=male.astype(bool), race=race.astype(np.int8),
-            hisp=hisp.astype(bool), cond=np.zeros(n, np.int64), n_adm=np.zeros(n, np.int32),
-            last_dis=np.full(n, -np.inf), t=birth.astype(np.float64).copy(),
-            t_end=np.broadcast_to(np.asarray(t_end, np.float64), (n,)).copy(), alive=np.ones(n, bool),
-            death_t=np.full(n, np.inf),
-            onset=np.full((n, cat.N_BITS), np.nan) if track_outputs else None,
-            rx=np.zeros(n, np.int64) if track_outputs else None,
-        )
-
-    def take(self, idx: np.ndarray) -> State:
-        """Rows ``idx`` as a new state (copies)."""
-        return State(**{k: (v[idx].copy() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()})
-
-
-def _col(v: np.ndarray | float, n: int, dtype: type) -> np.ndarray:
-    """``v`` as an (n,) column of ``dtype``: arrays pass through (cast if needed), scalars are repeated."""
-    if isinstance(v, np.ndarray) and v.ndim == 1:
-        return v.astype(dtype, copy=False)
-    return np.full(n, v, dtype=dtype)
-
-
-@dataclass
-class Sink:
-    """Columns of everything a generation run emits (rows are State row numbers)."""
-
-    ev: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in
-                                                                     ("row", "time", "code", "value", "enc", "flag")})
-    enc: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in
-                                                                      ("row", "enc", "start", "stop", "klass",
-                                                                       "reason")})
-    icu: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in ("row", "enc", "start", "stop")})
-    notes: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in
-                                                                        ("row", "time", "kind", "reason", "cond",
-                                                                         "age", "died")})
-    n_enc: int = 0
-
-    def new_enc(self, n: int) -> np.ndarray:
-        ids = np.arange(self.n_enc, self.n_enc + n, dtype=np.int64)
-        self.n_enc += n
-        return ids
-
-    def emit(self, rows: np.ndarray, times: np.ndarray, code: np.ndarray | int, enc: np.ndarray | int = -1,
-             value: np.ndarray | float = np.nan, flag: int = F_OTHER) -> None:
-        n = rows.shape[0]
-        if n == 0:
-            return
-        # Compact columns (a chunk holds millions of events): rows and encounters within a chunk fit int32.
-        self.ev["row"].append(rows.astype(np.int32))
-        self.ev["time"].append(_col(times, n, np.float64))
-        self.ev["code"].append(_col(code, n, np.int16))
-        self.ev["value"].append(_col(value, n, np.float32))
-        self.ev["enc"].append(_col(enc, n, np.int32))
-        self.ev["flag"].append(np.full(n, flag, np.int8))
-
-    def encounter(self, rows: np.ndarray, enc: np.ndarray, start: np.ndarray, stop: np.ndarray,
-                  klass: np.ndarray | int, reason: np.ndarray | int) -> None:
-        n = rows.shape[0]
-        for k, v, dt in (("row", rows, np.int64), ("enc", enc, np.int64), ("start", start, np.float64),
-                         ("stop", stop, np.float64), ("klass", klass, np.int8), ("reason", reason, np.int32)):
-            self.enc[k].append(_col(v, n, dt))
-
-    def note(self, rows: np.ndarray, time: np.ndarray, kind: int, reason: np.ndarray | int, cond: np.ndarray,
-             age: np.ndarray, died: np.ndarray | bool = False) -> None:
-        n = rows.shape[0]
-        for k, v, dt in (("row", rows, np.int64), ("time", time, np.float64), ("kind", kind, np.int8),
-                         ("reason", reason, np.int32), ("cond", cond, np.int64), ("age", age, np.float64),
-                         ("died", died, bool)):
-            self.notes[k].append(_col(v, n, dt))
-
-    @staticmethod
-    def _cat(cols: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
-        out = {}
-        for k in list(cols):
-            parts = cols.pop(k)  # drop the pieces as each column is joined: never both in memory at once
-            out[k] = np.concatenate(parts) if parts else np.empty(0)
-            del parts
-        return out
-
-    def finish(self) -> dict[str, dict[str, np.ndarray]]:
-        """Concatenated columns: {'events', 'encounters', 'icu', 'notes'} -> {column: array}."""
-        return {"events": self._cat(self.ev), "encounters": self._cat(self.enc), "icu": self._cat(self.icu),
-                "notes": self._cat(self.notes)}
-
-
-@dataclass
-class Task:
-    """What the oracle asks: the part of each engine process that is the target event.
-
-    ``frac[k]`` of process k's hazard is the target; it is removed from the simulated path and integrated.
-    ``icu``: admissions on the path never go to ICU (their ICU part is in ``frac``). ``death``: every stay on the
-    path survives and its in-hospital death probability (if the discharge falls before ``t_end``) is integrated.
-    A stay in progress at the start carries its own integrated part in ``Pending.acc0``.
-    """
-
-    frac: np.ndarray
-    icu: bool = False
-    death: bool = False
-
-
-@dataclass
-class Pending:
-    """A hospital stay in progress when the run starts (oracle: as_of falls inside a stay)."""
-
-    rows: np.ndarray
-    t_adm: np.ndarray
-    cause: np.ndarray
-    los: np.ndarray
-    icu: np.ndarray  # goes to ICU on this path
-    p_die: np.ndarray  # probability of dying at the end of the stay
-    die: np.ndarray  # drawn with p_die
-    acc0: np.ndarray | None = None  # target hazard already integrated over the stay's hidden course
 
 
 class Engine:
@@ -269,30 +141,7 @@ class Engine:
             st.t[idx] = seg_end
             h = np.flatnonzero(happen)
             if h.size:
-                u = rng.random(h.size) * total[h]
-                k = np.minimum((np.cumsum(dom[h], 1) < u[:, None]).sum(1), pe - 1)
-                th = tc[h]
-                ok = rng.random(h.size) * (1.0 + self.amp_e[k]) < m.season(k, th)
-                rows, k, th = idx[h[ok]], k[ok], th[ok]
-                kind = m.kind[k]
-                sel = kind == 0
-                if sel.any():
-                    self._onsets(st, rows[sel], m.target[k[sel]], th[sel], rng, sink)
-                sel = kind == 1
-                if sel.any():
-                    r, c, ta = rows[sel], m.target[k[sel]], th[sel]
-                    los, icu, die, p_die = self.sample_stays(st, r, c, ta, rng,
-                                                             no_icu=task is not None and task.icu)
-                    self._complete_stays(st, r, c, ta, los, icu, die, rng, sink, task, hit, acc, p_die=p_die)
-                sel = kind == 2
-                if sel.any():
-                    r = rows[sel]
-                    st.alive[r] = False
-                    st.death_t[r] = th[sel]
-                    if sink is not None:
-                        sink.emit(r, th[sel], cat.CODE_ID["DEATH"])
-                    if task is not None and task.death:
-                        hit[r] = np.minimum(hit[r], th[sel])
+                self._apply_candidates(st, idx[h], tc[h], dom[h], total[h], rng, sink, task, hit, acc)
             done = ~st.alive[idx] | (st.t[idx] >= st.t_end[idx])
             if hit is not None:
                 done |= hit[idx] <= st.t_end[idx]
@@ -302,6 +151,35 @@ class Engine:
         if weekly is not None:
             out["weekly"] = weekly
         return out
+
+    def _apply_candidates(self, st: State, rows: np.ndarray, tc: np.ndarray, dom: np.ndarray, total: np.ndarray,
+                          rng: np.random.Generator, sink: Sink | None, task: Task | None, hit: np.ndarray | None,
+                          acc: np.ndarray | None) -> None:
+        """Pick each candidate's process by its dominating rate, thin by the season, and apply the accepted events:
+        an onset, a whole stay, or a death (in this order, so the random stream is fixed)."""
+        m, pe = self.m, self.pe
+        u = rng.random(rows.size) * total
+        k = np.minimum((np.cumsum(dom, 1) < u[:, None]).sum(1), pe - 1)
+        ok = rng.random(rows.size) * (1.0 + self.amp_e[k]) < m.season(k, tc)
+        rows, k, th = rows[ok], k[ok], tc[ok]
+        kind = m.kind[k]
+        sel = kind == 0
+        if sel.any():
+            self._onsets(st, rows[sel], m.target[k[sel]], th[sel], rng, sink)
+        sel = kind == 1
+        if sel.any():
+            r, c, ta = rows[sel], m.target[k[sel]], th[sel]
+            los, icu, die, p_die = self.sample_stays(st, r, c, ta, rng, no_icu=task is not None and task.icu)
+            self._complete_stays(st, r, c, ta, los, icu, die, rng, sink, task, hit, acc, p_die=p_die)
+        sel = kind == 2
+        if sel.any():
+            r = rows[sel]
+            st.alive[r] = False
+            st.death_t[r] = th[sel]
+            if sink is not None:
+                sink.emit(r, th[sel], cat.CODE_ID["DEATH"])
+            if task is not None and task.death:
+                hit[r] = np.minimum(hit[r], th[sel])
 
     @staticmethod
     def _next_birthday(birth: np.ndarray, t: np.ndarray, age: np.ndarray) -> np.ndarray:

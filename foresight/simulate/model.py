@@ -277,100 +277,12 @@ class Model:
     def from_config(cls, config: dict[str, Any] | None = None) -> Model:
         """Compile a configuration (``default_config()`` if None), checking every name it uses."""
         config = copy.deepcopy(config if config is not None else DEFAULT_CONFIG)
-        procs = config["processes"]
-        kind_code = {"onset": 0, "admission": 1, "death": 2, "gp": 3}
-        order = sorted(procs, key=lambda n: (kind_code[procs[n]["kind"]] == 3, list(procs).index(n)))
-        if sum(procs[n]["kind"] == "death" for n in order) != 1:
-            raise ValueError("the configuration needs exactly one 'death' process")
-        feat = {f: i for i, f in enumerate(FEATURES)}
-        n_proc = len(order)
-        kind = np.array([kind_code[procs[n]["kind"]] for n in order], dtype=np.int8)
-        target = np.full(n_proc, -1, dtype=np.int64)
-        log_age = np.empty((n_proc, MAX_AGE + 1))
-        log_hr = np.zeros((len(FEATURES), n_proc))
-        amp = np.zeros(n_proc)
-        phase = np.zeros(n_proc)
-        requires = np.zeros(n_proc, dtype=np.int64)
-        excludes = np.zeros(n_proc, dtype=np.int64)
-        ages = np.arange(MAX_AGE + 1) + 0.5
-        for j, name in enumerate(order):
-            p = procs[name]
-            tgt = p["target"]
-            if p["kind"] == "onset":
-                target[j] = _lookup(cat.BIT, tgt, name)
-                excludes[j] |= 1 << int(target[j])
-            elif p["kind"] == "admission":
-                target[j] = _lookup(cat.CAUSE, tgt, name)
-            elif p["kind"] == "gp":
-                target[j] = -1 if tgt == "ROUTINE" else _lookup(cat.ACUTE, tgt, name)
-            rates = np.asarray(p["per_1000py"], dtype=float)
-            if rates.shape != (len(AGE_KNOTS),) or (rates < 0).any():
-                raise ValueError(f"{name}: per_1000py needs {len(AGE_KNOTS)} non-negative rates (ages {AGE_KNOTS})")
-            log_rate = np.log(np.maximum(rates, 1e-9) / 1000.0 / YEAR)
-            log_age[j] = np.interp(ages, AGE_KNOTS, log_rate)
-            for f, hr in p["hr"].items():
-                if hr <= 0:
-                    raise ValueError(f"{name}: hazard ratio for {f} must be positive")
-                log_hr[_lookup(feat, f, name), j] = math.log(hr)
-            amp[j], peak = p["season"]
-            if not 0 <= amp[j] < 1:
-                raise ValueError(f"{name}: seasonal amplitude must be in [0, 1)")
-            phase[j] = 2 * math.pi * peak
-            for b in p["requires"]:
-                requires[j] |= 1 << _lookup(cat.BIT, b, name)
-            for b in p["excludes"]:
-                excludes[j] |= 1 << _lookup(cat.BIT, b, name)
-        n_engine = int((kind != 3).sum())
-        admit = kind[:n_engine] == 1
-        is_em = np.array([cat.CAUSES[target[j]].admit == "EMERGENCY" if admit[j] else False
-                          for j in range(n_engine)])
-
-        stays = config["stays"]
-        n_c = len(cat.CAUSES)
-        los_mu = np.zeros(n_c)
-        p_icu = np.zeros(n_c)
-        death_logit = np.zeros(n_c)
-        for c, (median, icu, death) in stays["causes"].items():
-            i = _lookup(cat.CAUSE, c, "stays")
-            los_mu[i] = math.log(median)
-            p_icu[i] = icu
-            death_logit[i] = math.log(death / (1 - death))
-        missing = {cat.CAUSES[target[j]].name for j in range(n_engine) if admit[j]} - set(stays["causes"])
-        if missing:
-            raise ValueError(f"stays: no course configured for causes {sorted(missing)}")
-
-        labs = config["admission_labs"]
-        n_l = len(labs)
-        lab_ids = np.array([cat.CODE_ID[f"M_{k}"] for k in labs])
-        lab_logmed = np.array([math.log(labs[k]["median"]) for k in labs])
-        lab_sigma = np.array([labs[k]["sigma"] for k in labs])
-        lab_male = np.array([labs[k].get("male", 0.0) for k in labs])
-        lab_age = np.array([labs[k].get("age", 0.0) for k in labs])
-        lab_bits = np.zeros((n_l, cat.N_BITS))
-        lab_cause = np.zeros((n_l, n_c))
-        lab_draw = np.zeros((n_l, n_c))
-        for i, k in enumerate(labs):
-            for b, s in labs[k].get("bits", {}).items():
-                lab_bits[i, _lookup(cat.BIT, b, f"admission_labs.{k}")] = s
-            for c, s in labs[k].get("causes", {}).items():
-                lab_cause[i, _lookup(cat.CAUSE, c, f"admission_labs.{k}")] = s
-            draw = labs[k]["draw"]
-            lab_draw[i, :] = draw.get("default", 0.0)
-            for c, p in draw.items():
-                if c != "default":
-                    lab_draw[i, _lookup(cat.CAUSE, c, f"admission_labs.{k}")] = p
-        for ci, cause in enumerate(cat.CAUSES):
-            if cause.admit == "ELECTIVE":
-                lab_draw[:, ci] = [0.9 if k in ELECTIVE_PANEL else 0.0 for k in labs]
-
+        processes = _compile_processes(config["processes"])
+        admitted = {p["target"] for p in config["processes"].values() if p["kind"] == "admission"}
         cal = config["calendar"]
         return cls(
-            config=config, names=order, kind=kind, target=target, log_age=log_age, log_hr=log_hr, amp=amp,
-            phase=phase, requires=requires, excludes=excludes, n_engine=n_engine,
-            emergency=is_em, elective=admit & ~is_em,
-            los_mu=los_mu, p_icu=p_icu, death_logit=death_logit,
-            lab_ids=lab_ids, lab_logmed=lab_logmed, lab_sigma=lab_sigma, lab_male=lab_male, lab_age=lab_age,
-            lab_bits=lab_bits, lab_cause=lab_cause, lab_draw=lab_draw,
+            config=config, **processes, **_compile_stays(config["stays"], admitted),
+            **_compile_labs(config["admission_labs"]),
             data_end=days_since_epoch(cal["cutoff"]) + 1.0,
             alive_from=days_since_epoch(cal["alive_from"]),
             birth_span_days=cal["birth_span_years"] * YEAR,
@@ -464,3 +376,105 @@ def _lookup(table: dict[str, int], name: str, where: str) -> int:
         return table[name]
     except KeyError:
         raise ValueError(f"{where}: unknown name {name!r}; known: {', '.join(sorted(table))}") from None
+
+
+# --- compiling a configuration ------------------------------------------------------------------------------
+
+
+def _compile_processes(procs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The processes as arrays: engine processes first (in configuration order), then the ``gp`` ones."""
+    kind_code = {"onset": 0, "admission": 1, "death": 2, "gp": 3}
+    order = sorted(procs, key=lambda n: (kind_code[procs[n]["kind"]] == 3, list(procs).index(n)))
+    if sum(procs[n]["kind"] == "death" for n in order) != 1:
+        raise ValueError("the configuration needs exactly one 'death' process")
+    feat = {f: i for i, f in enumerate(FEATURES)}
+    n_proc = len(order)
+    kind = np.array([kind_code[procs[n]["kind"]] for n in order], dtype=np.int8)
+    target = np.full(n_proc, -1, dtype=np.int64)
+    log_age = np.empty((n_proc, MAX_AGE + 1))
+    log_hr = np.zeros((len(FEATURES), n_proc))
+    amp = np.zeros(n_proc)
+    phase = np.zeros(n_proc)
+    requires = np.zeros(n_proc, dtype=np.int64)
+    excludes = np.zeros(n_proc, dtype=np.int64)
+    ages = np.arange(MAX_AGE + 1) + 0.5
+    for j, name in enumerate(order):
+        p = procs[name]
+        tgt = p["target"]
+        if p["kind"] == "onset":
+            target[j] = _lookup(cat.BIT, tgt, name)
+            excludes[j] |= 1 << int(target[j])
+        elif p["kind"] == "admission":
+            target[j] = _lookup(cat.CAUSE, tgt, name)
+        elif p["kind"] == "gp":
+            target[j] = -1 if tgt == "ROUTINE" else _lookup(cat.ACUTE, tgt, name)
+        rates = np.asarray(p["per_1000py"], dtype=float)
+        if rates.shape != (len(AGE_KNOTS),) or (rates < 0).any():
+            raise ValueError(f"{name}: per_1000py needs {len(AGE_KNOTS)} non-negative rates (ages {AGE_KNOTS})")
+        log_rate = np.log(np.maximum(rates, 1e-9) / 1000.0 / YEAR)
+        log_age[j] = np.interp(ages, AGE_KNOTS, log_rate)
+        for f, hr in p["hr"].items():
+            if hr <= 0:
+                raise ValueError(f"{name}: hazard ratio for {f} must be positive")
+            log_hr[_lookup(feat, f, name), j] = math.log(hr)
+        amp[j], peak = p["season"]
+        if not 0 <= amp[j] < 1:
+            raise ValueError(f"{name}: seasonal amplitude must be in [0, 1)")
+        phase[j] = 2 * math.pi * peak
+        for b in p["requires"]:
+            requires[j] |= 1 << _lookup(cat.BIT, b, name)
+        for b in p["excludes"]:
+            excludes[j] |= 1 << _lookup(cat.BIT, b, name)
+    n_engine = int((kind != 3).sum())
+    admit = kind[:n_engine] == 1
+    is_em = np.array([cat.CAUSES[target[j]].admit == "EMERGENCY" if admit[j] else False
+                      for j in range(n_engine)])
+    return {"names": order, "kind": kind, "target": target, "log_age": log_age, "log_hr": log_hr, "amp": amp,
+            "phase": phase, "requires": requires, "excludes": excludes, "n_engine": n_engine,
+            "emergency": is_em, "elective": admit & ~is_em}
+
+
+def _compile_stays(stays: dict[str, Any], admitted: set[str]) -> dict[str, np.ndarray]:
+    """The course of a stay per cause; every cause some admission process ``admitted`` for needs one."""
+    n_c = len(cat.CAUSES)
+    los_mu = np.zeros(n_c)
+    p_icu = np.zeros(n_c)
+    death_logit = np.zeros(n_c)
+    for c, (median, icu, death) in stays["causes"].items():
+        i = _lookup(cat.CAUSE, c, "stays")
+        los_mu[i] = math.log(median)
+        p_icu[i] = icu
+        death_logit[i] = math.log(death / (1 - death))
+    missing = admitted - set(stays["causes"])
+    if missing:
+        raise ValueError(f"stays: no course configured for causes {sorted(missing)}")
+    return {"los_mu": los_mu, "p_icu": p_icu, "death_logit": death_logit}
+
+
+def _compile_labs(labs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The admission labs: log-normal parameters and the probability each cause draws each lab."""
+    n_l = len(labs)
+    n_c = len(cat.CAUSES)
+    lab_ids = np.array([cat.CODE_ID[f"M_{k}"] for k in labs])
+    lab_logmed = np.array([math.log(labs[k]["median"]) for k in labs])
+    lab_sigma = np.array([labs[k]["sigma"] for k in labs])
+    lab_male = np.array([labs[k].get("male", 0.0) for k in labs])
+    lab_age = np.array([labs[k].get("age", 0.0) for k in labs])
+    lab_bits = np.zeros((n_l, cat.N_BITS))
+    lab_cause = np.zeros((n_l, n_c))
+    lab_draw = np.zeros((n_l, n_c))
+    for i, k in enumerate(labs):
+        for b, s in labs[k].get("bits", {}).items():
+            lab_bits[i, _lookup(cat.BIT, b, f"admission_labs.{k}")] = s
+        for c, s in labs[k].get("causes", {}).items():
+            lab_cause[i, _lookup(cat.CAUSE, c, f"admission_labs.{k}")] = s
+        draw = labs[k]["draw"]
+        lab_draw[i, :] = draw.get("default", 0.0)
+        for c, p in draw.items():
+            if c != "default":
+                lab_draw[i, _lookup(cat.CAUSE, c, f"admission_labs.{k}")] = p
+    for ci, cause in enumerate(cat.CAUSES):
+        if cause.admit == "ELECTIVE":
+            lab_draw[:, ci] = [0.9 if k in ELECTIVE_PANEL else 0.0 for k in labs]
+    return {"lab_ids": lab_ids, "lab_logmed": lab_logmed, "lab_sigma": lab_sigma, "lab_male": lab_male,
+            "lab_age": lab_age, "lab_bits": lab_bits, "lab_cause": lab_cause, "lab_draw": lab_draw}

@@ -1,0 +1,81 @@
+"""Risk tasks scored: the model's risk (Monte Carlo futures, and the time head's closed form) against the
+observed outcome, beside the baselines and an optional oracle, with patient-bootstrap CIs and calibration."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from foresight.evaluate.baselines import baseline_predictions
+from foresight.evaluate.metrics import bootstrap_ci, calibration_table, risk_metrics
+from foresight.evaluate.points import PredictionPoint, observed_labels
+from foresight.evaluate.tasks import EvalTask, task_spec
+from foresight.forecast import Forecaster, Timeline
+
+
+def evaluate_task(forecaster: Forecaster, con: Any, task: EvalTask, points: Sequence[PredictionPoint], *,
+                  samples: int = 20, seed: int = 0, train_points: Sequence[PredictionPoint] = (),
+                  oracle: Callable[[Sequence[PredictionPoint]], np.ndarray] | None = None,
+                  n_boot: int = 200) -> dict[str, Any]:
+    """Model risk vs observed outcome for ``points``, with baselines (and the oracle when given).
+
+    Each predictor is scored on the points where it gives a number: an oracle that cannot answer the task
+    (all NaN) is reported as ``oracle_note`` instead of as metrics.
+    """
+    spec, flip = task_spec(task)
+    timelines = _timelines_at(forecaster, con, points)
+    p_model, _ = forecaster.task_risks(timelines, spec, samples, seed=seed)  # Rao-Blackwellised futures
+    if flip:
+        p_model = 1.0 - p_model  # NaN (dead) stays NaN
+    alive = ~np.isnan(p_model)  # a subject dead at the prediction time is at no risk of anything: not scored
+    points = [p for p, a in zip(points, alive, strict=True) if a]
+    p_model = p_model[alive]
+    y = observed_labels(con, task, points)
+    groups = np.array([pt.subject_id for pt in points])
+    result: dict[str, Any] = {"task": task.name, "samples": samples, "points": len(points)}
+    preds = {"model": p_model}
+    # the time head's closed form (one forward pass per point) scored as one more predictor, when it applies
+    p_head = forecaster.time_head_risks(timelines, spec)
+    if p_head is not None:
+        preds["model_time_head"] = (1.0 - p_head if flip else p_head)[alive]
+    preds.update(baseline_predictions(con, task, points, train_points))
+    if oracle is not None:
+        p_oracle = np.asarray(oracle(points), dtype=float)
+        if len(p_oracle) and np.isfinite(p_oracle).any():
+            preds["oracle"] = p_oracle
+        else:
+            result["oracle_note"] = f"no oracle: the oracle gives no probability for {task.name}"
+    for name, p in preds.items():
+        result[name] = score_predictor(y, p, groups, n_boot=n_boot, seed=seed)
+    result["observed_rate"] = float(y.mean()) if len(y) else math.nan
+    result["_y"], result["_p"] = y.tolist(), {k: v.tolist() for k, v in preds.items()}
+    result["_subjects"] = groups.tolist()  # the scored points' subjects (for pooling and patient bootstraps)
+    return result
+
+
+def score_predictor(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, n_boot: int = 200,
+                    seed: int = 0) -> dict[str, Any]:
+    """Metrics, calibration table and patient-bootstrap 95% CIs of one predictor, on the points it answers."""
+    ok = np.isfinite(p)
+    yk, pk, gk = (y, p, groups) if ok.all() else (y[ok], p[ok], groups[ok])
+    return {"metrics": risk_metrics(yk, pk), "calibration": calibration_table(yk, pk),
+            "ci95": bootstrap_ci(yk, pk, gk, n_boot=n_boot, seed=seed) if len(yk) else {}}
+
+
+def _timelines_at(forecaster: Forecaster, con: Any, points: Sequence[PredictionPoint]) -> list[Timeline]:
+    """Each point's timeline up to its time: one warehouse read per distinct prediction time."""
+    by_time: dict[datetime, list[int]] = {}
+    for i, pt in enumerate(points):
+        by_time.setdefault(pt.time, []).append(i)
+    out: list[Timeline | None] = [None] * len(points)
+    for t, idx in by_time.items():
+        tls = {tl.subject_id: tl for tl in forecaster.timelines_from_warehouse(
+            con, [points[i].subject_id for i in idx], t)}
+        for i in idx:
+            out[i] = tls[points[i].subject_id]
+    return [t for t in out if t is not None]
+
