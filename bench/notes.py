@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,10 +38,12 @@ OUT = REPO / "bench" / "out"
 
 
 def evaluate(args: argparse.Namespace) -> dict:
+    from foresight import sources
     from foresight.concepts import evaluate_synthea
 
     t = time.perf_counter()
-    res = evaluate_synthea(args.synthea, OUT / "notes_eval", n_process=args.eval_n_process)
+    res = evaluate_synthea(args.synthea, OUT / "notes_eval", n_process=args.eval_n_process,
+                           load_notes=partial(sources.load, "notes"))
     res["total_s"] = round(time.perf_counter() - t, 1)
     return res
 

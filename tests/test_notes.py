@@ -5,20 +5,20 @@ from the warehouse, multiprocessing, the CLI and the Prefect flow."""
 from __future__ import annotations
 
 import base64
+import csv
 import json
 import random
-import subprocess
-import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from foresight import concepts, warehouse
+from foresight import concepts, sources, warehouse
 from foresight.concepts.context import ContextRules
-from foresight.sources import fhir, mimic_iv, notes
+from foresight.optout import OPT_OUT_REASON
+from foresight.sources import notes
 
-from .conftest import SHARED_DATA
+from .conftest import SHARED_DATA, run_cli
 
 TOY_PACK = SHARED_DATA / "medcat-v2-test-resources" / "mct2_model_pack.zip"
 
@@ -236,17 +236,12 @@ def test_long_notes_are_chunked_without_losing_offsets():
 def mimic_db(tiny_mimic: Path, tmp_path: Path) -> Path:
     """A warehouse that knows subjects 1, 2 and 3 (the tiny MIMIC fixture)."""
     db = tmp_path / "w.duckdb"
-    con = warehouse.connect(db)
-    try:
-        mimic_iv.load(con, tiny_mimic)
-    finally:
-        con.close()
+    with warehouse.connect(db) as con:
+        sources.load("mimic-iv", con, tiny_mimic)
     return db
 
 
 def _write_notes(path: Path, rows: list[tuple]) -> Path:
-    import csv
-
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["subject_id", "time", "note_id", "text"])
@@ -255,19 +250,13 @@ def _write_notes(path: Path, rows: list[tuple]) -> Path:
 
 
 def _load_notes(db: Path, input_path: Path, pack: Path, **kw) -> warehouse.LoadSummary:
-    con = warehouse.connect(db)
-    try:
-        return notes.load(con, input_path, model_pack=pack, **kw)
-    finally:
-        con.close()
+    with warehouse.connect(db) as con:
+        return sources.load("notes", con, input_path, model_pack=pack, **kw)
 
 
 def _q(db: Path, sql: str, params=None) -> list[tuple]:
-    con = warehouse.connect(db, read_only=True)
-    try:
+    with warehouse.connect(db, read_only=True) as con:
         return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
 
 
 def test_notes_load_events_context_timing_lineage(mimic_db, pack, tmp_path, monkeypatch):
@@ -293,11 +282,8 @@ def test_notes_load_events_context_timing_lineage(mimic_db, pack, tmp_path, monk
     assert len(run) == 1 and run[0][1] == "notes"
     checks = json.loads(run[0][2])
     assert any(k.endswith("notes.csv") for k in checks) and "model pack small_pack" in checks
-    con = warehouse.connect(mimic_db, read_only=True)
-    try:
+    with warehouse.connect(mimic_db, read_only=True) as con:
         assert warehouse.reconcile(con, run[0][0])["rows_read"] == 4
-    finally:
-        con.close()
     # idempotent: a re-run replaces its own rows, the MIMIC rows are untouched
     before = _q(mimic_db, "SELECT count(*) FROM events WHERE source = 'mimic-iv'")
     _load_notes(mimic_db, src, pack)
@@ -377,11 +363,8 @@ def test_fhir_notes_from_the_warehouse(pack, tmp_path):
     (root / "a.json").write_text(json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in (patient, enc, doc)]}))
     db = tmp_path / "w.duckdb"
-    con = warehouse.connect(db)
-    try:
-        fhir.load(con, root)
-    finally:
-        con.close()
+    with warehouse.connect(db) as con:
+        sources.load("fhir", con, root)
     s = _load_notes(db, db, pack)  # --input is the warehouse itself
     assert (s.rows_read, s.rows_loaded) == (1, 1)
     ev = _q(db, "SELECT time, code, encounter_id FROM events WHERE source = 'notes' ORDER BY time")
@@ -390,41 +373,53 @@ def test_fhir_notes_from_the_warehouse(pack, tmp_path):
     assert _q(db, "SELECT DISTINCT subject_id FROM events WHERE source = 'notes'") == subject
     # the same notes read from another warehouse file (attached read-only)
     other = tmp_path / "other.duckdb"
-    con = warehouse.connect(other)
-    try:
-        fhir.load(con, root)
-        s2 = notes.load(con, db, model_pack=pack)
-    finally:
-        con.close()
+    with warehouse.connect(other) as con:
+        sources.load("fhir", con, root)
+        s2 = sources.load("notes", con, db, model_pack=pack)
     assert s2.events == 2
+
+
+def test_opted_out_subjects_notes_are_neither_annotated_nor_loaded(mimic_db, pack, tmp_path, monkeypatch):
+    annotated: list[str] = []
+    real = notes.annotate
+
+    def spy(cat, pages, **kw):
+        for line, text in pages:
+            annotated.append(text)
+            yield from real(cat, [(line, text)], **kw)
+
+    monkeypatch.setattr(notes, "annotate", spy)
+    src = _write_notes(tmp_path / "notes.csv", [
+        (1, "2150-05-03 10:00:00", "a", "Pneumonia."),  # subject 1 opted out
+        (2, "2160-01-11 09:00:00", "b", "Asthma."),
+    ])
+    s = _load_notes(mimic_db, src, pack, exclude_subjects=[1])
+    assert (s.rows_read, s.rows_loaded) == (2, 1)
+    assert sum(v for k, v in s.dropped_reasons.items() if k.endswith(OPT_OUT_REASON)) == 1
+    assert annotated == ["Asthma."]
+    assert _q(mimic_db, "SELECT subject_id, code FROM events WHERE source = 'notes'") == [(2, ASTHMA)]
 
 
 def test_missing_pack_and_bad_input_are_clear_errors(mimic_db, pack, tmp_path, monkeypatch):
     src = _write_notes(tmp_path / "n.csv", [(1, "2150-05-03", "a", "Pneumonia.")])
     monkeypatch.delenv("FORESIGHT_MODEL_PACK", raising=False)
-    con = warehouse.connect(mimic_db)
-    try:
+    with warehouse.connect(mimic_db) as con:
         with pytest.raises(warehouse.SourceError, match="MedCAT model pack"):
-            notes.load(con, src)
+            sources.load("notes", con, src)
         with pytest.raises(warehouse.SourceError, match="model pack not found"):
-            notes.load(con, src, model_pack=tmp_path / "nope")
+            sources.load("notes", con, src, model_pack=tmp_path / "nope")
         (tmp_path / "x.txt").write_text("hello")
         with pytest.raises(warehouse.SourceError, match="not a notes file"):
-            notes.load(con, tmp_path / "x.txt", model_pack=tmp_path / "nope")
+            sources.load("notes", con, tmp_path / "x.txt", model_pack=tmp_path / "nope")
         (tmp_path / "notime.csv").write_text("subject_id,text\n1,Pneumonia\n")
         with pytest.raises(warehouse.SourceError, match="no time column"):
-            notes.load(con, tmp_path / "notime.csv", model_pack=pack)
-    finally:
-        con.close()
+            sources.load("notes", con, tmp_path / "notime.csv", model_pack=pack)
     assert _q(mimic_db, "SELECT count(*) FROM events WHERE source = 'notes'") == [(0,)]
 
 
 # --- CLI and flow ---------------------------------------------------------------------------------------------
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "foresight.cli", *args], capture_output=True, text=True,
-                          timeout=300)
 
 
 def test_cli_build_then_etl_notes(mimic_db, tmp_path):
@@ -434,19 +429,19 @@ def test_cli_build_then_etl_notes(mimic_db, tmp_path):
         (2, "2160-01-11 09:00:00", "b", "Hypertension. Hypertension is stable. Diabetes."),
     ])
     pack = tmp_path / "cli_pack"
-    r = _cli("concepts", "build", "--dictionary", str(tmp_path / "concepts.csv"), "--out", str(pack),
+    r = run_cli("concepts", "build", "--dictionary", str(tmp_path / "concepts.csv"), "--out", str(pack),
              "--train-on", str(src), "--json")
     assert r.returncode == 0, r.stderr
     built = json.loads(r.stdout.strip().splitlines()[-1])
     assert built["pack"] == str(pack) and built["concepts"] == 10 and built["training_notes"] == 2
-    r = _cli("etl", "notes", "--input", str(src), "--db", str(mimic_db), "--model-pack", str(pack), "--json")
+    r = run_cli("etl", "notes", "--input", str(src), "--db", str(mimic_db), "--model-pack", str(pack), "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["events_by_kind"] == {"NOTE": 3} and out["rows_read"] == 2
     assert out["mentions_by_status"] == {"current": 4, "negated": 1}
-    r = _cli("concepts", "annotate", "--model-pack", str(pack), "--text", "Mother had asthma.", "--json")
+    r = run_cli("concepts", "annotate", "--model-pack", str(pack), "--text", "Mother had asthma.", "--json")
     assert json.loads(r.stdout.strip().splitlines()[-1])["mentions"][0]["status"] == "family"
-    r = _cli("etl", "notes", "--input", str(src), "--db", str(mimic_db), "--model-pack", str(tmp_path / "none"))
+    r = run_cli("etl", "notes", "--input", str(src), "--db", str(mimic_db), "--model-pack", str(tmp_path / "none"))
     assert r.returncode == 2 and "model pack not found" in r.stderr
 
 
@@ -469,14 +464,9 @@ def test_notes_of_subjects_mapped_by_uuid(pack, tmp_path):
     root = tmp_path / "csv"
     root.mkdir()
     (root / "patients.csv").write_text("Id,BIRTHDATE,GENDER\n5b873911-2d32-cc75-2e2f-e6ad79df3e28,1970-01-01,F\n")
-    from foresight.sources import synthea
-
     db = tmp_path / "w.duckdb"
-    con = warehouse.connect(db)
-    try:
-        synthea.load(con, root)
-    finally:
-        con.close()
+    with warehouse.connect(db) as con:
+        sources.load("synthea", con, root)
     when = (datetime(2020, 1, 1) + timedelta(hours=3)).isoformat()
     src = _write_notes(tmp_path / "n.csv", [("5B873911-2D32-CC75-2E2F-E6AD79DF3E28", when, "a", "Asthma.")])
     s = _load_notes(db, src, pack)

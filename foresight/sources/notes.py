@@ -29,16 +29,17 @@ lineage (``etl_runs.input_checksums``) next to the input's.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from foresight.warehouse import CsvScan, Load, LoadSummary, SourceError, sql_literal
+from foresight import sql
+from foresight.concepts import PackError, annotate, is_duckdb_file, load_pack, pack_fingerprint
+from foresight.sources.base import Group
+from foresight.warehouse import CsvScan, Load, SourceError, read_header, sql_literal
 
 SOURCE_KIND = "notes"
 TABLE = "notes"
@@ -48,31 +49,16 @@ OPTIONAL = (*TIME_COLUMNS, "note_id", "row_id", "encounter_id", "hadm_id", "note
 RAW_COLUMNS = (*REQUIRED, *OPTIONAL)
 DEFAULT_MAX_CHARS = 5_000_000
 PAGE_NOTES = 500  # notes fetched, annotated and staged per page (memory stays flat on any corpus)
-
-
-@dataclass(frozen=True)
-class Group:
-    """Tables staged together (also the unit a Prefect task retries)."""
-
-    name: str
-    tables: tuple[str, ...]
-
+FLUSH_MENTIONS = 50_000  # mentions buffered before they are inserted into note_mentions
+MENTION_COLUMNS = ("_line", "cui", "code", "description", "status", "start_char", "end_char", "mention",
+                   "similarity")
+# Notes left to annotate: valid, not dropped, and not of an opted-out subject (finish_table drops their rows with
+# that reason; they are never annotated at all).
+TODO = "_quarantine IS NULL AND _drop IS NULL AND NOT list_contains($optout, subject_id)"
 
 GROUPS: tuple[Group, ...] = (Group("notes", (TABLE,)),)
 
 ProgressFn = Callable[[int, int], None]
-
-
-def _sql_sections() -> dict[str, str]:
-    text = resources.files("foresight").joinpath("sql", "notes", "notes.sql").read_text()
-    parts = text.split("\n-- section: ")
-    return {p.split()[0]: p.partition("\n")[2] for p in parts[1:]}
-
-
-def _is_duckdb(path: Path) -> bool:
-    from foresight.concepts import is_duckdb_file
-
-    return is_duckdb_file(path)
 
 
 def check_input(path: Path) -> Path:
@@ -81,7 +67,7 @@ def check_input(path: Path) -> Path:
     if not path.is_file():
         raise SourceError(f"{path}: not a file (expected a CSV/parquet of notes or a DuckDB warehouse with notes)")
     name = path.name.lower()
-    if not (name.endswith((".csv", ".csv.gz", ".parquet")) or _is_duckdb(path)):
+    if not (name.endswith((".csv", ".csv.gz", ".parquet")) or is_duckdb_file(path)):
         raise SourceError(f"{path}: not a notes file: expected .csv, .csv.gz, .parquet or a DuckDB warehouse file")
     return path
 
@@ -92,14 +78,10 @@ def _max_chars() -> int:
 
 @lru_cache(maxsize=2)
 def _cached_pack(path: str, mtime: float) -> Any:
-    from foresight.concepts import load_pack
-
     return load_pack(path)
 
 
 def _pack(model_pack: str | Path | None) -> tuple[Path, Any]:
-    from foresight.concepts import PackError
-
     raw = model_pack or os.environ.get("FORESIGHT_MODEL_PACK")
     if not raw:
         raise SourceError("notes need a MedCAT model pack: pass --model-pack PATH (or set FORESIGHT_MODEL_PACK); "
@@ -121,7 +103,7 @@ def _stage_raw(load: Load, path: Path) -> None:
     con = load.con
     name = path.name.lower()
     if name.endswith((".csv", ".csv.gz")):
-        header = _csv_header(path)
+        header = read_header(path, allow_empty=True)
         if not any(c in header for c in TIME_COLUMNS):
             raise SourceError(f"{path}: no time column (one of {', '.join(TIME_COLUMNS)}); header has {header}")
         load.read_csv(TABLE, path, REQUIRED, optional_columns=OPTIONAL)
@@ -192,19 +174,6 @@ def _stage_warehouse(load: Load, path: Path) -> None:
     load.register_scan(CsvScan(TABLE, file, digest, rows, [], []))
 
 
-def _csv_header(path: Path) -> list[str]:
-    import csv
-    import gzip
-
-    try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
-            line = fh.readline().decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{path}: cannot read the header line: {exc}") from exc
-    return [c.strip() for c in next(csv.reader([line]), [])]
-
-
-
 def stage_group(
     load: Load,
     root: Path,
@@ -218,59 +187,16 @@ def stage_group(
 ) -> list[str]:
     """Stage the notes: validate, annotate with the model pack, build the events. Safe to call again after a
     failure (the table's staging is reset first)."""
-    import pyarrow as pa
-
-    from foresight.concepts import annotate, pack_fingerprint
-
     pack_path, cat = _pack(model_pack)
     con = load.con
-    sections = _sql_sections()
+    sections = sql.sections("notes", "notes")
     _stage_raw(load, root)
     load.checksums[f"model pack {pack_path.name}"] = pack_fingerprint(pack_path)
     con.execute("CREATE OR REPLACE TEMP TABLE fs_notes_load AS SELECT $source::VARCHAR AS source, "
                 "$max_chars::BIGINT AS max_chars, $history::BIGINT AS history_seconds",
                 {"source": load.source, "max_chars": _max_chars(), "history": round(history_days * 86400)})
     con.execute(sections["validate"])
-    con.execute("""CREATE OR REPLACE TEMP TABLE note_mentions (_line BIGINT, cui VARCHAR, code VARCHAR,
-                   description VARCHAR, status VARCHAR, start_char INTEGER, end_char INTEGER, mention VARCHAR,
-                   similarity DOUBLE)""")
-    # Notes of opted-out subjects are not annotated at all (finish_table drops their rows with that reason).
-    todo = ("_quarantine IS NULL AND _drop IS NULL AND NOT list_contains($optout, subject_id)")
-    optout = sorted(getattr(load, "excluded_subjects", ()))
-    total = con.execute(f"SELECT count(*) FROM v_notes WHERE {todo}", {"optout": optout}).fetchall()[0][0]
-    columns = ("_line", "cui", "code", "description", "status", "start_char", "end_char", "mention", "similarity")
-    rows: dict[str, list[Any]] = {k: [] for k in columns}
-
-    def pages() -> Any:
-        # Keyset pages, each fetched completely: the results of earlier pages are inserted on this same connection
-        # between fetches (the generator is suspended then), and one worker pool serves every page.
-        last = -1
-        while page := con.execute(f"SELECT _line, text FROM v_notes WHERE {todo} AND _line > $last ORDER BY _line "
-                                  "LIMIT $n", {"optout": optout, "last": last, "n": PAGE_NOTES}).fetchall():
-            last = page[-1][0]
-            yield from ((str(line), text) for line, text in page)
-
-    def flush() -> None:
-        if rows["_line"]:
-            con.register("fs_page_mentions", pa.table(rows))
-            try:
-                con.execute("INSERT INTO note_mentions SELECT * FROM fs_page_mentions")
-            finally:
-                con.unregister("fs_page_mentions")
-            for v in rows.values():
-                v.clear()
-
-    for done, (note_id, mentions) in enumerate(annotate(cat, pages(), n_process=n_process, vocab=vocab,
-                                                             pack_path=pack_path), 1):
-        for m in mentions:
-            for k, v in zip(columns, (int(note_id), m.cui, m.code, m.name, m.status, m.start, m.end, m.text,
-                                      m.similarity), strict=True):
-                rows[k].append(v)
-        if len(rows["_line"]) >= 50_000:
-            flush()
-        if progress:
-            progress(done, total)
-    flush()
+    _stage_mentions(load, cat, pack_path, n_process=n_process, vocab=vocab, progress=progress)
     con.execute(sections["events"])
     load.finish_table(TABLE)
     load.add_codes("SELECT code, min(description), []::VARCHAR[] FROM note_concepts GROUP BY code")
@@ -278,6 +204,56 @@ def stage_group(
     con.execute("DROP TABLE IF EXISTS note_concepts; DROP TABLE IF EXISTS notes_known; "
                 "DROP TABLE IF EXISTS notes_idmap; DROP TABLE IF EXISTS notes_birth")
     return [TABLE]
+
+
+def _pages(con: duckdb.DuckDBPyConnection, optout: list[int]) -> Iterator[tuple[str, str]]:
+    """(line, text) of the notes to annotate, in ``_line`` order. Keyset pages, each fetched completely: the
+    results of earlier pages are inserted on this same connection between fetches (the generator is suspended
+    then), and one worker pool serves every page."""
+    last = -1
+    while page := con.execute(f"SELECT _line, text FROM v_notes WHERE {TODO} AND _line > $last ORDER BY _line "
+                              "LIMIT $n", {"optout": optout, "last": last, "n": PAGE_NOTES}).fetchall():
+        last = page[-1][0]
+        yield from ((str(line), text) for line, text in page)
+
+
+def _insert_mentions(con: duckdb.DuckDBPyConnection, rows: dict[str, list[Any]]) -> None:
+    """Append the buffered mention columns to ``note_mentions`` and empty the buffer."""
+    import pyarrow as pa
+
+    if not rows["_line"]:
+        return
+    con.register("fs_page_mentions", pa.table(rows))
+    try:
+        con.execute("INSERT INTO note_mentions SELECT * FROM fs_page_mentions")
+    finally:
+        con.unregister("fs_page_mentions")
+    for v in rows.values():
+        v.clear()
+
+
+def _stage_mentions(load: Load, cat: Any, pack_path: Path, *, n_process: int, vocab: str | None,
+                    progress: ProgressFn | None) -> None:
+    """Annotate the notes ``validate`` left to annotate and stage their mentions in the TEMP table
+    ``note_mentions``, in pages (memory stays flat on any corpus)."""
+    con = load.con
+    con.execute("""CREATE OR REPLACE TEMP TABLE note_mentions (_line BIGINT, cui VARCHAR, code VARCHAR,
+                   description VARCHAR, status VARCHAR, start_char INTEGER, end_char INTEGER, mention VARCHAR,
+                   similarity DOUBLE)""")
+    optout = sorted(load.excluded_subjects)
+    total = con.execute(f"SELECT count(*) FROM v_notes WHERE {TODO}", {"optout": optout}).fetchall()[0][0]
+    rows: dict[str, list[Any]] = {k: [] for k in MENTION_COLUMNS}
+    notes = annotate(cat, _pages(con, optout), n_process=n_process, vocab=vocab, pack_path=pack_path)
+    for done, (note_id, mentions) in enumerate(notes, 1):
+        for m in mentions:
+            for k, v in zip(MENTION_COLUMNS, (int(note_id), m.cui, m.code, m.name, m.status, m.start, m.end, m.text,
+                                              m.similarity), strict=True):
+                rows[k].append(v)
+        if len(rows["_line"]) >= FLUSH_MENTIONS:
+            _insert_mentions(con, rows)
+        if progress:
+            progress(done, total)
+    _insert_mentions(con, rows)
 
 
 def stage_codes(load: Load, root: Path) -> None:
@@ -291,28 +267,3 @@ def mention_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
         return dict(con.execute("SELECT status, count(*) FROM note_mentions GROUP BY 1 ORDER BY 1").fetchall())
     except duckdb.CatalogException:
         return {}
-
-
-def load(
-    con: duckdb.DuckDBPyConnection,
-    input_path: str | Path,
-    *,
-    source: str = SOURCE_KIND,
-    model_pack: str | Path | None = None,
-    n_process: int = 1,
-    history_days: float = 1.0,
-    vocab: str | None = None,
-    on_group_done: Callable[[str], None] | None = None,
-    progress: ProgressFn | None = None,
-) -> LoadSummary:
-    """Annotate the notes in ``input_path`` with ``model_pack`` and load their concepts as events, replacing any
-    earlier load of the same ``source`` (see the module docstring for inputs, accounting and timing)."""
-    root = check_input(Path(input_path))
-    session = Load(con, source=source, source_kind=SOURCE_KIND, input_path=root)
-    for group in GROUPS:
-        stage_group(session, root, group, model_pack=model_pack, n_process=n_process, history_days=history_days,
-                    vocab=vocab, progress=progress)
-        if on_group_done is not None:
-            on_group_done(group.name)
-    stage_codes(session, root)
-    return session.publish()
