@@ -55,12 +55,9 @@ def model_dir(hidden: int, layers: int, heads: int) -> tuple[Path, list[dict]]:
         build_model_dir(root, n_subjects=200, hidden=hidden, layers=layers, heads=heads)
     from foresight import warehouse
 
-    con = warehouse.connect(root / "warehouse.duckdb", read_only=True)
-    try:
+    with warehouse.connect(root / "warehouse.duckdb", read_only=True) as con:
         rows = con.execute("SELECT subject_id, time, code, numeric_value FROM events "
                            "ORDER BY subject_id, time NULLS FIRST, code").fetchall()
-    finally:
-        con.close()
     by_subject: dict[int, list[dict]] = {}
     for sid, t, code, value in rows:
         by_subject.setdefault(sid, []).append(

@@ -32,7 +32,7 @@ from foresight.serve import (
     verify_audit_log,
 )
 
-from .test_tokenizer import _tiny_warehouse
+from .conftest import run_cli, tiny_warehouse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def build_model_dir(root: Path, n_subjects: int = 60, hidden: int = 32, layers: 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root.mkdir(parents=True, exist_ok=True)
-    db = _tiny_warehouse(root / "warehouse.duckdb", n_subjects=n_subjects)
+    db = tiny_warehouse(root / "warehouse.duckdb", n_subjects=n_subjects)
     T.tokenize(db, root / "tokens", T.TokenizerConfig(min_subjects=3))
     vocab = T.Vocabulary.load(root / "tokens" / "vocab.json")
     torch.manual_seed(seed)
@@ -133,11 +133,8 @@ def test_auth_required_and_role_checked(built, client):
     r = client.post("/v1/next-events", json=lookup, headers=auth(built["analyst"]))
     assert r.status_code == 200, r.text
     fc = built["fc"]
-    con = warehouse.connect(built["db"], read_only=True)
-    try:
+    with warehouse.connect(built["db"], read_only=True) as con:
         expected = fc.next_events(fc.timeline_from_warehouse(con, 1), top_k=5)
-    finally:
-        con.close()
     assert [e["token"] for e in r.json()["events"]] == [e["token"] for e in expected.events]
     assert [e["probability"] for e in r.json()["events"]] == pytest.approx([e["probability"] for e in expected.events])
     assert client.post("/v1/next-events", json={"subject_id": 99999}, headers=auth(built["analyst"])).status_code == 404
@@ -185,11 +182,8 @@ def test_opted_out_subjects_are_never_served(built, tmp_path):
     from foresight.optout import digest
 
     big = datetime(2021, 6, 1)  # the alive, active cohort here is >= 8 (see the cohort-rate test)
-    con = warehouse.connect(built["db"], read_only=True)
-    try:
+    with warehouse.connect(built["db"], read_only=True) as con:
         ids = cohort_as_of(con, big)
-    finally:
-        con.close()
     assert len(ids) >= 8
     kept = [s for s in ids if s % 7][:3]  # subjects % 7 == 0 die: their record has no next event to serve
     listed = [s for s in ids if s not in kept]
@@ -235,11 +229,8 @@ def test_key_scoped_to_splits(built, tmp_path):
     stored = json.loads(keys.read_text())["keys"]
     # a scope is stored as a list; an unscoped key is written as keys were before scopes (no field at all)
     assert stored[0]["splits"] == ["held_out"] and "splits" not in stored[1]
-    con = warehouse.connect(built["db"], read_only=True)
-    try:
+    with warehouse.connect(built["db"], read_only=True) as con:
         split_of = dict(con.execute("SELECT subject_id, split FROM subject_splits").fetchall())
-    finally:
-        con.close()
     held = sorted(s for s, sp in split_of.items() if sp == "held_out" and s % 7)  # alive: a next event exists
     train = min(s for s, sp in split_of.items() if sp == "train" and s % 7)
     opt_out = tmp_path / "opt-out.txt"
@@ -353,16 +344,13 @@ def _released(cell: int | str, rule: SuppressionRule = SuppressionRule()) -> boo
 
 
 def test_cohort_rate_suppresses_small_cells(built, client):
-    con = warehouse.connect(built["db"], read_only=True)
-    try:
+    with warehouse.connect(built["db"], read_only=True) as con:
         # an as-of date where the alive, active cohort is small (1-7 people), and one where it is large
         small = next(d for d in (datetime(2020, 1, 1) + timedelta(days=k) for k in range(300))
                      if 1 <= len(cohort_as_of(con, d)) < 8)
         big = datetime(2021, 6, 1)
         ids = cohort_as_of(con, big)
         truth = weekly_history(con, ids, big, 26, ("ADMIT//*",))
-    finally:
-        con.close()
     assert len(ids) >= 8
     r = client.post("/v1/cohort-rate", json={"as_of": small.isoformat()}, headers=auth(built["researcher"]))
     assert r.status_code == 200, r.text
@@ -446,11 +434,8 @@ def test_unknown_codes_map_to_rare_with_a_warning(built, client):
 
 def test_batched_distributions_equal_one_at_a_time(built):
     fc = built["fc"]
-    con = warehouse.connect(built["db"], read_only=True)
-    try:
+    with warehouse.connect(built["db"], read_only=True) as con:
         tls = [t for t in (fc.timeline_from_warehouse(con, s) for s in range(1, 16)) if not t.dead]
-    finally:
-        con.close()
     assert len({len(t.tokens) for t in tls}) > 3  # different lengths: packing and padding are exercised
     batch = fc.next_events_batch(tls, top_k=15)
     # the three ways to the same numbers: packed tree mask (SDPA), the same with eager attention, and the
@@ -658,30 +643,27 @@ def test_python_api_mirror(built):
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "lazy\n"
 
 
-def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "foresight.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, **kw)
 
 
 def test_cli_keygen_revoke(tmp_path):
     keys = tmp_path / "keys.json"
-    r = _cli("serve", "keygen", "--keys", str(keys), "--role", "analyst", "--rate-per-minute", "30", "--json")
+    r = run_cli("serve", "keygen", "--keys", str(keys), "--role", "analyst", "--rate-per-minute", "30", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["key"].startswith("fsk_") and out["role"] == "analyst"
     stored = json.loads(keys.read_text())["keys"]
     assert len(stored) == 1 and out["key"] not in keys.read_text() and stored[0]["rate_per_minute"] == 30
     assert keys.stat().st_mode & 0o077 == 0  # owner-only
-    assert _cli("serve", "keygen", "--keys", str(keys), "--role", "admin").returncode != 0
-    r = _cli("serve", "keygen", "--keys", str(keys), "--role", "analyst", "--splits", "held_out,tuning", "--json")
+    assert run_cli("serve", "keygen", "--keys", str(keys), "--role", "admin").returncode != 0
+    r = run_cli("serve", "keygen", "--keys", str(keys), "--role", "analyst", "--splits", "held_out,tuning", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["splits"] == ["held_out", "tuning"]
     assert json.loads(keys.read_text())["keys"][1]["splits"] == ["held_out", "tuning"]
-    r = _cli("serve", "keygen", "--keys", str(keys), "--role", "analyst", "--splits", "test")
+    r = run_cli("serve", "keygen", "--keys", str(keys), "--role", "analyst", "--splits", "test")
     assert r.returncode != 0 and "held_out" in r.stderr
-    assert _cli("serve", "revoke", "--keys", str(keys), "--key-id", json.loads(keys.read_text())["keys"][1]["key_id"]
+    assert run_cli("serve", "revoke", "--keys", str(keys), "--key-id", json.loads(keys.read_text())["keys"][1]["key_id"]
                 ).returncode == 0
-    assert _cli("serve", "revoke", "--keys", str(keys), "--key-id", out["key_id"]).returncode == 0
+    assert run_cli("serve", "revoke", "--keys", str(keys), "--key-id", out["key_id"]).returncode == 0
     assert json.loads(keys.read_text())["keys"] == []
     assert revoke_key(keys, out["key_id"]) is False
 
@@ -689,7 +671,7 @@ def test_cli_keygen_revoke(tmp_path):
 def test_cli_serve_rejects_a_bad_opt_out_list(built, tmp_path):
     bad = tmp_path / "opt-out.txt"
     bad.write_text("123\n45,67\n")
-    r = _cli("serve", "--model", str(built["model"]), "--keys", str(built["keys"]), "--db", str(built["db"]),
+    r = run_cli("serve", "--model", str(built["model"]), "--keys", str(built["keys"]), "--db", str(built["db"]),
              "--exclude-subjects", str(bad), "--audit-log", str(tmp_path / "a.jsonl"), timeout=120)
     assert r.returncode == 2 and "line 2" in r.stderr and str(bad) in r.stderr
     assert not (tmp_path / "a.jsonl").exists()  # it never started
