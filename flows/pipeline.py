@@ -12,6 +12,7 @@ skipped if there is none).
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -19,28 +20,21 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.retry import transient
 from foresight import pipeline as P
+from foresight.train import TrainConfig
 
 
 def _key(*parts: Any) -> str:
     return P.digest(*parts)
 
 
-def _transient(task: Any, task_run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except OSError:
-        return True
-    except Exception:
-        return False
-    return False
-
 
 # Cache keys are what decides each step's output (input contents and parameters). A step whose output has
 # gone missing is re-run with refresh_cache (see the flow), so a deleted folder is rebuilt.
 
 
-@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient, persist_result=True,
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient, persist_result=True,
       cache_key_fn=lambda ctx, p: _key("etl", p["source"], P.files_fingerprint(p["input_path"]), str(p["db"]),
                                        P.files_fingerprint(p["exclude_subjects"]) if p["exclude_subjects"] else ""))
 def etl_step(source: str, input_path: Path, db: Path, exclude_subjects: Path | None) -> dict[str, Any]:
@@ -48,13 +42,13 @@ def etl_step(source: str, input_path: Path, db: Path, exclude_subjects: Path | N
     return P.load_stage(source, input_path, db, exclude_subjects)
 
 
-@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient, cache_policy=NO_CACHE)
 def warehouse_step(db: Path) -> dict[str, Any]:
     """Start from an existing warehouse: check it holds a completed load and summarise it (nothing is written)."""
     return P.warehouse_stage(db)
 
 
-@task(retries=1, retry_delay_seconds=5, retry_condition_fn=_transient, persist_result=True,
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=transient, persist_result=True,
       cache_key_fn=lambda ctx, p: _key("tokenize", P.warehouse_fingerprint(p["db"]), p["min_subjects"],
                                        str(p["data"]),
                                        P.files_fingerprint(p["exclude_subjects"]) if p["exclude_subjects"] else ""))
@@ -72,11 +66,11 @@ def canary_step(data: Path, out: Path, per_repeat: int, repeats: list[int], refe
 
 
 @task(persist_result=True,
-      cache_key_fn=lambda ctx, p: _key("train", P.data_fingerprint(p["data"]), p["options"], str(p["model"])))
-def train_step(data: Path, model: Path, options: dict[str, Any]) -> dict[str, Any]:
-    """Train the model (cached on the data and the training options)."""
+      cache_key_fn=lambda ctx, p: _key("train", P.data_fingerprint(p["data"]), asdict(p["cfg"]), str(p["model"])))
+def train_step(data: Path, model: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """Train the model (cached on the data and the training configuration)."""
     logger = get_run_logger()
-    return P.train_stage(data, model, options, log=logger.info)
+    return P.train_stage(data, model, cfg, log=logger.info)
 
 
 @task(persist_result=True,
@@ -112,12 +106,34 @@ def release_step(model: Path, registry: Path) -> dict[str, Any]:
     return P.release_stage(model, registry)
 
 
-@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def forecast_step(model: Path, db: Path, out: Path, as_of: datetime, horizon_days: float, samples: int,
                   split: str | None, max_subjects: int | None, oracle_dir: Path | None) -> dict[str, Any]:
     """Weekly admissions forecast with intervals (and a backtest when the outcome weeks are known)."""
     return P.forecast_stage(model, db, out, as_of=as_of, horizon_days=horizon_days, samples=samples, split=split,
                             max_subjects=max_subjects, oracle_dir=oracle_dir)
+
+
+def _warehouse(source: str, input: Path, paths: P.PipelinePaths, exclude_subjects: Path | None
+               ) -> tuple[Path, dict[str, Any]]:
+    """The warehouse the run reads and its step's summary: ``input`` itself for ``source="warehouse"``, else the
+    run's own, loaded from ``input``."""
+    if source == "warehouse":
+        return input, warehouse_step(input)
+    return paths.db, _fresh(etl_step, not paths.db.exists())(source, input, paths.db, exclude_subjects)
+
+
+def _plant_canaries(paths: P.PipelinePaths, canaries: int, repeats: list[int] | None, references: int
+                    ) -> tuple[Path, dict[str, Any]]:
+    """The data training and the audit read, and the canary step's summary. Canaries go only in a copy that
+    training and the audit read: evaluation (whose baselines fit on the train split) and forecasts (from the
+    warehouse) never see a synthetic subject."""
+    if not canaries:
+        return paths.data, {"skipped": True, "reason": "canaries=0: the audit cannot show it would see memorisation"}
+    gone = P.data_fingerprint(paths.canary_data) == "missing" or not (paths.canary_data / "canaries.json").exists()
+    summary = _fresh(canary_step, gone)(paths.data, paths.canary_data, canaries, list(repeats or P.CANARY_REPEATS),
+                                        references)
+    return paths.canary_data, summary
 
 
 @flow(name="pipeline", log_prints=True)
@@ -168,27 +184,14 @@ def pipeline(
     paths = P.PipelinePaths(Path(workdir))
     registry = Path(registry) if registry else paths.registry
     out: dict[str, Any] = {"workdir": str(paths.workdir)}
-    if source == "warehouse":
-        db = Path(input)
-        out["etl"] = warehouse_step(db)
-    else:
-        db = paths.db
-        out["etl"] = _fresh(etl_step, not db.exists())(source, Path(input), db, exclude_subjects)
+    db, out["etl"] = _warehouse(source, Path(input), paths, exclude_subjects)
     as_of = P.resolve_as_of(db, as_of)  # after the ETL: "latest" means what the warehouse holds now
     out["tokenize"] = _fresh(tokenize_step, P.data_fingerprint(paths.data) == "missing")(
         db, paths.data, min_subjects, exclude_subjects)
-    # canaries only in the copy that training and the audit read: evaluation (whose baselines fit on the train
-    # split) and forecasts (from the warehouse) never see a synthetic subject
-    train_data = paths.data
-    if canaries:
-        gone = P.data_fingerprint(paths.canary_data) == "missing" or not (paths.canary_data / "canaries.json").exists()
-        out["canaries"] = _fresh(canary_step, gone)(
-            paths.data, paths.canary_data, canaries, list(canary_repeats or P.CANARY_REPEATS), canary_references)
-        train_data = paths.canary_data
-    else:
-        out["canaries"] = {"skipped": True, "reason": "canaries=0: the audit cannot show it would see memorisation"}
+    train_data, out["canaries"] = _plant_canaries(paths, canaries, canary_repeats, canary_references)
+    train_cfg = TrainConfig.from_dict(train_options or {"preset": "tiny", "max_steps": 300})
     out["train"] = _fresh(train_step, P.model_fingerprint(paths.model) == "missing")(
-        train_data, paths.model, train_options or {"preset": "tiny", "max_steps": 300})
+        train_data, paths.model, train_cfg)
     out["evaluate"] = _fresh(evaluate_step, not (paths.evaluation / "report.json").exists())(
         paths.model, paths.data, db, paths.evaluation, tasks or ["admission_30d"],
         as_of if eval_at == "as_of" else None, eval_samples, eval_points, oracle_dir)

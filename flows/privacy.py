@@ -13,13 +13,14 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from privacy.audit import audit
+from privacy.release import release
+
 
 @task(cache_policy=NO_CACHE)
 def audit_task(model: Path, data: Path, out: Path, config: Path | None, reference: Path | None,
                train_reference: bool, synthetic_samples: int | None) -> dict[str, Any]:
     """Run the privacy audit; returns the report (also written to ``out`` and ``model/privacy``)."""
-    from privacy.audit import audit
-
     logger = get_run_logger()
     return audit(model, data, out, config=config, reference=reference, train_reference=train_reference,
                  synthetic_samples=synthetic_samples, progress=logger.info)
@@ -38,8 +39,6 @@ def gate_task(report: dict[str, Any]) -> bool:
 @task(cache_policy=NO_CACHE)
 def release_task(model: Path, registry: Path, name: str | None) -> dict[str, Any]:
     """Copy the audited model into the registry (refused by the library if anything changed since the audit)."""
-    from privacy.release import release
-
     return release(model, registry, name=name)
 
 

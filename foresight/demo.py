@@ -24,6 +24,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
+from foresight.simulate import default_config, simulate
+
 DEMO_SUBJECTS = 3000
 DEMO_AS_OF = datetime(2025, 10, 1)
 DEMO_HORIZON_DAYS = 84
@@ -34,8 +38,6 @@ TRAIN_OPTIONS = {"preset": "tiny", "seq_len": 256, "micro_batch": 8, "max_steps"
 
 def demo_config(scale: float = ADMISSION_SCALE) -> dict[str, Any]:
     """The simulator's default hazards with every admission process scaled by ``scale``."""
-    from foresight.simulate import default_config
-
     cfg = default_config()
     for proc in cfg["processes"].values():
         if proc.get("kind") == "admission":
@@ -45,8 +47,6 @@ def demo_config(scale: float = ADMISSION_SCALE) -> dict[str, Any]:
 
 def simulate_cohort(out: Path, subjects: int, seed: int) -> dict[str, Any]:
     """Simulate once; a folder already holding the same cohort (subjects, seed, config) is reused."""
-    from foresight.simulate import simulate
-
     stamp = out / "demo_cohort.json"
     want = {"subjects": subjects, "seed": seed, "admission_scale": ADMISSION_SCALE}
     if stamp.exists() and json.loads(stamp.read_text()) == want and (out / "data").exists():
@@ -58,8 +58,6 @@ def simulate_cohort(out: Path, subjects: int, seed: int) -> dict[str, Any]:
 
 def run_demo(workdir: Path, *, subjects: int = DEMO_SUBJECTS, seed: int = 1, console: Any = None) -> dict[str, Any]:
     """Simulate, run the pipeline flow, and return its summary with per-stage seconds."""
-    from rich.console import Console
-
     console = console or Console(stderr=True)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -75,6 +73,7 @@ def run_demo(workdir: Path, *, subjects: int = DEMO_SUBJECTS, seed: int = 1, con
         handler = _StatusHandler(status)
         logging.getLogger("prefect").addHandler(handler)
         try:
+            # imported here, not at the top: Prefect reads its settings (the defaults set above) when imported
             from flows.pipeline import pipeline
 
             t1 = time.perf_counter()
@@ -149,6 +148,7 @@ def headline(result: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def artifacts(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where the demo's artifacts are, as (label, path) rows."""
     wd = Path(result["workdir"])
     fc = result.get("forecast", {})
     return [

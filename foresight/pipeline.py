@@ -10,14 +10,30 @@ deleted output is rebuilt.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from foresight import sources, tokens, warehouse
+from foresight.evaluate import backtest_rates, evaluate_model
+from foresight.forecast import Forecaster, forecast_cohort, load_task, plot_population, weekly_history
+from foresight.hashing import sha256_file, sha256_json
+from foresight.optout import read_subjects_file
+from foresight.simulate import Oracle, read_history
+from foresight.train import TrainConfig, train
+from privacy.audit import audit
+from privacy.canaries import insert, load_manifest
+from privacy.release import model_checksum, release
 
 
 @dataclass
@@ -56,48 +72,34 @@ def code_fingerprint() -> str:
     Part of every cache key: a stage's output depends on the code that made it as much as on its inputs, so
     after an upgrade (a tokenizer fix, say) a cached step is re-run instead of serving what the old code made.
     """
-    h = hashlib.sha256()
     root = Path(__file__).resolve().parent
-    for pkg in (root, root.parent / "privacy"):
-        for f in sorted(p for p in pkg.rglob("*") if p.suffix in (".py", ".sql", ".toml") and p.is_file()):
-            h.update(str(f.relative_to(root.parent)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
+    files = [f for pkg in (root, root.parent / "privacy")
+             for f in sorted(p for p in pkg.rglob("*") if p.suffix in (".py", ".sql", ".toml") and p.is_file())]
+    return sha256_json([[str(f.relative_to(root.parent)), sha256_file(f)] for f in files])
 
 
 def digest(*parts: Any) -> str:
     """sha256 of JSON-able parts and of the code (:func:`code_fingerprint`): the cache key of a stage."""
-    return hashlib.sha256(json.dumps([code_fingerprint(), *parts], sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_json([code_fingerprint(), *parts])
 
 
 def files_fingerprint(path: str | Path) -> str:
     """sha256 over every file under ``path`` (relative name and content): what an input folder holds."""
     path = Path(path)
-    h = hashlib.sha256()
     files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
-    for p in files:
-        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
-        with open(p, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
+    return sha256_json([[str(p.relative_to(path) if path.is_dir() else p.name), sha256_file(p)] for p in files])
 
 
 def warehouse_fingerprint(db: str | Path) -> str:
     """What the warehouse holds: each source's latest load (its input checksums), or 'missing'.
 
     Re-loading identical inputs gives the same fingerprint, so downstream steps stay cached."""
-    from foresight import warehouse
-
     if not Path(db).exists():
         return "missing"
-    con = warehouse.connect(db, read_only=True)
-    try:
+    with warehouse.connect(db, read_only=True) as con:
         rows = con.execute(
             "SELECT source, arg_max(input_checksums::VARCHAR, started_at) FROM etl_runs GROUP BY source ORDER BY 1"
         ).fetchall()
-    finally:
-        con.close()
     return digest(rows) if rows else "missing"
 
 
@@ -105,16 +107,11 @@ def warehouse_dates(db: str | Path, con: Any = None) -> tuple[datetime | None, d
     """The first and last event times in the warehouse ((None, None) when it holds no events); births do not count
     as the first (they date a life, not the records). ``con``: an open connection to it, else one is opened
     read-only."""
-    from foresight import warehouse
-
-    own = con is None
-    con = warehouse.connect(db, read_only=True) if own else con
-    try:
-        first, last = con.execute("SELECT min(time) FILTER (WHERE code <> 'MEDS_BIRTH'), max(time) FROM events"
-                                  ).fetchall()[0]
-    finally:
-        if own:
-            con.close()
+    if con is None:
+        with warehouse.connect(db, read_only=True) as own:
+            return warehouse_dates(db, own)
+    first, last = con.execute("SELECT min(time) FILTER (WHERE code <> 'MEDS_BIRTH'), max(time) FROM events"
+                              ).fetchall()[0]
     return first, last
 
 
@@ -145,7 +142,7 @@ def data_fingerprint(data_dir: str | Path) -> str:
     needed = [d / "vocab.json", *(d / f"{s}.index.npy" for s in ("train", "tuning", "held_out"))]
     if not all(p.exists() for p in needed):
         return "missing"
-    return digest([hashlib.sha256(p.read_bytes()).hexdigest() for p in needed],
+    return digest([sha256_file(p) for p in needed],
                    [(d / f"{s}.bin").stat().st_size for s in ("train", "tuning", "held_out")],
                    canary_fingerprint(d, references=False))
 
@@ -155,8 +152,6 @@ def canary_fingerprint(data_dir: str | Path, references: bool = True) -> str:
     same canaries is not new data. The planted secrets are what training reads; the never-planted references
     (``references=True``) are an input of the audit only, so changing their number re-runs the audit, not training.
     """
-    from privacy.canaries import load_manifest
-
     manifest = load_manifest(data_dir)
     if manifest is None:
         return ""
@@ -165,8 +160,6 @@ def canary_fingerprint(data_dir: str | Path, references: bool = True) -> str:
 
 def model_fingerprint(model_dir: str | Path) -> str:
     """The model's release checksum (weights, config, vocabulary, card), or 'missing'."""
-    from privacy.release import model_checksum
-
     if not (Path(model_dir) / "config.json").exists():
         return "missing"
     return model_checksum(model_dir)[0]
@@ -184,20 +177,13 @@ def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def load_stage(source: str, input_path: Path, db: Path, exclude_subjects: Path | None = None) -> dict[str, Any]:
-    """ETL: ``input_path`` (a ``source``: mimic-iv, synthea, fhir, meds, notes) into the warehouse ``db``."""
-    from foresight import warehouse
-    from foresight.optout import read_subjects_file
-    from foresight.sources import get_source
+    """ETL: ``input_path`` (a ``source``: mimic-iv, synthea, fhir, meds, notes) into the warehouse ``db``, without
+    the subjects of the opt-out list ``exclude_subjects``."""
 
     def run() -> dict[str, Any]:
-        module = get_source(source)
         excluded = read_subjects_file(exclude_subjects) if exclude_subjects else None
-        con = warehouse.connect(db)
-        try:
-            with warehouse.excluding_subjects(excluded or ()):
-                summary = module.load(con, input_path).to_json()
-        finally:
-            con.close()
+        with warehouse.connect(db) as con:
+            summary = sources.load(source, con, input_path, exclude_subjects=excluded).to_json()
         return {k: summary[k] for k in ("run_id", "subjects", "events", "rows_read", "rows_loaded",
                                          "rows_quarantined", "rows_dropped")}
 
@@ -209,7 +195,6 @@ def warehouse_stage(db: Path) -> dict[str, Any]:
 
     Nothing is written; the tokenize step's cache key is the same load-history fingerprint, so a week without new
     loads reuses every step."""
-    from foresight import warehouse
 
     def run() -> dict[str, Any]:
         if not Path(db).exists():
@@ -217,13 +202,10 @@ def warehouse_stage(db: Path) -> dict[str, Any]:
         fingerprint = warehouse_fingerprint(db)
         if fingerprint == "missing":
             raise ValueError(f"source='warehouse': {db} has no completed ETL run to start from")
-        con = warehouse.connect(db, read_only=True)
-        try:
+        with warehouse.connect(db, read_only=True) as con:
             subjects, events = con.execute("SELECT count(DISTINCT subject_id), count(*) FROM events").fetchall()[0]
             loads = con.execute("SELECT source, max(started_at)::VARCHAR FROM etl_runs GROUP BY source ORDER BY 1"
                                 ).fetchall()
-        finally:
-            con.close()
         return {"source": "warehouse", "warehouse": str(db), "fingerprint": fingerprint, "subjects": subjects,
                 "events": events, "latest_loads": dict(loads)}
 
@@ -234,8 +216,6 @@ def tokenize_stage(db: Path, data: Path, min_subjects: int = 10, exclude_subject
                    ) -> dict[str, Any]:
     """Vocabulary (train only) and packed shards; ``exclude_subjects`` (the opt-out list) is hidden here too, for
     a warehouse this run did not load itself."""
-    from foresight import tokens
-    from foresight.optout import read_subjects_file
 
     def run() -> dict[str, Any]:
         excluded = read_subjects_file(exclude_subjects) if exclude_subjects else None
@@ -253,9 +233,6 @@ def canary_stage(data: Path, out: Path, *, per_repeat: int, repeats: tuple[int, 
                  references: int = 5000, seed: int = 0) -> dict[str, Any]:
     """A copy of ``data`` with canary subjects in its train split (:func:`privacy.canaries.insert`), for training
     and the audit. Evaluation and forecasts keep using ``data`` and the warehouse, where no canary exists."""
-    import shutil
-
-    from privacy.canaries import insert
 
     def run() -> dict[str, Any]:
         if out.exists():  # an earlier insertion (other data or parameters): never mix its files with this one's
@@ -268,15 +245,11 @@ def canary_stage(data: Path, out: Path, *, per_repeat: int, repeats: tuple[int, 
     return _timed(run)
 
 
-def train_stage(data: Path, model: Path, options: dict[str, Any], log: Callable[[str], None] | None = None
+def train_stage(data: Path, model: Path, cfg: TrainConfig, log: Callable[[str], None] | None = None
                 ) -> dict[str, Any]:
-    """Train (resuming a previous run of the same options when its checkpoints are there)."""
-    import shutil
-
-    from foresight.train import TrainConfig, train
+    """Train (resuming a previous run of the same configuration when its checkpoints are there)."""
 
     def run() -> dict[str, Any]:
-        cfg = TrainConfig.from_dict(options)
         card = model / "foresight.json"
         if card.exists():  # a finished model of other data or options: start over rather than refuse
             shutil.rmtree(model)
@@ -290,8 +263,6 @@ def evaluate_stage(model: Path, data: Path, db: Path, out: Path, *, tasks: list[
                    samples: int, max_points: int, oracle_dir: Path | None = None, max_rows: int | None = 200,
                    seed: int = 0) -> dict[str, Any]:
     """Evaluation report (next-event accuracy, risk tasks vs baselines and, on simulator data, the oracle)."""
-    from foresight.evaluate import evaluate_model
-    from foresight.forecast import load_task
 
     def run() -> dict[str, Any]:
         oracle = simulator_oracle(oracle_dir) if oracle_dir else None
@@ -311,10 +282,6 @@ ORACLE_EVENTS = {"admission_30d": "admission", "emergency_admission_30d": "emerg
 
 def simulator_oracle(sim_dir: Path) -> Callable[[Any, Any], Any]:
     """An ``oracle(task, points)`` for evaluate: the simulator's true risk for each (subject, time) pair."""
-    import numpy as np
-
-    from foresight.simulate import Oracle, read_history
-
     orc = Oracle.from_dir(sim_dir)
     history = read_history(sim_dir, orc.model)  # parsed once, reused for every task
 
@@ -333,7 +300,6 @@ def audit_stage(model: Path, data: Path, out: Path, progress: Callable[[str], No
                 config: Path | None = None) -> dict[str, Any]:
     """The privacy audit and the gate's decision, with each canary repeat group's exposure when ``data`` (the data
     the model was trained on) holds canaries. ``config``: a gate TOML merged over ``privacy/gate_defaults.toml``."""
-    from privacy.audit import audit
 
     def run() -> dict[str, Any]:
         report = audit(model, data, out, config=config, progress=progress)
@@ -349,8 +315,6 @@ def audit_stage(model: Path, data: Path, out: Path, progress: Callable[[str], No
 
 def release_stage(model: Path, registry: Path) -> dict[str, Any]:
     """Copy the audited model into the registry (refused unless its latest audit passed)."""
-    from privacy.release import release
-
     return _timed(lambda: release(model, registry))
 
 
@@ -371,32 +335,24 @@ def forecast_stage(model: Path, db: Path, out: Path, *, as_of: datetime, horizon
                    oracle_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
     """Weekly forecast for the cohort alive at ``as_of`` (JSON + PNG); with observed weeks after ``as_of``
     when the warehouse has them (a backtest), and the simulator's expected counts when it is simulated."""
-    from foresight import warehouse
-    from foresight.evaluate import backtest_rates
-    from foresight.forecast import Forecaster, cohort_as_of, plot_population, population_rates, weekly_history
 
     def run() -> dict[str, Any]:
         fc = Forecaster.from_pretrained(model)
         weeks = int(-(-horizon_days // 7))
-        con = warehouse.connect(db, read_only=True)
-        try:
-            ids = cohort_as_of(con, as_of, split=split, limit=max_subjects, seed=seed)
-            if not ids:
+        with warehouse.connect(db, read_only=True) as con:
+            cohort = forecast_cohort(fc, con, as_of, horizon_days, samples=samples, codes=codes, split=split,
+                                     max_subjects=max_subjects, history_weeks=26, seed=seed)
+            if cohort.forecast is None:
                 raise ValueError(empty_cohort_message(db, as_of, con, split))
-            history = weekly_history(con, ids, as_of, 26, codes)
+            ids, result = cohort.subject_ids, cohort.forecast
             observed = weekly_history(con, ids, as_of + timedelta(days=7 * weeks), weeks, codes)
-            timelines = fc.timelines_from_warehouse(con, ids, as_of)
             last = con.execute("SELECT max(time) FROM events").fetchall()[0][0]
-        finally:
-            con.close()
-        result = population_rates(fc, timelines, as_of, horizon_days, samples=samples, codes=codes, seed=seed,
-                                  history=history)
         payload = result.to_json()
         if last is not None and last >= as_of + timedelta(days=7 * weeks):
             payload["observed_after"] = [{"week_start": d.date().isoformat(), "observed": n} for d, n in observed]
             payload["backtest"] = backtest_rates(result.weeks, [n for _, n in observed])
         if oracle_dir is not None:
-            payload["oracle_expected"] = _oracle_weekly(oracle_dir, as_of, weeks, ids)
+            payload["oracle_expected"] = oracle_weekly(oracle_dir, as_of, weeks, ids)
         out.mkdir(parents=True, exist_ok=True)
         (out / "forecast.json").write_text(json.dumps(payload, indent=1, default=str))
         plot = plot_population(result, out / "forecast.png")
@@ -408,14 +364,8 @@ def forecast_stage(model: Path, db: Path, out: Path, *, as_of: datetime, horizon
     return _timed(run)
 
 
-def _oracle_weekly(sim_dir: Path, as_of: datetime, weeks: int, ids: list[int]) -> list[float]:
+def oracle_weekly(sim_dir: Path, as_of: datetime, weeks: int, ids: list[int]) -> list[float]:
     """The simulator's expected weekly admissions for exactly this cohort."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
-
-    from foresight.simulate import Oracle
-
     table = ds.dataset(Path(sim_dir) / "data", format="parquet").to_table()
     table = table.filter(pc.is_in(table["subject_id"], value_set=pa.array(ids)))
     exp = Oracle.from_dir(sim_dir).expected_weekly_admissions(table, as_of, weeks=weeks)

@@ -98,8 +98,5 @@ def test_deployments_register_with_schedules_and_a_run_completes(server, tiny_mi
          "        print(json.dumps({'state': r.state.type.value}))\nasyncio.run(main())", run_id],
         env=env, capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1])
     assert state["state"] == "COMPLETED", state
-    con = warehouse.connect(db, read_only=True)
-    try:
+    with warehouse.connect(db, read_only=True) as con:
         assert con.execute("SELECT count(DISTINCT subject_id) FROM events").fetchall()[0][0] == 3
-    finally:
-        con.close()

@@ -191,17 +191,13 @@ def test_failed_gate_forecasts_with_the_last_released_model_and_canaries_are_aud
 def test_existing_warehouse_latest_as_of_and_empty_cohort_message(tiny_mimic, tmp_path):
     """source="warehouse" reads a warehouse as it is; "latest" and the empty-cohort error on MIMIC's shifted dates."""
     from foresight import pipeline as P
-    from foresight import warehouse
-    from foresight.sources import mimic_iv
+    from foresight import sources, warehouse
 
     db = tmp_path / "warehouse.duckdb"
     with pytest.raises(FileNotFoundError, match="no warehouse at"):
         P.warehouse_stage(db)
-    con = warehouse.connect(db)
-    try:
-        mimic_iv.load(con, tiny_mimic)
-    finally:
-        con.close()
+    with warehouse.connect(db) as con:
+        sources.load("mimic-iv", con, tiny_mimic)
     stage = P.warehouse_stage(db)
     assert stage["fingerprint"] == P.warehouse_fingerprint(db) != "missing"
     assert stage["subjects"] == 3 and list(stage["latest_loads"]) == ["mimic-iv"]
