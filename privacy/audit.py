@@ -14,13 +14,20 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from foresight import train as T
+from foresight import warehouse
+from foresight.dataset import PackedSplit
+from foresight.forecast import Forecaster
+from foresight.tokens import Vocabulary, encode_subjects, register_code_map, write_shard
 from privacy import canaries, extraction, gate, mia, release, report, scoring, synthetic, vocab_floor
 
 SPLIT_SUFFIXES = ("bin", "clock.bin", "index.npy")
@@ -28,6 +35,38 @@ SPLIT_SUFFIXES = ("bin", "clock.bin", "index.npy")
 
 class AuditError(Exception):
     """The audit cannot run (wrong data for the model, missing files); the message says why."""
+
+
+@dataclass
+class AuditInputs:
+    """The model under audit and the tokenized data it was trained on, checked to belong together."""
+
+    model_dir: Path
+    data_dir: Path
+    fc: Forecaster
+    data_vocab: Vocabulary
+    train: PackedSplit
+    held: PackedSplit
+    context: int
+    manifest: dict[str, Any] | None  # the planted canaries, if any
+    is_canary: np.ndarray  # (train subjects,) bool
+    real_train: np.ndarray  # indices of train subjects that are not canaries
+    checksum: str
+    files: dict[str, str]
+
+
+class _Timer:
+    """Seconds per probe, for the report's runtime section."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.times[name] = time.perf_counter() - t
 
 
 def audit(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path | None = None, *,
@@ -43,180 +82,199 @@ def audit(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path | Non
     overrides the config's number of generated timelines (0 skips that probe). ``device``: where the model runs
     (e.g. ``cuda``; default CPU).
     """
-    from foresight.dataset import PackedSplit
-    from foresight.forecast import Forecaster
-    from foresight.tokens import Vocabulary
-
     say = progress or (lambda _m: None)
-    t_start = time.perf_counter()
-    times: dict[str, float] = {}
+    timer = _Timer()
     cfg = gate.load_config(config)
     if synthetic_samples is not None:
         cfg["synthetic"]["samples"] = int(synthetic_samples)
-    seed, n_boot, level = cfg["audit"]["seed"], cfg["audit"]["bootstrap"], cfg["audit"]["ci_level"]
-    model_dir, data_dir = Path(model_dir), Path(data_dir)
     if forgotten and db is None:  # say so before any work is done
         raise AuditError("the forgotten-set check needs --db: a warehouse that still holds those subjects")
+    inp = load_inputs(Path(model_dir), Path(data_dir), device)
+    with timer("vocabulary_floor"):
+        say("vocabulary floor: recounting train subjects per token")
+        counts = mia.token_subject_counts(inp.train, canaries.canary_subject_ids(inp.manifest))
+        vf = vocab_floor.check(inp.fc.vocab, counts, cfg["vocab_floor"]["min_subjects"], cfg["slices"]["sensitive"])
+    with timer("membership_inference"):
+        mem_idx, non_idx = mia.balanced_sample(inp.real_train, np.arange(len(inp.held)),
+                                               cfg["audit"]["max_subjects_per_side"], cfg["audit"]["seed"])
+        say(f"membership inference: scoring {len(mem_idx)} members and {len(non_idx)} non-members")
+        ref_model, ref_name = _reference_model(inp, reference, train_reference, out_dir, device, say)
+        membership = _membership_inference(inp, cfg, counts, ref_model, mem_idx, non_idx)
+    with timer("canaries"):
+        can = _canary_exposure(inp, cfg, say)
+    with timer("extraction"):
+        ex = _extraction(inp, cfg, say)
+    with timer("synthetic_cohort"):
+        syn = _synthetic_cohort(inp, cfg, say)
+    with timer("forgotten"):
+        forg = None
+        if forgotten:
+            forg = forgotten_check(inp.fc.model, inp.fc.vocab, list(forgotten), db, inp.train, inp.held,
+                                   membership["non_idx"], inp.context, cfg, ref_model)
+            say(f"forgotten subjects: {forg['subjects']} scored")
+    results = {"membership_inference": membership["rows"], "canaries": can, "extraction": ex,
+               "vocabulary_floor": vf, "synthetic_cohort": syn, "forgotten": forg}
+    decision = gate.decide(results, cfg)
+    timer.times["total"] = time.perf_counter() - timer.start
+    rep = _report(inp, cfg, decision, results, membership, ref_name, timer.times)
+    plots = {}
+    if membership["roc"]:
+        plots["roc"] = report.plot_roc(membership["roc"])
+    if can:
+        plots["exposure"] = report.plot_exposure(can)
+    targets = [inp.model_dir / release.REPORT_DIR]
+    if out_dir is not None and Path(out_dir).resolve() != targets[0].resolve():
+        targets.insert(0, Path(out_dir))
+    rep["written"] = [str(p) for p in report.write(rep, targets, plots)]
+    return rep
 
-    # ---- the model and the data it was trained on
+
+def load_inputs(model_dir: Path, data_dir: Path, device: str | None) -> AuditInputs:
+    """Load the model and its training data; AuditError when the data is not what the model was trained on."""
     checksum, files = release.model_checksum(model_dir)
     fc = Forecaster.from_pretrained(model_dir, device=device)
-    model, vocab, meta = fc.model, fc.vocab, fc.meta
     if not (data_dir / "vocab.json").exists():
         raise AuditError(f"{data_dir}: no vocab.json (not a tokenized data directory)")
     data_vocab = Vocabulary.load(data_dir / "vocab.json")
-    if data_vocab.tokens != vocab.tokens:
+    if data_vocab.tokens != fc.vocab.tokens:
         raise AuditError(f"{data_dir}: its vocabulary differs from the model's: audit the model against the data "
                          "directory it was trained on")
     train = PackedSplit(data_dir, "train", vocab=data_vocab)
     held = PackedSplit(data_dir, "held_out", vocab=data_vocab)
-    trained_on = (meta.get("data") or {}).get("train_tokens")
+    trained_on = (fc.meta.get("data") or {}).get("train_tokens")
     if trained_on is not None and int(trained_on) != train.n_tokens:
         raise AuditError(f"{data_dir}: its train split has {train.n_tokens:,} tokens, the model was trained on "
                          f"{int(trained_on):,}: audit against the data directory it was trained on (with its "
                          "canaries, if any)")
-    context = scoring.context_length(meta, model)
     manifest = canaries.load_manifest(data_dir)
     canary_ids = canaries.canary_subject_ids(manifest)
     is_canary = np.isin(train.index["subject_id"], np.array(sorted(canary_ids), dtype=np.int64))
-    real_train = np.flatnonzero(~is_canary)
+    return AuditInputs(model_dir, data_dir, fc, data_vocab, train, held, scoring.context_length(fc.meta, fc.model),
+                       manifest, is_canary, np.flatnonzero(~is_canary), checksum, files)
 
-    # ---- vocabulary floor
-    t = time.perf_counter()
-    say("vocabulary floor: recounting train subjects per token")
-    counts = mia.token_subject_counts(train, canary_ids)
-    vf = vocab_floor.check(vocab, counts, cfg["vocab_floor"]["min_subjects"], cfg["slices"]["sensitive"])
-    times["vocabulary_floor"] = time.perf_counter() - t
 
-    # ---- membership inference
-    t = time.perf_counter()
-    mem_idx, non_idx = mia.balanced_sample(real_train, np.arange(len(held)), cfg["audit"]["max_subjects_per_side"],
-                                           seed)
-    say(f"membership inference: scoring {len(mem_idx)} members and {len(non_idx)} non-members")
-    ref_model, ref_name = None, None
+def _reference_model(inp: AuditInputs, reference: str | Path | None, train_reference: bool,
+                     out_dir: str | Path | None, device: str | None,
+                     say: Callable[[str], None]) -> tuple[Any | None, str | None]:
+    """The reference model for the calibrated attacks: given, trained here on the tuning split, or none."""
     if reference is not None:
         ref_fc = Forecaster.from_pretrained(reference, device=device)
-        if ref_fc.vocab.tokens != vocab.tokens:
+        if ref_fc.vocab.tokens != inp.fc.vocab.tokens:
             raise AuditError(f"{reference}: the reference model's vocabulary differs from the target's")
-        ref_model, ref_name = ref_fc.model, str(reference)
-    elif train_reference:
-        where = Path(out_dir) if out_dir else model_dir / release.REPORT_DIR
-        ref_dir = train_reference_model(data_dir, where / "reference_model", meta, real_train_tokens=int(
-            train.index["length"][real_train].sum()), progress=say)
-        ref_model, ref_name = Forecaster.from_pretrained(ref_dir, device=device).model, str(ref_dir)
-    mia_rows, roc = [], {}
+        return ref_fc.model, str(reference)
+    if train_reference:
+        where = Path(out_dir) if out_dir else inp.model_dir / release.REPORT_DIR
+        ref_dir = train_reference_model(inp.data_dir, where / "reference_model", inp.fc.meta, real_train_tokens=int(
+            inp.train.index["length"][inp.real_train].sum()), progress=say)
+        return Forecaster.from_pretrained(ref_dir, device=device).model, str(ref_dir)
+    return None, None
+
+
+def _membership_inference(inp: AuditInputs, cfg: dict[str, Any], counts: Any, ref_model: Any | None,
+                          mem_idx: np.ndarray, non_idx: np.ndarray) -> dict[str, Any]:
+    """Every attack on a balanced sample of members and non-members: rows per slice, ROC points, the sample."""
+    rows, roc = [], {}
     if len(mem_idx) and len(non_idx):
         k = cfg["mia"]["min_k"]
-        sc_m = _attack_scores(model, ref_model, train, mem_idx, context, k)
-        sc_n = _attack_scores(model, ref_model, held, non_idx, context, k)
-        sl_m = mia.slice_membership(train, mem_idx, counts, cfg["slices"])
-        sl_n = mia.slice_membership(held, non_idx, counts, cfg["slices"])
-        mia_rows = mia.evaluate(sc_m, sc_n, sl_m, sl_n, alphas=tuple(cfg["mia"]["report_fprs"]), n_boot=n_boot,
-                                level=level, seed=seed, min_slice=cfg["mia"]["min_slice_subjects"])
+        sc_m = _attack_scores(inp.fc.model, ref_model, inp.train, mem_idx, inp.context, k)
+        sc_n = _attack_scores(inp.fc.model, ref_model, inp.held, non_idx, inp.context, k)
+        sl_m = mia.slice_membership(inp.train, mem_idx, counts, cfg["slices"])
+        sl_n = mia.slice_membership(inp.held, non_idx, counts, cfg["slices"])
+        rows = mia.evaluate(sc_m, sc_n, sl_m, sl_n, alphas=tuple(cfg["mia"]["report_fprs"]),
+                            n_boot=cfg["audit"]["bootstrap"], level=cfg["audit"]["ci_level"],
+                            seed=cfg["audit"]["seed"], min_slice=cfg["mia"]["min_slice_subjects"])
         roc = {a: mia.roc_points(sc_m[a], sc_n[a]) for a in sc_m}
-    times["membership_inference"] = time.perf_counter() - t
+    return {"rows": rows, "roc": roc, "mem_idx": mem_idx, "non_idx": non_idx}
 
-    # ---- canaries
-    t = time.perf_counter()
-    can = None
-    if manifest is not None:
-        say(f"canaries: {len(manifest['canaries'])} canaries against {len(manifest['references'])} references")
-        cc = cfg["canaries"]
-        can = canaries.exposure(model, vocab, manifest, context, alpha=cc["alpha"],
-                                validity_repeats=cc["validity_repeats"], detect_share=cc["detect_share"])
-    times["canaries"] = time.perf_counter() - t
 
-    # ---- extraction
-    t = time.perf_counter()
+def _canary_exposure(inp: AuditInputs, cfg: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any] | None:
+    """Exposure of the planted canaries (None when the data has none)."""
+    if inp.manifest is None:
+        return None
+    say(f"canaries: {len(inp.manifest['canaries'])} canaries against {len(inp.manifest['references'])} references")
+    cc = cfg["canaries"]
+    return canaries.exposure(inp.fc.model, inp.fc.vocab, inp.manifest, inp.context, alpha=cc["alpha"],
+                             validity_repeats=cc["validity_repeats"], detect_share=cc["detect_share"])
+
+
+def _extraction(inp: AuditInputs, cfg: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+    """Prompted extraction of members' continuations, greedy and sampled, against non-members."""
     xc = cfg["extraction"]
     say(f"extraction: prompts of k = {xc['ks']} events, greedy and sampled")
-    ex = extraction.run(model, vocab, train, held, context=context, member_ok=~is_canary,
-                        nonmember_ok=np.ones(len(held), bool), ks=tuple(xc["ks"]), max_pairs=xc["max_pairs"],
-                        seed=seed, max_new_tokens=xc["max_new_tokens"], eidetic_k=xc["eidetic_k"], n_boot=n_boot,
-                        level=level)
-    times["extraction"] = time.perf_counter() - t
+    return extraction.run(inp.fc.model, inp.fc.vocab, inp.train, inp.held, context=inp.context,
+                          member_ok=~inp.is_canary, nonmember_ok=np.ones(len(inp.held), bool), ks=tuple(xc["ks"]),
+                          max_pairs=xc["max_pairs"], seed=cfg["audit"]["seed"], max_new_tokens=xc["max_new_tokens"],
+                          eidetic_k=xc["eidetic_k"], n_boot=cfg["audit"]["bootstrap"], level=cfg["audit"]["ci_level"])
 
-    # ---- synthetic cohort
-    t = time.perf_counter()
-    syn = None
-    sc = cfg["synthetic"]
-    if sc["samples"] > 0 and len(held) and len(real_train):
-        say(f"synthetic cohort: generating {sc['samples']} timelines")
-        rng = np.random.default_rng(seed)
-        picks = rng.choice(len(held), size=sc["samples"], replace=sc["samples"] > len(held))
-        prompts = [held.subject_tokens(int(i))[:int(held.index[int(i)]["prefix_len"])] for i in picks]
-        gen = synthetic.sample_timelines(model, vocab, prompts, max_tokens=min(sc["max_tokens"], context),
-                                         seed=seed)
-        limit = min(sc["max_tokens"], context)
-        codes = lambda split, i: synthetic.code_sequence(split.subject_tokens(int(i)), fc.is_event, limit)  # noqa: E731
-        cap = cfg["audit"]["max_subjects_per_side"]
-        sample = lambda idx: idx if len(idx) <= cap else rng.choice(idx, size=cap, replace=False)  # noqa: E731
-        syn = synthetic.check([synthetic.code_sequence(g, fc.is_event, limit) for g in gen],
-                              [codes(train, i) for i in sample(real_train)],
-                              [codes(held, i) for i in sample(np.arange(len(held)))],
-                              len(vocab.tokens), copy_k=sc["copy_k"], seed=seed, n_boot=n_boot, level=level,
-                              train_counts=synthetic.sequence_counts(codes(train, i) for i in real_train),
-                              holdout_seen=set(synthetic.sequence_counts(codes(held, i) for i in range(len(held)))))
-    times["synthetic_cohort"] = time.perf_counter() - t
 
-    # ---- forgotten subjects
-    t = time.perf_counter()
-    forg = None
-    if forgotten:
-        forg = forgotten_check(model, vocab, list(forgotten), db, train, held, non_idx, context, cfg, ref_model)
-        say(f"forgotten subjects: {forg['subjects']} scored")
-    times["forgotten"] = time.perf_counter() - t
+def _synthetic_cohort(inp: AuditInputs, cfg: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any] | None:
+    """Distances from generated timelines to train and held-out subjects (None when switched off)."""
+    sc, seed = cfg["synthetic"], cfg["audit"]["seed"]
+    train, held, real_train, is_event = inp.train, inp.held, inp.real_train, inp.fc.vocab.is_event
+    if not (sc["samples"] > 0 and len(held) and len(real_train)):
+        return None
+    say(f"synthetic cohort: generating {sc['samples']} timelines")
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(held), size=sc["samples"], replace=sc["samples"] > len(held))
+    prompts = [held.subject_tokens(int(i))[:int(held.index[int(i)]["prefix_len"])] for i in picks]
+    limit = min(sc["max_tokens"], inp.context)
+    gen = synthetic.sample_timelines(inp.fc.model, inp.fc.vocab, prompts, max_tokens=limit, seed=seed)
 
-    # ---- decision and report
-    results = {"membership_inference": mia_rows, "canaries": can, "extraction": ex, "vocabulary_floor": vf,
-               "synthetic_cohort": syn, "forgotten": forg}
-    decision = gate.decide(results, cfg)
-    times["total"] = time.perf_counter() - t_start
+    def codes(split: PackedSplit, i: Any) -> tuple[int, ...]:
+        return synthetic.code_sequence(split.subject_tokens(int(i)), is_event, limit)
+
+    cap = cfg["audit"]["max_subjects_per_side"]
+
+    def sample(idx: np.ndarray) -> np.ndarray:
+        return idx if len(idx) <= cap else rng.choice(idx, size=cap, replace=False)
+
+    return synthetic.check([synthetic.code_sequence(g, is_event, limit) for g in gen],
+                           [codes(train, i) for i in sample(real_train)],
+                           [codes(held, i) for i in sample(np.arange(len(held)))],
+                           len(inp.fc.vocab.tokens), copy_k=sc["copy_k"], seed=seed, n_boot=cfg["audit"]["bootstrap"],
+                           level=cfg["audit"]["ci_level"],
+                           train_counts=synthetic.sequence_counts(codes(train, i) for i in real_train),
+                           holdout_seen=set(synthetic.sequence_counts(codes(held, i) for i in range(len(held)))))
+
+
+def _report(inp: AuditInputs, cfg: dict[str, Any], decision: dict[str, Any], results: dict[str, Any],
+            membership: dict[str, Any], ref_name: str | None, times: dict[str, float]) -> dict[str, Any]:
+    """The report.json content: decision, model, data, config, every probe's results and the runtimes."""
+    meta, model_dir, manifest = inp.fc.meta, inp.model_dir, inp.manifest
     tr = meta.get("training") or {}
-    rep = {
+    probes = dict(results)
+    probes["membership_inference"] = {"members": len(membership["mem_idx"]),
+                                      "nonmembers": len(membership["non_idx"]), "reference": ref_name,
+                                      "rows": results["membership_inference"]}
+    return {
         "format_version": 1,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "decision": decision["decision"],
         "valid": decision["valid"],
         "reasons": decision["reasons"],
         "model": {
-            "name": model_dir.resolve().name, "dir": str(model_dir.resolve()), "checksum": checksum, "files": files,
-            "preset": (meta.get("preset") or {}).get("name"), "parameters": meta.get("parameters"),
+            "name": model_dir.resolve().name, "dir": str(model_dir.resolve()), "checksum": inp.checksum,
+            "files": inp.files, "preset": (meta.get("preset") or {}).get("name"), "parameters": meta.get("parameters"),
             "training": {k: tr[k] for k in ("max_steps", "lr", "min_lr", "weight_decay", "seq_len", "micro_batch",
                                              "grad_accum", "seed", "time_head") if k in tr},
             "metrics": {k: v for k, v in (meta.get("metrics") or {}).items()
                         if k in ("train_loss", "tuning_loss", "unigram_entropy_tuning", "steps", "tokens_seen")},
-            "context": context,
+            "context": inp.context,
         },
         "data": {
-            "dir": str(data_dir.resolve()), "fingerprint": data_vocab.fingerprint,
-            "subjects": {"train": len(real_train), "held_out": len(held)},
-            "tokens": {"train": int(train.index["length"][real_train].sum()), "held_out": held.n_tokens},
+            "dir": str(inp.data_dir.resolve()), "fingerprint": inp.data_vocab.fingerprint,
+            "subjects": {"train": len(inp.real_train), "held_out": len(inp.held)},
+            "tokens": {"train": int(inp.train.index["length"][inp.real_train].sum()), "held_out": inp.held.n_tokens},
             "canaries": None if manifest is None else {k: manifest[k] for k in ("repeats", "per_repeat",
                                                                                   "canary_subjects", "seed")},
-            "vocab_size": len(vocab.tokens), "vocab_floor": int(data_vocab.config.min_subjects),
-            "opt_out": data_vocab.report.get("opt_out"),
+            "vocab_size": len(inp.fc.vocab.tokens), "vocab_floor": int(inp.data_vocab.config.min_subjects),
+            "opt_out": inp.data_vocab.report.get("opt_out"),
         },
         "config": cfg,
-        "probes": {
-            "membership_inference": {"members": len(mem_idx), "nonmembers": len(non_idx), "reference": ref_name,
-                                     "rows": mia_rows},
-            "canaries": can, "extraction": ex, "vocabulary_floor": vf, "synthetic_cohort": syn,
-            "forgotten": forg,
-        },
+        "probes": probes,
         "gate": decision,
         "runtime_seconds": {k: round(v, 3) for k, v in times.items()},
     }
-    plots = {}
-    if roc:
-        plots["roc"] = report.plot_roc(roc)
-    if can:
-        plots["exposure"] = report.plot_exposure(can)
-    targets = [model_dir / release.REPORT_DIR]
-    if out_dir is not None and Path(out_dir).resolve() != targets[0].resolve():
-        targets.insert(0, Path(out_dir))
-    rep["written"] = [str(p) for p in report.write(rep, targets, plots)]
-    return rep
 
 
 def _attack_scores(model: Any, ref_model: Any | None, split: Any, idx: np.ndarray, context: int,
@@ -236,9 +294,6 @@ def train_reference_model(data_dir: Path, out: Path, meta: dict[str, Any], *, re
                           progress: Callable[[str], None]) -> Path:
     """Train a reference model on the tuning split (subjects disjoint from train and held-out) with the target's
     settings, its steps scaled to the same number of epochs. Returns its directory (reused if already there)."""
-    from foresight import train as T
-    from foresight.dataset import PackedSplit
-
     model_out = out / "model"
     if (model_out / "config.json").exists():
         return model_out
@@ -266,16 +321,10 @@ def forgotten_check(model: Any, vocab: Any, subject_ids: list[int], db: str | Pa
                     non_idx: np.ndarray, context: int, cfg: dict[str, Any], ref_model: Any | None) -> dict[str, Any]:
     """Membership inference with the opted-out subjects as members (encoded from ``db`` with the model's
     vocabulary) against held-out non-members: a model never trained on them cannot tell them apart."""
-    from foresight import warehouse
-    from foresight.dataset import PackedSplit
-
     in_train = int(np.isin(train.index["subject_id"], np.array(subject_ids, dtype=np.int64)).sum())
     with tempfile.TemporaryDirectory(prefix="foresight-forgotten-") as tmp:
-        con = warehouse.connect(db, read_only=True)
-        try:
+        with warehouse.connect(db, read_only=True) as con:
             n = encode_to_split(con, vocab, subject_ids, Path(tmp), "forgotten")
-        finally:
-            con.close()
         if n == 0:
             return {"subjects": 0, "in_training_data": in_train, "rows": [
                 {"slice": "all", "measured": False, "members": 0, "nonmembers": len(non_idx),
@@ -295,22 +344,9 @@ def forgotten_check(model: Any, vocab: Any, subject_ids: list[int], db: str | Pa
 def encode_to_split(con: Any, vocab: Any, subject_ids: list[int], out: Path, name: str) -> int:
     """Encode subjects from a warehouse with a given vocabulary into ``out/<name>.*`` shard files (the
     :func:`foresight.tokens.tokenize` layout); returns how many subjects had events."""
-    from foresight.tokens import INDEX_DTYPE, MINUTE, NO_TIME, _first_markers, encode_subjects, register_code_map
-
     ids = sorted(set(int(s) for s in subject_ids))
     register_code_map(con, vocab)
     con.execute("CREATE OR REPLACE TEMP TABLE privacy_cohort AS SELECT unnest(?::BIGINT[]) AS subject_id", [ids])
     chunk = encode_subjects(con, vocab, ids[0], ids[-1], cohort_table="privacy_cohort")
-    t0 = np.repeat(np.where(chunk.t0_s == NO_TIME, 0, chunk.t0_s), np.diff(chunk.offsets))
-    chunk.tokens.astype(vocab.dtype).tofile(out / f"{name}.bin")
-    ((chunk.clock_s - t0) // MINUTE).astype(np.int32).tofile(out / f"{name}.clock.bin")
-    idx = np.zeros(len(chunk.subject_ids), dtype=INDEX_DTYPE)
-    idx["subject_id"] = chunk.subject_ids
-    idx["offset"] = chunk.offsets[:-1]
-    idx["length"] = np.diff(chunk.offsets)
-    idx["prefix_len"] = chunk.prefix_lens
-    idx["head_len"] = chunk.prefix_lens - _first_markers(vocab, chunk)
-    idx["t0"] = chunk.t0_s
-    idx["birth"] = chunk.birth_s
-    np.save(out / f"{name}.index.npy", idx)
-    return len(idx)
+    write_shard(vocab, chunk, out, name)
+    return len(chunk.subject_ids)

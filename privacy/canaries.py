@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from foresight.dataset import PackedSplit
 from foresight.tokens import END, INDEX_DTYPE, NO_TIME, PAD, Vocabulary
 from privacy import metrics
 from privacy.scoring import score_pieces, sequence_pieces
@@ -72,9 +73,7 @@ class Generator:
 
 def code_pool(vocab: Vocabulary) -> list[int]:
     """Token ids a secret is drawn from: event-code tokens, without catch-alls (RARE) and death (it ends a record)."""
-    from foresight.model import event_token_mask
-
-    mask = event_token_mask(vocab)
+    mask = vocab.is_event
     return [i for i, t in enumerate(vocab.tokens) if mask[i] and not t.endswith("RARE") and t != "MEDS_DEATH"]
 
 
@@ -99,8 +98,6 @@ def insert(data_dir: str | Path, out_data_dir: str | Path, repeats: tuple[int, .
     ``per_repeat`` secrets for each repeat count r (each planted r times); ``n_references`` never-inserted secrets
     from the same generator form R. Returns the manifest (also written to ``out_data_dir/canaries.json``).
     """
-    from foresight.dataset import PackedSplit
-
     src, dst = Path(data_dir), Path(out_data_dir)
     if src.resolve() == dst.resolve():
         raise CanaryError("out_data_dir must differ from data_dir (the original data stays untouched)")

@@ -30,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from foresight.forecast import Forecaster
 from foresight.tokens import BOS, END, PAD
 from privacy import metrics
+from privacy.mia import subject_age
 
 N_NEXT = 10
 
@@ -190,9 +192,6 @@ def run(model: Any, vocab: Any, train: Any, held_out: Any, *, context: int, memb
     Matching draws from at most ``pool`` (default 20 x ``max_pairs``) seeded random subjects per side, so the cost
     does not grow with the cohort; the k-eidetic counts stream over every (allowed) train subject.
     """
-    from foresight.forecast import Forecaster
-    from privacy.mia import subject_age
-
     fc = Forecaster(model, vocab)
     is_event, is_value = fc.is_event, fc.is_value
     stop_ids = [vocab.index[END]] + ([fc.death_id] if fc.death_id >= 0 else [])

@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from foresight.tokens import MINUTE, NO_TIME
 from privacy import metrics
 from privacy.scoring import TokenStats
+from privacy.vocab_floor import is_exempt
 
 ATTACKS = ("loss", "min_k", "min_k_pp", "reference")
 YEAR_S = 365.25 * 86400
@@ -104,8 +106,6 @@ def slice_membership(split: Any, indices: Sequence[int], token_counts: np.ndarra
 
 def subject_age(split: Any, i: int) -> float:
     """Age in years at the subject's last recorded token (NaN when birth or time is unknown)."""
-    from foresight.tokens import MINUTE, NO_TIME
-
     r = split.index[i]
     if r["t0"] == NO_TIME or r["birth"] == NO_TIME or r["length"] == 0:
         return float("nan")
@@ -115,8 +115,6 @@ def subject_age(split: Any, i: int) -> float:
 
 def _exempt(token: str) -> bool:
     """Tokens the privacy floor does not apply to (markers, values, specials) — see the vocabulary-floor probe."""
-    from privacy.vocab_floor import is_exempt
-
     return is_exempt(token)
 
 

@@ -14,7 +14,6 @@ training logs are never copied. Released: ``<registry>/<name>-<checksum[:12]>/``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from foresight.hashing import sha256_chunks, sha256_file
 
 REPORT_DIR = "privacy"
 REPORT_JSON = "report.json"
@@ -42,21 +43,13 @@ def model_files(model_dir: str | Path) -> list[Path]:
     return sorted(files, key=lambda p: p.name)
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def model_checksum(model_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
     """(checksum, [{name, sha256, bytes}]) of a model directory; an empty or weightless one is an error."""
     files = model_files(model_dir)
     if not any(p.suffix in _SUFFIXES for p in files):
         raise FileNotFoundError(f"{model_dir}: no model weights (*.safetensors / *.bin)")
-    listing = [{"name": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size} for p in files]
-    h = hashlib.sha256()
-    for f in listing:
-        h.update(f"{f['name']}\0{f['sha256']}\n".encode())
-    return h.hexdigest(), listing
+    listing = [{"name": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files]
+    return sha256_chunks(f"{f['name']}\0{f['sha256']}\n" for f in listing), listing
 
 
 def latest_report(model_dir: str | Path) -> Path:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from foresight.schema import DEATH_CODE
 from foresight.tokens import BOS, END, PAD
 from privacy import metrics
 
@@ -78,8 +79,6 @@ def sample_timelines(model: Any, vocab: Any, prompts: Sequence[np.ndarray], *, m
                      batch_rows: int = 64) -> list[np.ndarray]:
     """Whole timelines (prompt included) sampled at temperature 1 until ``[END]``/death or ``max_tokens``."""
     import torch
-
-    from foresight.schema import DEATH_CODE
 
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
