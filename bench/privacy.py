@@ -34,11 +34,10 @@ PROBES = ("vocabulary_floor", "membership_inference", "canaries", "extraction", 
 
 def prepare(n: int, steps: int) -> tuple[Path, Path]:
     """Simulated cohort of ``n`` -> warehouse -> tokens -> canaries -> a tiny model; reused when present."""
+    from foresight import sources, warehouse
     from foresight import tokens as T
     from foresight import train as TR
-    from foresight import warehouse
     from foresight.simulate import simulate
-    from foresight.sources import meds
     from privacy import canaries
 
     d = OUT / f"n{n}"
@@ -47,11 +46,8 @@ def prepare(n: int, steps: int) -> tuple[Path, Path]:
         return model, data
     shutil.rmtree(d, ignore_errors=True)
     simulate(n, d / "sim", seed=0)
-    con = warehouse.connect(d / "w.duckdb")
-    try:
-        meds.load(con, d / "sim")
-    finally:
-        con.close()
+    with warehouse.connect(d / "w.duckdb") as con:
+        sources.load("meds", con, d / "sim")
     T.tokenize(d / "w.duckdb", d / "tok", T.TokenizerConfig(min_subjects=10))
     canaries.insert(d / "tok", data, repeats=(1, 2, 4, 16), per_repeat=5, length=20, seed=0, n_references=5000)
     TR.train(data, model, TR.TrainConfig(preset="tiny", seq_len=128, micro_batch=8, max_steps=steps, lr=3e-3,

@@ -89,11 +89,8 @@ def simulated_warehouse(n: int) -> Path:
 def events_in(db: Path) -> int:
     import duckdb
 
-    con = duckdb.connect(str(db), read_only=True)
-    try:
+    with duckdb.connect(str(db), read_only=True) as con:
         return con.execute("SELECT count(*) FROM events").fetchall()[0][0]
-    finally:
-        con.close()
 
 
 def bench(db: Path, runs: int) -> dict:

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import os
+import subprocess
+import sys
 import tempfile
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +23,15 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MEDCAT_DISABLE_VERSION_CHECK", "true")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from foresight import sources, warehouse  # noqa: E402  (every import below runs after the settings above)
+from foresight import tokens as T  # noqa: E402
+from foresight.demo import demo_config  # noqa: E402
+from foresight.forecast import Forecaster, Timeline  # noqa: E402
+from foresight.simulate import simulate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FORESIGHT_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -45,16 +60,102 @@ def mimic_demo() -> Path:
 @pytest.fixture(scope="session")
 def demo_db(mimic_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A warehouse with the MIMIC-IV demo loaded once for the whole session (tests must not modify it)."""
-    from foresight import warehouse
-    from foresight.sources import mimic_iv
-
     db = tmp_path_factory.mktemp("demo") / "warehouse.duckdb"
-    con = warehouse.connect(db)
-    try:
-        mimic_iv.load(con, mimic_demo)
-    finally:
-        con.close()
+    load_into("mimic-iv", mimic_demo, db)
     return db
+
+
+CLI = [sys.executable, "-m", "foresight.cli"]
+
+
+def load_into(kind: str, root: Path, db: Path, **options: Any) -> warehouse.LoadSummary:
+    """Load one input into the warehouse file ``db`` through the one ETL driver (``foresight.sources.load``)."""
+    with warehouse.connect(db) as con:
+        return sources.load(kind, con, root, **options)
+
+
+def rows(db: Path, query: str, params: Sequence[Any] | None = None) -> list[tuple]:
+    """All rows of a query on a warehouse file, opened read-only."""
+    with warehouse.connect(db, read_only=True) as con:
+        return con.execute(query, params or []).fetchall()
+
+
+def run_cli(*args: str, check: bool = False, timeout: float = 900, **kw: Any) -> subprocess.CompletedProcess:
+    """``foresight ARGS`` in a subprocess (the real console entry); ``check`` fails the test on a non-zero exit."""
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"foresight {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def cli_json(*args: str) -> dict[str, Any]:
+    """``foresight ARGS --json``: the JSON object on the last line of stdout (the CLI contract)."""
+    proc = run_cli(*args, "--json", check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- small warehouses and models the tests build (no shared data needed) ---------------------------------------
+
+
+def simulated_warehouse(d: Path, n_subjects: int, seed: int) -> Path:
+    """``n_subjects`` lives from the demo's simulator config, loaded through the MEDS source into ``d/w.duckdb``
+    and tokenized into ``d/tok``; returns the warehouse path."""
+    simulate(n_subjects, d / "sim", seed=seed, config=demo_config())
+    with warehouse.connect(d / "w.duckdb") as con:
+        sources.load("meds", con, d / "sim")
+    T.tokenize(d / "w.duckdb", d / "tok")
+    return d / "w.duckdb"
+
+
+def tiny_warehouse(path: Path, n_subjects: int = 60, seed: int = 0) -> Path:
+    """A synthetic warehouse: births, sexes, admissions with labs (values) and diagnoses, a few deaths."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    t_base = datetime(2020, 1, 1)
+    for sid in range(1, n_subjects + 1):
+        birth = datetime(1940 + int(rng.integers(0, 40)), int(rng.integers(1, 13)), 1)
+        rows.append((sid, birth, "MEDS_BIRTH", None))
+        rows.append((sid, None, "GENDER//" + ("F" if sid % 2 else "M"), None))
+        t = t_base + timedelta(days=int(rng.integers(0, 300)))
+        for _ in range(int(rng.integers(1, 5))):
+            rows.append((sid, t, "ADMIT//EMERGENCY", None))
+            for j in range(int(rng.integers(1, 6))):
+                rows.append((sid, t + timedelta(hours=j * 6 + 1), "LAB//MIMIC//50912", float(rng.normal(1.0, 0.3))))
+            rows.append((sid, t + timedelta(days=3), "DX//ICD10CM//" + str(rng.choice(["E119", "I10", "J189"])),
+                         None))
+            rows.append((sid, t + timedelta(days=3), "DISCHARGE//HOME", None))
+            t += timedelta(days=int(rng.integers(20, 900)), minutes=int(rng.integers(0, 1000)))
+        if sid % 7 == 0:
+            rows.append((sid, t, "MEDS_DEATH", None))
+    with warehouse.connect(path) as con:
+        con.executemany("INSERT INTO events VALUES (?, ?, ?, ?, NULL, NULL, NULL, 'test', 'test', 'test')", rows)
+        con.execute("INSERT INTO subject_splits SELECT DISTINCT subject_id, fs_split(subject_id) FROM events")
+        con.execute("INSERT INTO codes SELECT DISTINCT code, NULL, fs_kind(code), [], 'test' FROM events")
+    return path
+
+
+def alive_timelines(fc: Forecaster, db: Path, n: int = 6) -> list[Timeline]:
+    """Up to ``n`` timelines of living subjects of a warehouse, in subject order."""
+    with warehouse.connect(db, read_only=True) as con:
+        ids = [r[0] for r in con.execute("SELECT DISTINCT subject_id FROM events ORDER BY 1").fetchall()]
+        tls = [fc.timeline_from_warehouse(con, s) for s in ids]
+    return [t for t in tls if not t.dead][:n]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread in a module that asks for it (``pytestmark = pytest.mark.usefixtures("one_thread")``) and
+    in its child processes: CI's two cores are often shared, and spinning OpenMP threads then cost far more than
+    they gain; it also gives every run, in-process or not, the same reduction order."""
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(before)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 def read_csv_rows(path: Path) -> list[dict[str, str]]:

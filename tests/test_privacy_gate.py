@@ -63,16 +63,13 @@ def privacy_warehouse(path: Path, n: int = 240, seed: int = 0) -> Path:
     split = rng.permutation(np.r_[np.zeros(n // 2), np.ones(n // 10), np.full(n - n // 2 - n // 10, 2)])
     splits = pa.table({"subject_id": np.arange(1, n + 1),
                        "split": np.array(["train", "tuning", "held_out"])[split.astype(int)]})
-    con = warehouse.connect(path)
-    try:  # bulk inserts from Arrow (row-by-row executemany takes half a minute for these 12k rows)
+    with warehouse.connect(path) as con:  # bulk inserts from Arrow (row-by-row executemany: half a minute here)
         con.register("new_events", events)
         con.register("new_splits", splits)
         con.execute("INSERT INTO events SELECT subject_id, time, code, value, NULL, NULL, NULL, 'test', 'test', 'test' "
                     "FROM new_events")
         con.execute("INSERT INTO subject_splits SELECT subject_id, split FROM new_splits")
         con.execute("INSERT INTO codes SELECT DISTINCT code, NULL, fs_kind(code), [], 'test' FROM events")
-    finally:
-        con.close()
     return path
 
 

@@ -11,6 +11,8 @@ import torch
 from privacy import extraction, gate, metrics, mia, synthetic
 from privacy.scoring import Piece, TokenStats, score_pieces, subject_pieces
 
+from .conftest import tiny_warehouse
+
 # --- membership inference metrics -------------------------------------------------------------------------------
 
 
@@ -193,9 +195,7 @@ def test_long_timelines_are_scored_once_per_token(tmp_path):
     from foresight import tokens as T
     from foresight.dataset import PackedSplit
 
-    from .test_tokenizer import _tiny_warehouse
-
-    db = _tiny_warehouse(tmp_path / "w.duckdb", n_subjects=40)
+    db = tiny_warehouse(tmp_path / "w.duckdb", n_subjects=40)
     T.tokenize(db, tmp_path / "tok", T.TokenizerConfig(min_subjects=3))
     split = PackedSplit(tmp_path / "tok", "train")
     q_ids = set(split._q_ids.tolist())
