@@ -313,11 +313,12 @@ def test_bad_notes_are_quarantined_or_dropped_never_lost(mimic_db, pack, tmp_pat
     assert (s.rows_loaded, s.rows_quarantined, s.rows_dropped) == (2, 5, 3)
     assert s.dropped_reasons == {"notes: empty note": 2,
                                  "notes: duplicate note (same subject, note_id and text as an earlier row)": 1}
+    # physical lines: the "blank" note's quoted line break makes it lines 3-4, so later rows sit one line lower
     q = dict(_q(mimic_db, "SELECT row_number, reason FROM quarantine WHERE source = 'notes'"))
-    assert q[5].startswith("unknown subject") and q[6].startswith("unknown subject")
-    assert q[7] == "unparseable time: not a time"
-    assert q[8].startswith("time before birth")
-    assert "INVALID ENCODING" in q[11] or "utf-8" in q[11].lower()
+    assert q[6].startswith("unknown subject") and q[7].startswith("unknown subject")
+    assert q[8] == "unparseable time: not a time"
+    assert q[9].startswith("time before birth")
+    assert "INVALID ENCODING" in q[12] or "utf-8" in q[12].lower()
     # the 1 MB note was annotated in chunks: the concept at its very end is found
     assert _q(mimic_db, "SELECT code FROM events WHERE source = 'notes' AND subject_id = 1") == [(PNA,)]
     # a note over the size limit is quarantined with the limit named, not annotated
@@ -325,7 +326,7 @@ def test_bad_notes_are_quarantined_or_dropped_never_lost(mimic_db, pack, tmp_pat
     s = _load_notes(mimic_db, path, pack)
     assert s.rows_quarantined == 6 and s.rows_read == s.rows_loaded + s.rows_quarantined + s.rows_dropped
     q = dict(_q(mimic_db, "SELECT row_number, reason FROM quarantine WHERE source = 'notes'"))
-    assert "over the limit of 500000" in q[4]
+    assert "over the limit of 500000" in q[5]
 
 
 def test_parquet_notes_with_non_utf8_bytes(mimic_db, pack, tmp_path):

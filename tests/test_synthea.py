@@ -140,7 +140,7 @@ def tiny_synthea(tmp_path: Path) -> Path:
         [P2, "1950-06-30", "2020-01-15", "Bob", "black", "hispanic", "M"],
         [P1, "1981-01-01", "", "Dup", "white", "nonhispanic", "F"],              # line 4: duplicate Id
         [P3, FUTURE, "", "Fut", "asian", "nonhispanic", "F"],                   # line 5: born in the future
-        [P4, "1990-01-01", "1989-01-01", "Rev", "white", "nonhispanic", "M"],   # line 6: died before birth
+        [P4, "1990-01-01", "1989-01-01", "Rev", "white", "nonhispanic", "M"],   # line 6: died before birth (kept)
     ])
     _write(root / "encounters.csv", ["Id", "START", "STOP", "PATIENT", "ENCOUNTERCLASS", "CODE", "DESCRIPTION"], [
         [E1, "2019-03-01T08:00:00Z", "2019-03-04T12:00:00Z", P1, "inpatient", "1", "Hospital admission"],
@@ -179,7 +179,10 @@ def test_tiny_bad_rows_are_quarantined_with_reasons(tiny_synthea, tmp_path):
     q = {(f, line): r for f, line, r in rows(db, "SELECT source_file, row_number, reason FROM quarantine")}
     assert q[("patients.csv", 4)].startswith("duplicate patient Id (line 2 kept)")
     assert q[("patients.csv", 5)].startswith("time in the future (after the load ran): BIRTHDATE")
-    assert q[("patients.csv", 6)] == "DEATHDATE before BIRTHDATE: 1989-01-01"
+    # a bad optional DEATHDATE is set to NULL and reported; the patient stays (issue 17, defect 7)
+    assert ("patients.csv", 6) not in q
+    assert "patients.csv: 1 row(s) kept with an invalid optional field set to NULL: line 6: DEATHDATE before " \
+           "BIRTHDATE: 1989-01-01" in s.warnings
     assert q[("encounters.csv", 4)] == "unknown patient (not among the loaded patients): PATIENT nobody"
     assert q[("encounters.csv", 5)] == "STOP before START"
     assert q[("encounters.csv", 6)].startswith("time in the future (after the load ran): START")
@@ -188,12 +191,12 @@ def test_tiny_bad_rows_are_quarantined_with_reasons(tiny_synthea, tmp_path):
     assert q[("conditions.csv", 5)] == "missing CODE"
     assert q[("observations.csv", 4)] == "non-numeric VALUE: high"
     assert q[("observations.csv", 6)].startswith("unparseable CSV row: INVALID ENCODING")  # the Latin-1 byte
-    assert len(q) == 11 == s.rows_quarantined
+    assert len(q) == 10 == s.rows_quarantined
     assert s.dropped_reasons == {"observations: Synthea simulator summary metric (QALY/DALY/QOLS), not a clinical "
                                  "observation": 1}
     # absent optional tables are reported, not fatal; the missing STOP column is simply absent
     assert {"procedures.csv", "immunizations.csv", "allergies.csv"} <= set(s.missing_tables)
-    assert s.subjects == 2
+    assert s.subjects == 3
 
 
 def test_tiny_codes_values_and_times(tiny_synthea, tmp_path):

@@ -73,7 +73,8 @@ def run_etl(kind: str, input: Path, db: Path, source: str, exclude_subjects: Pat
             **options: Any) -> None:
     """Load ``input`` with the adapter ``kind`` into ``db`` (:func:`foresight.sources.load`) and report the load.
 
-    Exit codes: 2 bad input, 3 the load's accounting did not reconcile, 4 a DuckDB error (nothing was written)."""
+    Exit codes: 2 bad input, 3 the load's accounting did not reconcile, 4 a DuckDB or I/O error such as a full disk
+    (nothing was written)."""
     excluded = opt_out_list(exclude_subjects)
     t0 = time.perf_counter()
     try:
@@ -92,6 +93,8 @@ def run_etl(kind: str, input: Path, db: Path, source: str, exclude_subjects: Pat
             fail(f"reconciliation failed: {exc}", code=3)
         except duckdb.Error as exc:
             fail(f"DuckDB error while loading {input} (the warehouse was left unchanged): {exc}", code=4)
+        except OSError as exc:  # e.g. no space left for a temporary file: the cause, not a traceback
+            fail(f"I/O error while loading {input} (the warehouse was left unchanged): {exc}", code=4)
     payload = summary.to_json()
     payload["seconds"] = round(time.perf_counter() - t0, 3)
     if mentions is not None:

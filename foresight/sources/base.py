@@ -122,15 +122,6 @@ def run_load(module: ModuleType, con: duckdb.DuckDBPyConnection, input_path: str
 # --- staging steps several adapters share ---------------------------------------------------------------------
 
 
-def find_file(folder: Path, name: str, suffixes: Iterable[str]) -> Path | None:
-    """``folder/<name><suffix>`` for the first suffix that exists, else None."""
-    for suffix in suffixes:
-        path = folder / f"{name}{suffix}"
-        if path.exists():
-            return path
-    return None
-
-
 def code_sections(folder: str) -> dict[str, str]:
     """The ``-- section: NAME`` statements of ``foresight/sql/<folder>/codes.sql``, each ready to wrap in a
     SELECT (no trailing semicolon)."""

@@ -41,7 +41,7 @@ from foresight.sources.base import (
     finish_group,
     install_ehr_macros,
 )
-from foresight.warehouse import CsvScan, Load, SourceError, sql_literal
+from foresight.warehouse import CsvScan, Load, SourceError, list_files, probe, sql_literal
 
 SOURCE_KIND = "fhir"
 
@@ -62,7 +62,7 @@ RESOURCE_TABLES: dict[str, str] = {
 }
 TABLE_TYPES = {table: rtype for rtype, table in RESOURCE_TABLES.items()}
 KEEP = [*RESOURCE_TABLES, "Medication"]  # resource types whose JSON is kept (Medication: looked up)
-PATTERNS = ("*.json", "*.json.gz", "*.ndjson", "*.ndjson.gz")
+SUFFIXES = (".json", ".json.gz", ".ndjson", ".ndjson.gz")
 FILES_PER_SCAN = 1000  # files per DuckDB scan: parallel within a scan, and a bad file only costs its chunk a rescan
 
 
@@ -77,17 +77,19 @@ GROUPS: tuple[Group, ...] = (
 
 
 def bundle_files(root: Path) -> list[Path]:
-    """The JSON files under ``root``, sorted (the order the load reads and numbers them)."""
-    return sorted({p for pattern in PATTERNS for p in root.rglob(pattern) if p.is_file()})
+    """The JSON files under ``root``, sorted (the order the load reads and numbers them); a bundle that is there
+    but unreadable (a broken or looping link, a folder that cannot be listed) is ``SourceError`` naming it, never
+    skipped: its patient's rows from an earlier load would be deleted."""
+    return list_files(root, SUFFIXES)
 
 
 def check_input(path: Path) -> Path:
     """The folder of bundles under ``path`` (``path`` itself, or ``path/fhir`` for an export root);
     ``SourceError`` naming the path when it holds no JSON files."""
     path = Path(path)
-    if not path.is_dir():
+    if probe(path) != "dir":  # probe: a broken or looping link is SourceError naming it
         raise SourceError(f"{path}: not a folder (expected a folder of FHIR R4 Bundle files, *.json or *.json.gz)")
-    root = path / "fhir" if (path / "fhir").is_dir() else path
+    root = path / "fhir" if probe(path / "fhir") == "dir" else path
     if not bundle_files(root):
         raise SourceError(f"{root}: no FHIR Bundle files (*.json, *.json.gz, *.ndjson) in this folder")
     return root

@@ -26,7 +26,7 @@ from pathlib import Path
 from foresight import sql
 from foresight.schema import MEDS_VERSION, SPLITS
 from foresight.sources.base import Group, combined_checksum
-from foresight.warehouse import CsvScan, Load, SourceError
+from foresight.warehouse import CsvScan, Load, SourceError, list_files, probe, readable_file
 
 SOURCE_KIND = "meds"
 
@@ -38,14 +38,15 @@ OPTIONAL_COLUMNS = ("numeric_value", "text_value", "unit")
 
 
 def shards(root: Path) -> list[Path]:
-    """The data shards of a MEDS dataset, sorted."""
-    return sorted(p for p in (root / "data").rglob("*.parquet") if p.is_file())
+    """The data shards of a MEDS dataset, sorted; a shard that is there but unreadable (a broken or looping link, a
+    folder that cannot be listed) is ``SourceError`` naming it, never skipped."""
+    return list_files(root / "data", (".parquet",))
 
 
 def check_input(path: Path) -> Path:
     """``path`` if it is a MEDS dataset root (``data/**/*.parquet``), else ``SourceError`` naming the path."""
     path = Path(path)
-    if not path.is_dir():
+    if probe(path) != "dir":  # probe: a broken or looping link is SourceError naming it
         raise SourceError(f"{path}: not a folder (expected a MEDS dataset root with data/*.parquet)")
     if not shards(path):
         raise SourceError(f"{path}: not a MEDS dataset: no data/**/*.parquet files under {path / 'data'} "
@@ -159,7 +160,7 @@ def stage_codes(load: Load, root: Path) -> None:
 
     meta = root / "metadata"
     codes = meta / "codes.parquet"
-    if codes.exists():
+    if readable_file(codes):
         load.checksum(codes)
         names = set(pq.read_schema(codes).names)
         if "code" not in names:
@@ -173,7 +174,7 @@ def stage_codes(load: Load, root: Path) -> None:
     else:
         load.warnings.append("metadata/codes.parquet missing: codes have no description")
     splits = meta / "subject_splits.parquet"
-    if splits.exists():
+    if readable_file(splits):
         load.checksum(splits)
         names = set(pq.read_schema(splits).names)
         if not {"subject_id", "split"} <= names:
@@ -198,7 +199,7 @@ def stage_codes(load: Load, root: Path) -> None:
             load.warnings.append(f"subject_splits: {clash} subject(s) already have another split in the warehouse; "
                                  "kept (splits never change once assigned)")
     info = meta / "dataset.json"
-    if info.exists():
+    if readable_file(info):
         try:
             version = str(json.loads(info.read_text()).get("meds_version", ""))
         except (OSError, ValueError) as exc:

@@ -13,12 +13,13 @@ ingredientevents (per-component rows of emar/inputevents), provider and caregive
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 from foresight import sql
-from foresight.sources.base import Group, code_sections, find_file, finish_group
-from foresight.warehouse import CsvScan, Load, SourceError
+from foresight.sources.base import Group, code_sections, finish_group
+from foresight.warehouse import CsvScan, Load, SourceError, find_file, probe, read_header
 
 SOURCE_KIND = "mimic-iv"
 
@@ -109,15 +110,17 @@ DICTIONARIES: dict[str, str] = {
 }
 
 
-def find_table(root: Path, folder: str, name: str) -> Path | None:
-    """``root/<folder>/<name>.csv.gz`` (or ``.csv``), or None when the export lacks it."""
-    return find_file(root / folder, name, (".csv.gz", ".csv"))
+def find_table(root: Path, folder: str, name: str, warnings: list[str] | None = None) -> Path | None:
+    """``root/<folder>/<name>.csv.gz`` (or ``.csv``), or None when the export lacks it; ``SourceError`` when it (or
+    its folder) is there but unreadable. With both files there, ``.csv.gz`` (the PhysioNet file) is read and a
+    warning naming both goes to ``warnings``."""
+    return find_file(root / folder, name, (".csv.gz", ".csv"), warnings)
 
 
 def check_input(root: Path) -> Path:
     """Fail early, naming the path, when ``root`` is not a MIMIC-IV folder."""
     root = Path(root)
-    if not root.is_dir():
+    if probe(root) != "dir":  # probe: a broken or looping link is SourceError naming it
         raise SourceError(f"{root}: not a folder (expected the MIMIC-IV root with hosp/ and icu/)")
     if find_table(root, "hosp", REQUIRED_TABLE) is None:
         raise SourceError(
@@ -131,7 +134,7 @@ def scan_group(load: Load, root: Path, group: Group) -> list[CsvScan | Table]:
     """Scan the group's files (thread-safe); an absent table is returned as its spec."""
     scans: list[CsvScan | Table] = []
     for table in group.tables:
-        path = find_table(root, table.folder, table.name)
+        path = find_table(root, table.folder, table.name, load.warnings)
         if path is None:
             if table.name == REQUIRED_TABLE:
                 raise SourceError(f"{root / table.folder / (table.name + '.csv.gz')}: required file missing")
@@ -152,6 +155,8 @@ def stage_group(load: Load, root: Path, group: Group, scans: list[CsvScan | Tabl
             load.empty_table(scan.name, f"{scan.folder}/{scan.name}.csv.gz", scan.columns)
         else:
             load.register_scan(scan)
+            if scan.table == REQUIRED_TABLE:
+                stage_patient_rejects(load, root, scan)
     load.con.execute(sql.load("mimic_iv", group.name))
     # codes.sql sections named after a group take the names that group's own rows carry
     finish_group(load, group.table_names, code_sections("mimic_iv").get(group.name))
@@ -160,13 +165,30 @@ def stage_group(load: Load, root: Path, group: Group, scans: list[CsvScan | Tabl
     return group.table_names
 
 
+def stage_patient_rejects(load: Load, root: Path, scan: CsvScan) -> None:
+    """Stage ``mimic_patient_rejects(subject_id, line, reason)``: the patients rows the CSV reader could not read
+    (quarantined by the scan) whose subject_id can still be read from the raw line, so core.sql can tell their
+    other rows "its patients row was quarantined" rather than "unknown subject_id"."""
+    idx = read_header(root / scan.file).index("subject_id")
+    rejects = []
+    for line, reason, raw in scan.quarantine:
+        fields = next(csv.reader([raw.strip("\r\n")]), [])
+        sid = fields[idx].strip() if len(fields) > idx else ""
+        if sid.isdigit():
+            rejects.append((int(sid), line, reason))
+    load.con.execute("CREATE OR REPLACE TEMP TABLE mimic_patient_rejects (subject_id BIGINT, line BIGINT, "
+                     "reason VARCHAR)")
+    if rejects:
+        load.con.executemany("INSERT INTO mimic_patient_rejects VALUES (?, ?, ?)", rejects)
+
+
 def stage_codes(load: Load, root: Path) -> None:
     """Stage code descriptions and ICD hierarchies from the d_* dictionaries."""
     dictionaries, params = [], {}
     for name, text in code_sections("mimic_iv").items():
         if name not in DICTIONARIES:  # a group's section (see stage_group)
             continue
-        path = find_table(root, DICTIONARIES[name], name)
+        path = find_table(root, DICTIONARIES[name], name, load.warnings)
         if path is None:
             load.warnings.append(f"{DICTIONARIES[name]}/{name}.csv.gz missing: its codes have no description")
             continue

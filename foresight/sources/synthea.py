@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from foresight import sql
-from foresight.sources.base import Group, code_sections, find_file, finish_group, install_ehr_macros
-from foresight.warehouse import Load, SourceError, read_header
+from foresight.sources.base import Group, code_sections, finish_group, install_ehr_macros
+from foresight.warehouse import Load, SourceError, find_file, probe, read_header
 
 SOURCE_KIND = "synthea"
 REQUIRED_TABLE = "patients"
@@ -80,16 +80,18 @@ GROUPS: tuple[Group, ...] = (
 ONE_OF: dict[str, tuple[str, ...]] = {"procedures": ("START", "DATE")}
 
 
-def find_table(root: Path, name: str) -> Path | None:
-    """``root/<name>.csv`` (or ``.csv.gz``), or None when the export lacks it."""
-    return find_file(root, name, (".csv", ".csv.gz"))
+def find_table(root: Path, name: str, warnings: list[str] | None = None) -> Path | None:
+    """``root/<name>.csv`` (or ``.csv.gz``), or None when the export lacks it; ``SourceError`` when it is there but
+    unreadable. With both files there, ``.csv`` (what Synthea writes) is read and a warning naming both goes to
+    ``warnings``."""
+    return find_file(root, name, (".csv", ".csv.gz"), warnings)
 
 
 def check_input(path: Path) -> Path:
     """The Synthea CSV folder under ``path`` (``path`` itself or ``path/csv``); ``SourceError`` naming the path
     when there is no ``patients.csv``."""
     path = Path(path)
-    if not path.is_dir():
+    if probe(path) != "dir":  # probe: a broken or looping link is SourceError naming it
         raise SourceError(f"{path}: not a folder (expected a Synthea CSV export folder with patients.csv)")
     for root in (path, path / "csv"):
         if find_table(root, REQUIRED_TABLE) is not None:
@@ -102,7 +104,7 @@ def stage_group(load: Load, root: Path, group: Group) -> list[str]:
     """Read, validate and account for one table group; safe to call again after a failure (Prefect retries)."""
     install_ehr_macros(load)
     for table in group.tables:
-        path = find_table(root, table.name)
+        path = find_table(root, table.name, load.warnings)
         if path is None:
             if table.name == REQUIRED_TABLE:
                 raise SourceError(f"{root / (table.name + '.csv')}: required file missing")

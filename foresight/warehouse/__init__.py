@@ -38,6 +38,7 @@ from __future__ import annotations
 from foresight.warehouse.connection import connect, ident, sql_literal
 from foresight.warehouse.csv_scan import read_header
 from foresight.warehouse.export import export_meds
+from foresight.warehouse.inputs import find_file, list_files, probe, readable_dir, readable_file
 from foresight.warehouse.load import Load
 from foresight.warehouse.reconciliation import reconcile
 from foresight.warehouse.results import CsvScan, LoadSummary, ReconciliationError, SourceError, TableResult
@@ -51,8 +52,13 @@ __all__ = [
     "TableResult",
     "connect",
     "export_meds",
+    "find_file",
     "ident",
+    "list_files",
+    "probe",
     "read_header",
+    "readable_dir",
+    "readable_file",
     "reconcile",
     "sql_literal",
 ]

@@ -49,20 +49,26 @@ def optout_lines(con: duckdb.DuckDBPyConnection, table: str, v_cols: set[str], h
 
 
 def stage_quarantine(con: duckdb.DuckDBPyConnection, table: str, v_cols: set[str], keep: Keep, *, run_id: str,
-                     source: str, file: str) -> None:
+                     source: str, file: str, lines: dict[int, int] | None = None) -> None:
     """Stage the rows with a ``_quarantine`` reason, raw row kept as JSON, named by file and row (multi-file
-    inputs name them in ``v_<table>._source_file/_source_row``; default: the table's file and ``_line``)."""
+    inputs name them in ``v_<table>._source_file/_source_row``; default: the table's file and ``_line``, or the
+    physical line ``lines`` gives for that record number)."""
     file_expr = "coalesce(v._source_file, ?)" if "_source_file" in v_cols else "?"
-    row_expr = "v._source_row" if "_source_row" in v_cols else "v._line"
+    row_expr = "v._source_row" if "_source_row" in v_cols else "coalesce(m.line, v._line)"
+    con.execute("CREATE OR REPLACE TEMP TABLE fs_line_map (record BIGINT, line BIGINT)")
+    if lines:
+        con.execute("INSERT INTO fs_line_map SELECT unnest(?::BIGINT[]), unnest(?::BIGINT[])",
+                    [list(lines), list(lines.values())])
     con.execute(
         f"""
         INSERT INTO staged_quarantine
         SELECT ?, ?, {file_expr}, {row_expr}, v._quarantine, to_json(r), ?
-        FROM v_{table} v JOIN raw_{table} r USING (_line)
+        FROM v_{table} v JOIN raw_{table} r USING (_line) LEFT JOIN fs_line_map m ON m.record = v._line
         WHERE v._quarantine IS NOT NULL {keep("v")};
         """,
         [run_id, source, file, table],
     )
+    con.execute("DROP TABLE fs_line_map")
 
 
 def check_validation(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, file: str) -> int:
@@ -82,6 +88,23 @@ def check_validation(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, fil
     if bad:
         raise ReconciliationError(f"{file}: {bad} events from quarantined rows or with NULL subject/code")
     return int(n_q)
+
+
+def field_warnings(con: duckdb.DuckDBPyConnection, table: str, v_cols: set[str], keep: Keep, file: str,
+                   *, show: int = 5) -> list[str]:
+    """One warning for the kept rows of ``table`` whose ``v_<table>._field_issue`` says an optional field failed
+    its check and was set to NULL (the row is loaded, so it counts as loaded, not quarantined): how many rows, and
+    the first ``show`` lines with their reasons. Empty when the table has no such column or no such row."""
+    if "_field_issue" not in v_cols:
+        return []
+    n, first = con.execute(
+        f"""SELECT count(*), list('line ' || _line || ': ' || _field_issue ORDER BY _line)[:{int(show)}]
+            FROM v_{table} v WHERE v._field_issue IS NOT NULL AND v._quarantine IS NULL {keep("v")}"""
+    ).fetchall()[0]
+    if not n:
+        return []
+    more = f"; ... ({n - len(first)} more)" if n > len(first) else ""
+    return [f"{file}: {n} row(s) kept with an invalid optional field set to NULL: " + "; ".join(first) + more]
 
 
 def drop_reasons(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, has_notes: bool, n_optout: int, file: str

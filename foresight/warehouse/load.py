@@ -22,7 +22,7 @@ from foresight.optout import OPT_OUT_REASON
 from foresight.warehouse import accounting
 from foresight.warehouse import publish as commit
 from foresight.warehouse.connection import ident
-from foresight.warehouse.csv_scan import scan_csv
+from foresight.warehouse.csv_scan import physical_lines, scan_csv
 from foresight.warehouse.reconciliation import reconcile
 from foresight.warehouse.results import CsvScan, LoadSummary, SourceError, TableResult
 
@@ -48,6 +48,7 @@ class Load:
         self._t0 = time.perf_counter()
         self.tables: dict[str, TableResult] = {}
         self.checksums: dict[str, str] = {}
+        self.csv_paths: dict[str, Path] = {}  # table -> CSV file read, for physical line numbers in quarantine
         self.missing_tables: list[str] = []
         self.warnings: list[str] = []
         # Raw scans live in an attached in-memory database, visible to every cursor of this connection,
@@ -94,8 +95,9 @@ class Load:
         ``columns`` must be in the header (else ``SourceError`` naming the file and the column);
         ``optional_columns`` are NULL when absent; header columns in neither list nor ``ignored_columns``
         are reported as unknown. Rows the CSV reader cannot parse (too many/few fields, broken quotes,
-        invalid UTF-8) and the unreadable tail of a truncated gzip are quarantined with their line number.
-        ``_line`` is the row's line in the file (header = line 1).
+        invalid UTF-8, an over-long line) and the unreadable tail of a damaged gzip are quarantined with their
+        physical line number. ``_line`` is the row's record number (header = 1); :meth:`finish_table` gives
+        quarantined rows their physical line (see :mod:`~foresight.warehouse.csv_scan`).
         """
         return scan_csv(self.con, table, path, self.relpath(path), columns, optional_columns=optional_columns,
                         ignored_columns=ignored_columns)
@@ -105,6 +107,8 @@ class Load:
         self.reset_table(scan.table)
         if scan.sha256:  # multi-file tables (FHIR, MEDS shards) record each file's checksum themselves
             self.checksums[scan.file] = scan.sha256
+        if scan.path is not None:
+            self.csv_paths[scan.table] = scan.path
         self.tables[scan.table] = TableResult(
             table=scan.table,
             file=scan.file,
@@ -158,6 +162,7 @@ class Load:
         self.con.execute("DELETE FROM staged_quarantine WHERE source_table = ?", [table])
         self.con.execute("DELETE FROM staged_notes WHERE source_table = ?", [table])
         self.tables.pop(table, None)
+        self.csv_paths.pop(table, None)
 
     def finish_table(self, table: str) -> TableResult:
         """Account for every staged row of ``table`` and move its events into the staging area.
@@ -168,9 +173,10 @@ class Load:
         event (nor note) must carry a ``_drop`` reason. Raises ``ReconciliationError`` otherwise.
 
         Optional: ``v_<table>`` columns ``_source_file``/``_source_row`` name the file and row a quarantined row
-        came from (multi-file inputs; default: the table's file and ``_line``), and a TEMP view
-        ``n_<table>(_line, subject_id, time, note_id, note_type, encounter_id, text)`` stages free-text notes; a
-        row that produced a note counts as loaded. Rows of opted-out subjects are dropped (see the module
+        came from (multi-file inputs; default: the table's file and ``_line``), ``_field_issue`` says why an
+        optional field of a kept row was set to NULL (reported in ``warnings``; the row counts as loaded), and a
+        TEMP view ``n_<table>(_line, subject_id, time, note_id, note_type, encounter_id, text)`` stages free-text
+        notes; a row that produced a note counts as loaded. Rows of opted-out subjects are dropped (see the module
         docstring); the steps are in :mod:`foresight.warehouse.accounting`.
         """
         table = ident(table)
@@ -178,14 +184,27 @@ class Load:
         con, run = self.con, {"run_id": self.run_id, "source": self.source}
         v_cols, has_notes = accounting.table_shape(con, table)
         n_optout, keep = accounting.optout_lines(con, table, v_cols, has_notes, bool(self.excluded_subjects))
-        accounting.stage_quarantine(con, table, v_cols, keep, file=res.file, **run)
+        lines = self.physical_lines(table, v_cols)
+        accounting.stage_quarantine(con, table, v_cols, keep, file=res.file, lines=lines, **run)
         n_q = accounting.check_validation(con, table, keep, res.file)
+        self.warnings.extend(accounting.field_warnings(con, table, v_cols, keep, res.file))
         dropped = accounting.drop_reasons(con, table, keep, has_notes, n_optout, res.file)
         loaded = accounting.count_loaded(con, table, keep, has_notes)
         if has_notes:
             res.notes = accounting.stage_notes(con, table, keep, file=res.file, **run)
         events = accounting.stage_events(con, table, keep, **run)
         return accounting.settle(res, loaded=loaded, quarantined=n_q, dropped=dropped, events=events)
+
+    def physical_lines(self, table: str, v_cols: set[str]) -> dict[int, int]:
+        """{record number: physical line} for the quarantined rows of a table read from one CSV file (empty for
+        other tables): one pass over the file up to its last quarantined row (see :mod:`~.csv_scan`)."""
+        path = self.csv_paths.get(table)
+        if path is None or "_source_row" in v_cols:
+            return {}
+        records = [r[0] for r in self.con.execute(
+            f"SELECT DISTINCT _line FROM v_{table} WHERE _quarantine IS NOT NULL").fetchall()]
+        of_record, _ = physical_lines(path, records=records)
+        return {r: line for r, line in of_record.items() if r != line}
 
     def drop_staging(self, tables: Iterable[str]) -> None:
         """Free the TEMP tables of finished input tables (big loads would otherwise hold them in memory)."""
@@ -281,8 +300,8 @@ class Load:
                 "missing_tables": self.missing_tables,
             }, self.tables.values())
             con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
+        except BaseException as exc:
+            rollback(con, exc)
             raise
         self._warn_optout()
         commit.drop_staging_area(con)
@@ -303,3 +322,13 @@ class Load:
         if self.excluded_subjects:
             self.warnings.append(f"{OPT_OUT_REASON}: {len(self.excluded_subjects)} subject(s) listed, "
                                  f"{opted_out} row(s) dropped")
+
+
+def rollback(con: duckdb.DuckDBPyConnection, cause: BaseException) -> None:
+    """Roll back after ``cause`` without hiding it. DuckDB aborts a transaction itself on some errors (an I/O
+    error such as "No space left on device" during the commit), and then ROLLBACK fails with "no transaction is
+    active": that second error is added to the cause as a note, and the caller re-raises the cause."""
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error as exc:
+        cause.add_note(f"(the rollback after it also failed: {exc})")

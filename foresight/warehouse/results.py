@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -40,6 +41,7 @@ class CsvScan:
     rows: int
     quarantine: list[tuple[int, str, str]]
     unknown_columns: list[str]
+    path: Path | None = None  # the CSV file read, to map its record numbers to physical lines at quarantine time
 
 
 @dataclass

@@ -28,6 +28,16 @@ CREATE OR REPLACE TEMP MACRO fs_check_time(col, raw, required) AS
     CASE WHEN raw IS NULL THEN CASE WHEN required THEN 'missing ' || col END
          WHEN fs_ts(raw) IS NULL THEN 'unparseable ' || col || ': ' || raw
          WHEN year(fs_ts(raw)) NOT BETWEEN 1800 AND 2300 THEN 'implausible ' || col || ': ' || raw END;
+-- fs_check_time for sources whose times are local wall-clock times without a zone (MIMIC-IV: every time is a
+-- shifted local time). fs_ts() would silently drop an offset or zone name ('2150-05-01 10:00:00+02:00', '...Z',
+-- '... UTC'); converting it to UTC would shift the row by hours against the zone-less times around it, and keeping
+-- its wall clock would guess that the offset is the local one. Neither is safe, so the value is rejected with its
+-- own reason. The length test keeps the regex off the usual 10- and 19-character values.
+CREATE OR REPLACE TEMP MACRO fs_check_local_time(col, raw, required) AS
+    coalesce(fs_check_time(col, raw, required),
+             CASE WHEN length(trim(raw)) > 16
+                       AND regexp_matches(trim(raw), '\d\d:\d\d(:\d\d(\.\d*)?)?\s*([Zz]|[+-]\d\d(:?\d\d)?|[A-Za-z][A-Za-z_/+-]*)$')
+                  THEN 'time zone in ' || col || ' (this source''s times are local, without a zone): ' || raw END);
 CREATE OR REPLACE TEMP MACRO fs_check_num(col, raw, nonnegative) AS
     CASE WHEN raw IS NULL THEN NULL
          WHEN fs_num(raw) IS NULL THEN 'non-numeric ' || col || ': ' || raw

@@ -37,21 +37,37 @@ WITH j AS (
                  list_filter(eth_ext, lambda e: e.url = 'text')[1].valueString) END AS ethnicity
     FROM t JOIN d USING (_line)
 )
-SELECT *,
+-- birthDate and deceasedDateTime are optional in FHIR: one that fails its check is set to NULL and the Patient
+-- kept (one bad date must not remove a patient and every resource of theirs); the row counts as loaded and
+-- _field_issue names the field (reported in the load's warnings, Load.finish_table). Only a Patient without an
+-- id, or a duplicate, is quarantined.
+, c AS (
+    SELECT * EXCLUDE (birth, death),
+        coalesce(fs_check_time('birthDate', birth_raw, false), ehr_check_future('birthDate', birth_raw))
+            AS birth_issue,
+        coalesce(fs_check_time('deceasedDateTime', death_raw, false),
+                 ehr_check_future('deceasedDateTime', death_raw)) AS death_issue
+    FROM u
+), f AS (
+    SELECT * EXCLUDE (birth_issue, death_issue),
+        CASE WHEN birth_issue IS NULL THEN fs_ts(birth_raw) END AS birth,
+        coalesce(death_issue,
+                 CASE WHEN birth_issue IS NULL AND fs_ts_utc(death_raw) < ehr_birth_floor(fs_ts(birth_raw))
+                      THEN 'deceasedDateTime before birthDate: ' || death_raw END) AS death_issue,
+        birth_issue
+    FROM c
+)
+SELECT * EXCLUDE (birth_issue, death_issue),
+    CASE WHEN death_issue IS NULL THEN ehr_known(death_raw) END AS death,
     coalesce(
         CASE WHEN pid IS NULL OR pid = '' THEN 'Patient without id' END,
-        CASE WHEN nth > 1 THEN 'duplicate Patient id ' || id_raw || ' (first in ' || first_at || ')' END,
-        fs_check_time('birthDate', birth_raw, false),
-        fs_check_time('deceasedDateTime', death_raw, false),
-        ehr_check_future('birthDate', birth_raw),
-        ehr_check_future('deceasedDateTime', death_raw),
-        CASE WHEN fs_ts_utc(death_raw) < ehr_birth_floor(birth)
-             THEN 'deceasedDateTime before birthDate: ' || death_raw END
+        CASE WHEN nth > 1 THEN 'duplicate Patient id ' || id_raw || ' (first in ' || first_at || ')' END
     ) AS _quarantine,
-    CASE WHEN birth IS NULL AND death IS NULL AND nullif(trim(gender), '') IS NULL AND race IS NULL
-              AND ethnicity IS NULL
-         THEN 'Patient without birthDate, gender, race, ethnicity or death: nothing to record' END AS _drop
-FROM u;
+    CASE WHEN birth IS NULL AND (death_issue IS NOT NULL OR ehr_known(death_raw) IS NULL)
+              AND nullif(trim(gender), '') IS NULL AND race IS NULL AND ethnicity IS NULL
+         THEN 'Patient without birthDate, gender, race, ethnicity or death: nothing to record' END AS _drop,
+    nullif(concat_ws('; ', birth_issue, death_issue), '') AS _field_issue
+FROM f;
 
 CREATE OR REPLACE TEMP TABLE fhir_subjects AS
 SELECT p.pid, coalesce(m.subject_id, fs_uuid_subject(p.pid)) AS subject_id, p.birth,

@@ -23,7 +23,7 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
+        mimic_check_subject(sid_raw, known),
         mimic_check_stay(hadm_raw, stay_subject, subject_id),
         CASE WHEN icd_code IS NULL THEN 'missing icd_code' END,
         CASE WHEN icd_version IS DISTINCT FROM '9' AND icd_version IS DISTINCT FROM '10'
@@ -49,9 +49,9 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
+        mimic_check_subject(sid_raw, known),
         mimic_check_stay(hadm_raw, stay_subject, subject_id),
-        fs_check_time('chartdate', chartdate_raw, false),
+        fs_check_local_time('chartdate', chartdate_raw, false),
         CASE WHEN icd_code IS NULL THEN 'missing icd_code' END,
         CASE WHEN icd_version IS DISTINCT FROM '9' AND icd_version IS DISTINCT FROM '10'
              THEN 'unknown icd_version: ' || coalesce(icd_version, 'NULL') END
@@ -78,7 +78,7 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
+        mimic_check_subject(sid_raw, known),
         mimic_check_stay(hadm_raw, stay_subject, subject_id),
         CASE WHEN drg_code IS NULL THEN 'missing drg_code' END,
         CASE WHEN drg_type IS NULL THEN 'missing drg_type' END,
@@ -107,9 +107,9 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
+        mimic_check_subject(sid_raw, known),
         mimic_check_stay(hadm_raw, stay_subject, subject_id),
-        fs_check_time('chartdate', chartdate_raw, false),
+        fs_check_local_time('chartdate', chartdate_raw, false),
         CASE WHEN hcpcs_cd IS NULL THEN 'missing hcpcs_cd' END
     ) AS _quarantine,
     NULL::VARCHAR AS _drop

@@ -11,9 +11,9 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
-        fs_check_time('intime', in_raw, true),
-        fs_check_time('outtime', out_raw, false),
+        mimic_check_subject(sid_raw, known),
+        fs_check_local_time('intime', in_raw, true),
+        fs_check_local_time('outtime', out_raw, false),
         fs_check_order('intime', intime, 'outtime', outtime),
         fs_check_num('los', los_raw, true),
         fs_check_birth(intime, birth_floor)
@@ -43,10 +43,10 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
+        mimic_check_subject(sid_raw, known),
         fs_check_id('itemid', item_raw, true),
-        fs_check_time('starttime', start_raw, true),
-        fs_check_time('endtime', end_raw, false),
+        fs_check_local_time('starttime', start_raw, true),
+        fs_check_local_time('endtime', end_raw, false),
         fs_check_order('starttime', starttime, 'endtime', endtime),
         fs_check_num('amount', amount_raw, true),
         fs_check_num('rate', rate_raw, true),
@@ -82,9 +82,9 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
+        mimic_check_subject(sid_raw, known),
         fs_check_id('itemid', item_raw, true),
-        fs_check_time('charttime', chart_raw, true),
+        fs_check_local_time('charttime', chart_raw, true),
         fs_check_num('value', value_raw, true),
         fs_check_birth(time, birth_floor)
     ) AS _quarantine,
@@ -108,10 +108,10 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
+        mimic_check_subject(sid_raw, known),
         fs_check_id('itemid', item_raw, true),
-        fs_check_time('starttime', start_raw, true),
-        fs_check_time('endtime', end_raw, false),
+        fs_check_local_time('starttime', start_raw, true),
+        fs_check_local_time('endtime', end_raw, false),
         fs_check_order('starttime', starttime, 'endtime', endtime),
         fs_check_num('value', value_raw, true),
         fs_check_birth(starttime, birth_floor)
@@ -139,11 +139,11 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
+        mimic_check_subject(sid_raw, known),
         fs_check_id('itemid', item_raw, true),
-        fs_check_time('charttime', chart_raw, true),
-        fs_check_time('storetime', store_raw, false),
-        fs_check_time('value', value_raw, false),
+        fs_check_local_time('charttime', chart_raw, true),
+        fs_check_local_time('storetime', store_raw, false),
+        fs_check_local_time('value', value_raw, false),
         fs_check_birth(time, birth_floor)
     ) AS _quarantine,
     NULL::VARCHAR AS _drop
@@ -165,10 +165,10 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
+        mimic_check_subject(sid_raw, known),
         fs_check_id('itemid', item_raw, true),
-        fs_check_time('charttime', chart_raw, true),
-        fs_check_time('storetime', store_raw, false),
+        fs_check_local_time('charttime', chart_raw, true),
+        fs_check_local_time('storetime', store_raw, false),
         fs_check_num('valuenum', num_raw, false),
         fs_check_birth(time, birth_floor)
     ) AS _quarantine,

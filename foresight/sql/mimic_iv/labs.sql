@@ -2,26 +2,37 @@
 
 -- labevents -> LAB//MIMIC//<itemid>, timed when the result was stored (known to clinicians), falling back to
 -- the draw time when storetime is missing. numeric_value = valuenum; text_value = value when not numeric.
+-- Optional fields (see core.sql): a storetime that fails its check is set to NULL (the draw time is used) and a
+-- valuenum that is not a number is set to NULL (the row keeps its text value); both are reported in _field_issue.
+-- A number that is absurd (non-finite, beyond 1e9) is a corrupt measurement and quarantines the row.
 CREATE OR REPLACE TEMP TABLE v_labevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id, r.itemid AS item_raw, fs_id(r.itemid) AS itemid,
            r.charttime AS chart_raw, r.storetime AS store_raw,
-           coalesce(fs_ts(r.storetime), fs_ts(r.charttime)) AS time,
-           r.value, r.valuenum AS num_raw, r.valueuom
+           fs_check_local_time('storetime', r.storetime, false) AS store_issue,
+           CASE WHEN r.valuenum IS NOT NULL AND fs_num(r.valuenum) IS NULL
+                THEN 'non-numeric valuenum: ' || r.valuenum END AS num_issue,
+           r.value, r.valuenum AS valuenum_raw, r.valueuom
     FROM raw_labevents r LEFT JOIN mimic_subjects s ON s.subject_id = fs_id(r.subject_id)
+), c AS (
+    SELECT * EXCLUDE (store_issue, num_issue),
+        coalesce(CASE WHEN store_issue IS NULL THEN fs_ts(store_raw) END, fs_ts(chart_raw)) AS time,
+        CASE WHEN num_issue IS NULL THEN valuenum_raw END AS num_raw,
+        nullif(concat_ws('; ', store_issue, num_issue), '') AS _field_issue
+    FROM t
 )
-SELECT *,
+SELECT * EXCLUDE (_field_issue),
     coalesce(
-        fs_check_subject(sid_raw, known),
+        mimic_check_subject(sid_raw, known),
         fs_check_id('itemid', item_raw, true),
-        fs_check_time('charttime', chart_raw, true),
-        fs_check_time('storetime', store_raw, false),
+        fs_check_local_time('charttime', chart_raw, true),
         fs_check_num('valuenum', num_raw, false),
         fs_check_birth(time, birth_floor)
     ) AS _quarantine,
-    NULL::VARCHAR AS _drop
-FROM t;
+    NULL::VARCHAR AS _drop,
+    _field_issue
+FROM c;
 
 CREATE OR REPLACE TEMP VIEW e_labevents AS
 SELECT _line, subject_id, time, 'LAB//MIMIC//' || itemid AS code, fs_num(num_raw)::FLOAT AS numeric_value,
@@ -44,11 +55,11 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
-        fs_check_time('chartdate', chartdate_raw, false),
-        fs_check_time('charttime', chart_raw, false),
-        fs_check_time('storedate', storedate_raw, false),
-        fs_check_time('storetime', store_raw, false),
+        mimic_check_subject(sid_raw, known),
+        fs_check_local_time('chartdate', chartdate_raw, false),
+        fs_check_local_time('charttime', chart_raw, false),
+        fs_check_local_time('storedate', storedate_raw, false),
+        fs_check_local_time('storetime', store_raw, false),
         CASE WHEN time IS NULL THEN 'no chart or store time' END,
         fs_check_id('test_itemid', test_itemid, true),
         fs_check_id('org_itemid', org_itemid, false),
@@ -82,8 +93,8 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
-        fs_check_time('chartdate', chartdate_raw, true),
+        mimic_check_subject(sid_raw, known),
+        fs_check_local_time('chartdate', chartdate_raw, true),
         CASE WHEN result_name IS NULL THEN 'missing result_name' END,
         CASE WHEN fs_num(result_value) IS NOT NULL THEN fs_check_num('result_value', result_value, true) END,
         fs_check_birth(time, birth_floor)

@@ -14,10 +14,10 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
+        mimic_check_subject(sid_raw, known),
         CASE WHEN drug IS NULL THEN 'missing drug' END,
-        fs_check_time('starttime', start_raw, false),
-        fs_check_time('stoptime', stop_raw, false),
+        fs_check_local_time('starttime', start_raw, false),
+        fs_check_local_time('stoptime', stop_raw, false),
         fs_check_birth(starttime, birth_floor)
     ) AS _quarantine,
     CASE WHEN starttime IS NULL AND stoptime IS NULL THEN 'no starttime or stoptime' END AS _drop
@@ -47,10 +47,10 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
+        mimic_check_subject(sid_raw, known),
         fs_check_id('pharmacy_id', pharmacy_raw, true),
-        fs_check_time('starttime', start_raw, false),
-        fs_check_time('stoptime', stop_raw, false),
+        fs_check_local_time('starttime', start_raw, false),
+        fs_check_local_time('stoptime', stop_raw, false),
         fs_check_birth(starttime, birth_floor)
     ) AS _quarantine,
     CASE WHEN in_prescriptions THEN 'order already loaded from prescriptions (same pharmacy_id)'
@@ -81,8 +81,8 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
-        fs_check_time('charttime', chart_raw, true),
+        mimic_check_subject(sid_raw, known),
+        fs_check_local_time('charttime', chart_raw, true),
         fs_check_birth(charttime, birth_floor)
     ) AS _quarantine,
     CASE WHEN NOT given THEN 'not an administration: ' || coalesce(event_txt, '(empty event_txt)') END AS _drop

@@ -10,10 +10,10 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
+        mimic_check_subject(sid_raw, known),
         CASE WHEN eventtype IS NULL THEN 'missing eventtype' END,
-        fs_check_time('intime', in_raw, true),
-        fs_check_time('outtime', out_raw, false),
+        fs_check_local_time('intime', in_raw, true),
+        fs_check_local_time('outtime', out_raw, false),
         fs_check_order('intime', intime, 'outtime', outtime),
         fs_check_birth(intime, birth_floor)
     ) AS _quarantine,
@@ -34,9 +34,9 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        fs_check_subject(sid_raw, known),
+        mimic_check_subject(sid_raw, known),
         CASE WHEN curr_service IS NULL THEN 'missing curr_service' END,
-        fs_check_time('transfertime', time_raw, true),
+        fs_check_local_time('transfertime', time_raw, true),
         fs_check_birth(time, birth_floor)
     ) AS _quarantine,
     NULL::VARCHAR AS _drop

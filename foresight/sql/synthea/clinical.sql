@@ -21,7 +21,7 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        ehr_check_patient('PATIENT', pat_raw, subject_id),
+        synthea_check_patient('PATIENT', pat_raw, subject_id),
         ehr_check_encounter('ENCOUNTER', enc_raw, enc_subject, subject_id),
         CASE WHEN code_raw IS NULL THEN 'missing CODE' END,
         fs_check_time('START', start_raw, true),
@@ -56,7 +56,7 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        ehr_check_patient('PATIENT', pat_raw, subject_id),
+        synthea_check_patient('PATIENT', pat_raw, subject_id),
         ehr_check_encounter('ENCOUNTER', enc_raw, enc_subject, subject_id),
         CASE WHEN code_raw IS NULL THEN 'missing CODE' END,
         fs_check_time('START', start_raw, true),
@@ -92,7 +92,7 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        ehr_check_patient('PATIENT', pat_raw, subject_id),
+        synthea_check_patient('PATIENT', pat_raw, subject_id),
         ehr_check_encounter('ENCOUNTER', enc_raw, enc_subject, subject_id),
         CASE WHEN code_raw IS NULL THEN 'missing CODE' END,
         fs_check_time('START', start_raw, true),
@@ -122,7 +122,7 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        ehr_check_patient('PATIENT', pat_raw, subject_id),
+        synthea_check_patient('PATIENT', pat_raw, subject_id),
         ehr_check_encounter('ENCOUNTER', enc_raw, enc_subject, subject_id),
         CASE WHEN code_raw IS NULL THEN 'missing CODE' END,
         fs_check_time('DATE', date_raw, true),
@@ -150,7 +150,7 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        ehr_check_patient('PATIENT', pat_raw, subject_id),
+        synthea_check_patient('PATIENT', pat_raw, subject_id),
         ehr_check_encounter('ENCOUNTER', enc_raw, enc_subject, subject_id),
         CASE WHEN code_raw IS NULL THEN 'missing CODE' END,
         fs_check_time('START', start_raw, true),
@@ -178,7 +178,7 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        ehr_check_patient('PATIENT', pat_raw, subject_id),
+        synthea_check_patient('PATIENT', pat_raw, subject_id),
         ehr_check_encounter('ENCOUNTER', enc_raw, enc_subject, subject_id),
         CASE WHEN code_raw IS NULL THEN 'missing CODE' END,
         fs_check_time('START', start_raw, true),
@@ -213,7 +213,7 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        ehr_check_patient('PATIENT', pat_raw, subject_id),
+        synthea_check_patient('PATIENT', pat_raw, subject_id),
         ehr_check_encounter('ENCOUNTER', enc_raw, enc_subject, subject_id),
         CASE WHEN code_raw IS NULL THEN 'missing CODE' END,
         fs_check_time('START', start_raw, true),
@@ -249,7 +249,7 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        ehr_check_patient('PATIENT', pat_raw, subject_id),
+        synthea_check_patient('PATIENT', pat_raw, subject_id),
         ehr_check_encounter('ENCOUNTER', enc_raw, enc_subject, subject_id),
         CASE WHEN modality IS NULL THEN 'missing MODALITY_CODE' END,
         CASE WHEN bodysite IS NULL THEN 'missing BODYSITE_CODE' END,

@@ -4,29 +4,41 @@
 -- Patient ids are UUIDs: subject ids come from subject_map when this source already mapped the patient, else
 -- from the stable hash fs_uuid_subject (the same rule the FHIR source uses, so both copies of an export agree).
 
--- patients: the first row of an Id wins; later duplicates are quarantined.
+-- patients: the first row of an Id wins; later duplicates are quarantined. Id and BIRTHDATE are required; a
+-- DEATHDATE that fails its check (unparseable, implausible, in the future, before birth) is set to NULL and the
+-- patient kept, so one bad optional date does not remove them and all their rows. The row counts as loaded (the
+-- invariant read = loaded + quarantined + dropped counts rows); _field_issue names the field and the load reports
+-- it in warnings (Load.finish_table).
 CREATE OR REPLACE TEMP TABLE v_patients AS
 WITH t AS (
     SELECT _line, Id AS id_raw, lower(trim(Id)) AS pid,
-           BIRTHDATE AS birth_raw, fs_ts(BIRTHDATE) AS birth, DEATHDATE AS death_raw, ehr_known(DEATHDATE) AS death,
+           BIRTHDATE AS birth_raw, fs_ts(BIRTHDATE) AS birth, DEATHDATE AS death_raw,
            nullif(trim(GENDER), '') AS gender, nullif(trim(RACE), '') AS race,
            nullif(trim(ETHNICITY), '') AS ethnicity,
            min(_line) OVER (PARTITION BY lower(trim(Id))) AS first_line
     FROM raw_patients
+), c AS (
+    SELECT *,
+        coalesce(
+            fs_check_time('DEATHDATE', death_raw, false),
+            ehr_check_future('DEATHDATE', death_raw),
+            CASE WHEN fs_ts_utc(death_raw) < ehr_birth_floor(birth)
+                 THEN 'DEATHDATE before BIRTHDATE: ' || death_raw END
+        ) AS death_issue
+    FROM t
 )
-SELECT *,
+SELECT * EXCLUDE (death_issue),
+    CASE WHEN death_issue IS NULL THEN ehr_known(death_raw) END AS death,
     coalesce(
         CASE WHEN pid IS NULL OR pid = '' THEN 'missing Id' END,
         CASE WHEN _line <> first_line THEN 'duplicate patient Id (line ' || first_line || ' kept): ' || id_raw END,
         fs_check_time('BIRTHDATE', birth_raw, true),
         CASE WHEN NOT ehr_is_date(birth_raw) THEN 'BIRTHDATE is not a date (YYYY-MM-DD): ' || birth_raw END,
-        fs_check_time('DEATHDATE', death_raw, false),
-        ehr_check_future('BIRTHDATE', birth_raw),
-        ehr_check_future('DEATHDATE', death_raw),
-        CASE WHEN fs_ts_utc(death_raw) < ehr_birth_floor(birth) THEN 'DEATHDATE before BIRTHDATE: ' || death_raw END
+        ehr_check_future('BIRTHDATE', birth_raw)
     ) AS _quarantine,
-    NULL::VARCHAR AS _drop
-FROM t;
+    NULL::VARCHAR AS _drop,
+    death_issue AS _field_issue
+FROM c;
 
 CREATE OR REPLACE TEMP TABLE synthea_subjects AS
 SELECT p.pid, coalesce(m.subject_id, fs_uuid_subject(p.pid)) AS subject_id, p.birth,
@@ -34,6 +46,22 @@ SELECT p.pid, coalesce(m.subject_id, fs_uuid_subject(p.pid)) AS subject_id, p.bi
 FROM v_patients p
 LEFT JOIN subject_map m ON m.source = (SELECT source FROM fs_load) AND m.source_id = p.pid
 WHERE p._quarantine IS NULL;
+
+-- Patients whose row was quarantined and who have no valid row: their rows in other tables say so rather than
+-- "unknown patient" (synthea_check_patient, used by every later table).
+CREATE OR REPLACE TEMP TABLE synthea_patient_problems AS
+SELECT pid, min(_line) AS line, arg_min(_quarantine, _line) AS reason
+FROM v_patients
+WHERE _quarantine IS NOT NULL AND pid <> '' AND pid NOT IN (SELECT pid FROM synthea_subjects)
+GROUP BY pid;
+
+CREATE OR REPLACE TEMP MACRO synthea_check_patient(col, raw, known) AS
+    coalesce(
+        CASE WHEN known IS NULL THEN
+            (SELECT col || ' ' || trim(raw) || ': its patients row was quarantined (line ' || q.line || ': '
+                    || q.reason || ')'
+             FROM synthea_patient_problems q WHERE q.pid = lower(trim(raw))) END,
+        ehr_check_patient(col, raw, known));
 
 -- encounters: the first row of an Id wins.
 CREATE OR REPLACE TEMP TABLE v_encounters AS
@@ -49,7 +77,7 @@ SELECT *,
     coalesce(
         CASE WHEN eid IS NULL OR eid = '' THEN 'missing Id' END,
         CASE WHEN _line <> first_line THEN 'duplicate encounter Id (line ' || first_line || ' kept): ' || id_raw END,
-        ehr_check_patient('PATIENT', pat_raw, subject_id),
+        synthea_check_patient('PATIENT', pat_raw, subject_id),
         CASE WHEN nullif(trim(class_raw), '') IS NULL THEN 'missing ENCOUNTERCLASS' END,
         fs_check_time('START', start_raw, true),
         fs_check_time('STOP', stop_raw, false),

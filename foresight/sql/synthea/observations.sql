@@ -18,7 +18,7 @@ WITH t AS (
 )
 SELECT *,
     coalesce(
-        ehr_check_patient('PATIENT', pat_raw, subject_id),
+        synthea_check_patient('PATIENT', pat_raw, subject_id),
         ehr_check_encounter('ENCOUNTER', enc_raw, enc_subject, subject_id),
         CASE WHEN code_raw IS NULL THEN 'missing CODE' END,
         fs_check_time('DATE', date_raw, true),
