@@ -134,6 +134,7 @@ def synthetic_tokens(out: Path, subjects: int, vocab_codes: int = 10_000, seed: 
         np.concatenate(toks).tofile(out / f"{split}.bin")
         np.concatenate(clocks).tofile(out / f"{split}.clock.bin")
         np.save(out / f"{split}.index.npy", index)
+    T.seal(out)  # the completion marker every reader of a token folder checks
     return out
 
 

@@ -38,6 +38,7 @@ from foresight.tokens import (
     QUANTILE_PREFIX,
     Vocabulary,
     ages,
+    check_complete,
     years_of,
 )
 
@@ -67,8 +68,9 @@ class PackedSplit:
 
     def __init__(self, data_dir: str | Path, split: str, vocab: Vocabulary | None = None) -> None:
         data_dir = Path(data_dir)
-        if not (data_dir / f"{split}.bin").exists():
-            raise FileNotFoundError(f"{data_dir / (split + '.bin')}: no such split (run `foresight tokenize` first)")
+        # a folder that tokenize (or a canary insertion) did not finish, or that changed since, is refused here:
+        # train, evaluate, the privacy audit and canary insertion all read shards through this class
+        check_complete(data_dir, split)
         self.vocab = vocab or Vocabulary.load(data_dir / "vocab.json")
         self.split = split
         n = (data_dir / f"{split}.bin").stat().st_size // np.dtype(self.vocab.dtype).itemsize

@@ -140,7 +140,7 @@ def data_fingerprint(data_dir: str | Path) -> str:
     """The tokenized data: its vocabulary, shard indexes and planted canaries (content), or 'missing'."""
     d = Path(data_dir)
     needed = [d / "vocab.json", *(d / f"{s}.index.npy" for s in ("train", "tuning", "held_out"))]
-    if not all(p.exists() for p in needed):
+    if not all(p.exists() for p in [*needed, d / tokens.MARKER]):  # unfinished or pre-marker: tokenize again
         return "missing"
     return digest([sha256_file(p) for p in needed],
                    [(d / f"{s}.bin").stat().st_size for s in ("train", "tuning", "held_out")],

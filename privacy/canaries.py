@@ -25,6 +25,7 @@ canaries are not detected: a probe that cannot see a sequence repeated 16 times 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from foresight.dataset import PackedSplit
-from foresight.tokens import END, INDEX_DTYPE, NO_TIME, PAD, Vocabulary
+from foresight.tokens import END, INDEX_DTYPE, MARKER, NO_TIME, PAD, Vocabulary, building
 from privacy import metrics
 from privacy.scoring import score_pieces, sequence_pieces
 
@@ -118,35 +119,7 @@ def insert(data_dir: str | Path, out_data_dir: str | Path, repeats: tuple[int, .
     planted = {tuple(s.tolist()) for group in secrets.values() for s in group}
     references = [s for s in references if tuple(s.tolist()) not in planted]  # R must hold no planted secret
 
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():  # everything but the train split is copied as is
-        if f.is_file() and not f.name.startswith("train."):
-            shutil.copyfile(f, dst / f.name)
-    end_id = vocab.index[END]
-    canaries, seqs = [], []
-    next_id = -1
-    for r in repeats:
-        for j, secret in enumerate(secrets[r]):
-            ids = list(range(next_id, next_id - r, -1))
-            next_id -= r
-            canaries.append({"id": f"r{r}-{j}", "repeats": r, "tokens": secret.tolist(), "subject_ids": ids})
-            seqs += [np.concatenate([prefix, secret, [end_id]]).astype(np.int64)] * r
-    n_old = train.n_tokens
-    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-    extra = np.zeros(len(seqs), dtype=INDEX_DTYPE)
-    extra["subject_id"] = [sid for c in canaries for sid in c["subject_ids"]]
-    extra["offset"] = n_old + np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(seqs) else []
-    extra["length"] = lengths
-    extra["prefix_len"] = len(prefix)
-    extra["head_len"] = head_len
-    extra["t0"] = NO_TIME
-    extra["birth"] = NO_TIME
-    tokens = np.concatenate([np.asarray(train.tokens, dtype=vocab.dtype), *[s.astype(vocab.dtype) for s in seqs]])
-    clock = np.concatenate([np.asarray(train.clock_min, dtype=np.int32), np.zeros(int(lengths.sum()), np.int32)])
-    tokens.tofile(dst / "train.bin")
-    clock.tofile(dst / "train.clock.bin")
-    np.save(dst / "train.index.npy", np.concatenate([train.index, extra]))
-
+    canaries, seqs, extra = _planted(secrets, prefix, head_len, vocab.index[END], train.n_tokens)
     manifest = {
         "format_version": 1,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -158,17 +131,61 @@ def insert(data_dir: str | Path, out_data_dir: str | Path, repeats: tuple[int, .
         "prefix_tokens": [vocab.tokens[t] for t in prefix],
         "generator": {**asdict(gen), "pool": list(gen.pool), "time_ids": list(gen.time_ids)},
         "canary_subjects": len(seqs),
-        "canary_tokens": int(lengths.sum()),
+        "canary_tokens": int(extra["length"].sum()),
         "canaries": canaries,
         "references": [s.tolist() for s in references],
     }
-    (dst / MANIFEST).write_text(json.dumps(manifest))
-    # the data changed: a checkpoint of a run on the original data must not resume on this copy
-    import hashlib
-
-    vocab.fingerprint = hashlib.md5(f"{vocab.fingerprint}:canaries:{seed}:{len(seqs)}".encode()).hexdigest()
-    vocab.save(dst / "vocab.json")
+    # built aside and swapped in whole, sealed like a tokenize output (foresight.tokens.folder): a killed insert
+    # leaves no folder that looks complete, and the copy's marker vouches for its own vocab.json and train split
+    with building(dst) as tmp:
+        _write_copy(src, tmp, train, seqs, extra, manifest)
     return manifest
+
+
+def _planted(secrets: dict[int, list[np.ndarray]], prefix: list[int], head_len: int, end_id: int, n_old: int
+             ) -> tuple[list[dict[str, Any]], list[np.ndarray], np.ndarray]:
+    """(manifest rows, token sequences, index rows) of the canary copies appended after ``n_old`` tokens."""
+    canaries, seqs = [], []
+    next_id = -1
+    for r, group in secrets.items():
+        for j, secret in enumerate(group):
+            ids = list(range(next_id, next_id - r, -1))
+            next_id -= r
+            canaries.append({"id": f"r{r}-{j}", "repeats": r, "tokens": secret.tolist(), "subject_ids": ids})
+            seqs += [np.concatenate([prefix, secret, [end_id]]).astype(np.int64)] * r
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    extra = np.zeros(len(seqs), dtype=INDEX_DTYPE)
+    extra["subject_id"] = [sid for c in canaries for sid in c["subject_ids"]]
+    extra["offset"] = n_old + np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(seqs) else []
+    extra["length"] = lengths
+    extra["prefix_len"] = len(prefix)
+    extra["head_len"] = head_len
+    extra["t0"] = NO_TIME
+    extra["birth"] = NO_TIME
+    return canaries, seqs, extra
+
+
+def _write_copy(src: Path, dst: Path, train: PackedSplit, seqs: list[np.ndarray], extra: np.ndarray,
+                manifest: dict[str, Any]) -> None:
+    """The canary copy of ``src`` in the empty folder ``dst``: its files, the longer train split, the manifest."""
+    vocab = train.vocab
+    for f in src.iterdir():  # everything but the train split (and the source's seal) is copied as is
+        if f.is_file() and not f.name.startswith("train.") and f.name != MARKER:
+            shutil.copyfile(f, dst / f.name)
+    tokens = np.concatenate([np.asarray(train.tokens, dtype=vocab.dtype), *[s.astype(vocab.dtype) for s in seqs]])
+    clock = np.concatenate([np.asarray(train.clock_min, dtype=np.int32),
+                            np.zeros(int(extra["length"].sum()), np.int32)])
+    tokens.tofile(dst / "train.bin")
+    clock.tofile(dst / "train.clock.bin")
+    np.save(dst / "train.index.npy", np.concatenate([train.index, extra]))
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+    # the data changed: a checkpoint of a run on the original data must not resume on this copy (a copy of the
+    # vocabulary, so the caller's stays as it was)
+    copy = Vocabulary(vocab.config, vocab.tokens, vocab.code_map, vocab.quantile_edges, vocab.marker_map,
+                      vocab.report, vocab.fingerprint)
+    copy.fingerprint = hashlib.md5(
+        f"{vocab.fingerprint}:canaries:{manifest['seed']}:{len(seqs)}".encode()).hexdigest()
+    copy.save(dst / "vocab.json")
 
 
 def load_manifest(data_dir: str | Path) -> dict[str, Any] | None:

@@ -9,14 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pytest
 
 from foresight import sources, warehouse
 from foresight import tokens as T
 from foresight.dataset import IGNORE_INDEX, PackedSplit
-from foresight.schema import BIRTH_CODE, SPLITS
+from foresight.schema import SPLITS
 from foresight.simulate import simulate
 
 from .conftest import tiny_warehouse
@@ -267,13 +266,18 @@ def test_marker_coarsening_is_counted(tmp_path):
     vocab = T.Vocabulary.load(tmp_path / "tok" / "vocab.json")
     report = summary["markers_coarsened"]
     assert "markers" not in vocab.report  # counts of people stay with the shards, out of the shipped vocab.json
-    with warehouse.connect(db, read_only=True) as con:  # recount: train events and births, and each value's band
-        rows = con.execute(
-            "SELECT e.subject_id, year(e.time), e.code = 'MEDS_BIRTH' FROM events e JOIN subject_splits s "
-            "USING (subject_id) WHERE s.split = 'train' AND e.time IS NOT NULL").fetchall()
-    for kind, finest in (("YEAR", 1), ("BIRTH", vocab.config.birth_min_band)):
-        hits = [(sid, y) for sid, y, birth in rows if birth == (kind == "BIRTH")
-                and _band_width(vocab.marker_map[kind][str(y)]) > finest]
+    with warehouse.connect(db, read_only=True) as con:  # recount births from the warehouse, and each one's band
+        births = con.execute(
+            "SELECT e.subject_id, year(e.time) FROM events e JOIN subject_splits s USING (subject_id) "
+            "WHERE s.split = 'train' AND e.code = 'MEDS_BIRTH'").fetchall()
+    # and calendar years from the train shards: the year of the token clock at every event the model sees
+    idx, toks, clock = _split_arrays(tmp_path / "tok", "train", vocab)
+    subj = np.repeat(np.arange(len(idx)), idx["length"])
+    at = vocab.is_event[toks]
+    years = T.years_of(idx["t0"][subj[at]] + clock[at].astype(np.int64) * 60)
+    shard_years = list(zip(idx["subject_id"][subj[at]].tolist(), years.tolist(), strict=True))
+    for kind, finest, rows in (("YEAR", 1, shard_years), ("BIRTH", vocab.config.birth_min_band, births)):
+        hits = [(sid, y) for sid, y in rows if _band_width(vocab.marker_map[kind][str(y)]) > finest]
         assert report[kind]["finest_band_years"] == finest
         assert report[kind]["subjects_coarsened"] == len({sid for sid, _ in hits}), kind
         assert report[kind]["events_coarsened"] == len(hits), kind
@@ -415,30 +419,32 @@ def test_simulator_clock_and_markers_never_go_backwards_in_any_split(sim_tokens)
     assert all(n > 100 for n in checked.values()), checked  # real AGE/YEAR sequences in every split
 
 
-def test_marker_fit_counts_ages_as_the_encoder_does() -> None:
-    """The privacy floor per AGE band is counted on the ages the model sees: a birthday not yet reached that
-    year must not count as a year older (DuckDB's date_diff('year') alone would)."""
-    rng = np.random.default_rng(0)
-    birth = rng.integers(-1_500_000_000, 1_200_000_000, 500)
-    times = birth + rng.integers(0, 2_500_000_000, 500)
-    # the edge cases: the second before and the day of a birthday, before it, and births on 29 February (the
-    # encoder compares time elapsed in the year, so in leap years a birthday after February counts a day early)
-    edge = [("1950-06-01", "2021-05-31 23:59:59"), ("1950-06-01", "2021-06-01"), ("1950-06-01", "2020-03-01"),
-            ("1952-02-29", "2021-02-28"), ("1952-02-29", "2021-03-01"), ("1999-12-31 23:00", "2000-01-01")]
-    for b, t in edge:
-        birth = np.append(birth, int(np.datetime64(b, "s").astype(np.int64)))
-        times = np.append(times, int(np.datetime64(t, "s").astype(np.int64)))
-    ids = np.arange(len(birth))
-    con = duckdb.connect()
-    con.execute(
-        "CREATE TABLE train_events AS SELECT s AS subject_id, make_timestamp(t * 1000000) AS time, c AS code "
-        "FROM (SELECT unnest(?::BIGINT[]) s, unnest(?::BIGINT[]) t, unnest(?::VARCHAR[]) c)",
-        [np.r_[ids, ids].tolist(), np.r_[birth, times].tolist(),
-         [BIRTH_CODE] * len(ids) + ["DX//X"] * len(ids)])
-    got = dict(con.execute(T.MARKER_SOURCES["AGE"].replace("$birth", "?"), [BIRTH_CODE, BIRTH_CODE]).fetchall())
-    want = T.ages(times, birth)
-    assert [got[i] for i in ids] == want.tolist()
-    assert [got[i] for i in ids[-6:]] == [70, 71, 69, 68, 69, 0]
+def test_marker_values_are_the_encoders_markers(sim_tokens):
+    """The fit counts YEAR/AGE on ``marker_values``: per timestamp group, the year and age at the token clock.
+    Re-encoding each train subject, the YEAR/AGE tokens it holds are exactly the bands of those values."""
+    _, data = sim_tokens
+    vocab = T.Vocabulary.load(data / "vocab.json")
+    idx, toks, _ = _split_arrays(data, "train", vocab)
+    checked = 0
+    for r in idx[:150]:
+        seq = toks[r["offset"]:r["offset"] + r["length"]]
+        start = T.from_epoch(r["t0"]) if r["t0"] != T.NO_TIME else T.from_epoch(0)
+        events = [e for e in T.decode(vocab, seq, start_time=start) if e["time"] is not None]
+        if not events:
+            continue
+        sid = np.full(len(events), r["subject_id"])
+        t = np.array([T.to_epoch(e["time"]) for e in events], dtype=np.int64)
+        tok = np.array([vocab.index[e["code"]] for e in events], dtype=np.int64)
+        births = {int(r["subject_id"]): int(r["birth"])} if r["birth"] != T.NO_TIME else {}
+        _, year, age, n = T.marker_values(vocab, sid, t, tok, np.full(len(events), np.nan), births)
+        assert n.sum() == len(events)
+        held = {vocab.tokens[x] for x in seq if vocab.tokens[x].startswith(("YEAR//", "AGE//"))}
+        want = {vocab.tokens[x] for x in vocab.marker_ids("YEAR", year)}
+        want |= {vocab.tokens[x] for x in vocab.marker_ids("AGE", age[age >= 0])} | ({"AGE//UNK"} if (age < 0).any()
+                                                                                       else set())
+        assert held == want, r["subject_id"]
+        checked += 1
+    assert checked > 100
 
 
 @pytest.mark.parametrize("correction", [0.5, float("inf")])

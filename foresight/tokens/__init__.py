@@ -7,6 +7,8 @@
   ``encode_arrays`` and ``decode``.
 - :mod:`~foresight.tokens.from_warehouse`: encoding subjects straight from the warehouse (``encode_subjects``).
 - :mod:`~foresight.tokens.shards`: the token shard files of a split.
+- :mod:`~foresight.tokens.folder`: a token folder is built aside, sealed (``COMPLETE``) and swapped in whole;
+  ``check_complete`` is what every reader runs first.
 - :mod:`~foresight.tokens.build`: ``tokenize``, the warehouse -> token shards stage.
 """
 
@@ -21,6 +23,7 @@ from foresight.tokens.codec import (
     decode,
     encode_arrays,
     from_epoch,
+    marker_values,
     merge_static_only,
     to_epoch,
     token_clock,
@@ -30,12 +33,21 @@ from foresight.tokens.fit import (
     MARKER_SOURCES,
     QUANTILE_BATCH_VALUES,
     TokenizeError,
+    clock_marker_table,
     data_fingerprint,
     fit_markers,
     fit_vocabulary,
     floor_map,
 )
-from foresight.tokens.from_warehouse import encode_subjects, map_codes, register_code_map
+from foresight.tokens.folder import (
+    MARKER,
+    IncompleteTokensError,
+    TokenFolderError,
+    building,
+    check_complete,
+    seal,
+)
+from foresight.tokens.from_warehouse import encode_subjects, map_codes, register_code_map, subject_events
 from foresight.tokens.shards import INDEX_DTYPE, clock_minutes, first_markers, index_rows, write_shard, write_split
 from foresight.tokens.vocab import (
     AGE_PREFIX,
@@ -58,12 +70,13 @@ from foresight.tokens.vocab import (
 )
 
 __all__ = [
-    "AGE_PREFIX", "BIRTH_PREFIX", "BOS", "END", "INDEX_DTYPE", "MARKER_SOURCES", "MINUTE", "NO_TIME", "PAD",
-    "PREFIX_HIERARCHIES", "QUANTILE_BATCH_VALUES", "QUANTILE_PREFIX", "RARE", "SPECIAL_TOKENS", "TIME_PREFIX",
-    "UNK_AGE", "YEAR_MINUTES", "YEAR_PREFIX",
-    "EncodedChunk", "TokenizeError", "TokenizerConfig", "Vocabulary",
-    "ages", "clock_minutes", "concat_chunks", "data_fingerprint", "decode", "encode_arrays", "encode_subjects",
-    "first_markers", "fit_markers", "fit_vocabulary", "floor_map", "from_epoch", "index_rows", "map_codes",
-    "merge_static_only", "register_code_map", "summary_messages", "time_tokens", "to_epoch", "token_clock",
+    "AGE_PREFIX", "BIRTH_PREFIX", "BOS", "END", "INDEX_DTYPE", "MARKER", "MARKER_SOURCES", "MINUTE", "NO_TIME",
+    "PAD", "PREFIX_HIERARCHIES", "QUANTILE_BATCH_VALUES", "QUANTILE_PREFIX", "RARE", "SPECIAL_TOKENS",
+    "TIME_PREFIX", "UNK_AGE", "YEAR_MINUTES", "YEAR_PREFIX",
+    "EncodedChunk", "IncompleteTokensError", "TokenFolderError", "TokenizeError", "TokenizerConfig", "Vocabulary",
+    "ages", "building", "check_complete", "clock_marker_table", "clock_minutes", "concat_chunks",
+    "data_fingerprint", "decode", "encode_arrays", "encode_subjects", "first_markers", "fit_markers",
+    "fit_vocabulary", "floor_map", "from_epoch", "index_rows", "map_codes", "marker_values", "merge_static_only",
+    "register_code_map", "seal", "subject_events", "summary_messages", "time_tokens", "to_epoch", "token_clock",
     "tokenize", "write_shard", "write_split", "years_of",
 ]

@@ -13,6 +13,7 @@ import numpy as np
 from foresight import optout, warehouse
 from foresight.schema import SPLITS
 from foresight.tokens.fit import TokenizeError, data_fingerprint, fit_vocabulary
+from foresight.tokens.folder import TokenFolderError, building, refuse_foreign
 from foresight.tokens.from_warehouse import register_code_map
 from foresight.tokens.shards import write_split
 from foresight.tokens.vocab import TokenizerConfig, Vocabulary
@@ -28,12 +29,13 @@ def tokenize(
 ) -> dict[str, Any]:
     """Fit the vocabulary on train and write packed token shards for every split.
 
-    Output (``out_dir``): ``vocab.json`` (config, tokens, value deciles, marker bands, rule report, data
-    fingerprint), ``code_descriptions.json`` (token -> description); per split ``<split>.bin`` (token ids,
-    uint16/uint32), ``<split>.clock.bin`` (int32 minutes of the token clock since the subject's first event) and
-    ``<split>.index.npy`` (one row per subject: id, offset, length, prefix length, head length, first-event time,
-    birth time). ``progress(split, done, total)``
-    is called after each chunk of subjects.
+    Output (``out_dir``, replaced whole, see :mod:`foresight.tokens.folder`; a folder holding other files is
+    refused): ``COMPLETE`` (the completion marker every reader checks), ``vocab.json`` (config, tokens, value
+    deciles, marker bands, rule report, data fingerprint), ``code_descriptions.json`` (token -> description); per
+    split ``<split>.bin`` (token ids, uint16/uint32), ``<split>.clock.bin`` (int32 minutes of the token clock
+    since the subject's first event) and ``<split>.index.npy`` (one row per subject: id, offset, length, prefix
+    length, head length, first-event time, birth time). ``progress(split, done, total)`` is called after each
+    chunk of subjects.
 
     The returned summary (also written as ``tokenize_summary.json``) has tokens and subjects per split, the
     subjects with only static facts per split (``static_only_subjects``: no timed event, so ``BOS``, static
@@ -49,24 +51,29 @@ def tokenize(
     t_start = time.perf_counter()
     config = config or TokenizerConfig()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     db = Path(db)
     if not db.exists():
         raise TokenizeError(f"{db}: warehouse not found")
-    with warehouse.connect(db, read_only=True) as con:
+    try:
+        refuse_foreign(out)
+    except TokenFolderError as exc:
+        raise TokenizeError(str(exc)) from exc
+    # built in a sibling folder and swapped in whole once sealed (tokens/folder.py): a tokenize killed at any
+    # point leaves the previous folder, never an old vocabulary beside new shards
+    with building(out) as tmp, warehouse.connect(db, read_only=True) as con:
         vocab, markers_coarsened = _fit_without(con, config, set(exclude_subjects or ()))
         register_code_map(con, vocab)
         descriptions = _code_descriptions(con, vocab)
         summary: dict[str, Any] = {"out": str(out), "vocab_size": len(vocab.tokens), "rare_mapping": vocab.report,
                                    "markers_coarsened": markers_coarsened, "tokens": {}, "subjects": {},
                                    "static_only_subjects": {}, "unseen_codes": {}}
-        _write_splits(con, vocab, out, progress, summary)
-    vocab.save(out / "vocab.json")
-    (out / "code_descriptions.json").write_text(json.dumps(descriptions, indent=0, sort_keys=True))
-    summary["messages"] = summary_messages(summary)
-    summary["seconds"] = round(time.perf_counter() - t_start, 3)
-    summary["db"] = str(db.resolve())  # where the tokens came from: `foresight evaluate` finds the warehouse here
-    (out / "tokenize_summary.json").write_text(json.dumps(summary, indent=1))
+        _write_splits(con, vocab, tmp, progress, summary)
+        vocab.save(tmp / "vocab.json")
+        (tmp / "code_descriptions.json").write_text(json.dumps(descriptions, indent=0, sort_keys=True))
+        summary["messages"] = summary_messages(summary)
+        summary["seconds"] = round(time.perf_counter() - t_start, 3)
+        summary["db"] = str(db.resolve())  # where the tokens came from: `foresight evaluate` finds the warehouse
+        (tmp / "tokenize_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 

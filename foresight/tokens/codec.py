@@ -116,24 +116,9 @@ def encode_arrays(
     timestamps, run the token clock over them, merge timestamps the clock cannot tell apart into groups, order
     each group's events canonically, decide the YEAR/AGE markers, then lay every token out in one flat array.
     """
-    birth_by_subject = birth_by_subject or {}
-    subject = np.asarray(subject, dtype=np.int64)
-    time_s = np.asarray(time_s, dtype=np.int64)
-    token = np.asarray(token, dtype=np.int64)
-    value = np.asarray(value, dtype=np.float64)
-    static = (time_s == NO_TIME) | vocab.is_static[token]
-    if vocab.config.dedup_window_minutes > 0 and len(subject):
-        keep = _dedup_mask(subject, time_s, token, static, vocab.config.dedup_window_minutes * MINUTE)
-        subject, time_s, token, value, static = subject[keep], time_s[keep], token[keep], value[keep], static[keep]
-
-    subjects = np.unique(subject)
-    sidx = np.searchsorted(subjects, subject)
-    birth = np.array([birth_by_subject.get(int(s), NO_TIME) for s in subjects], dtype=np.int64)
-    st_sub, st_tok = _static_prefix(vocab, sidx[static], token[static])
+    subjects, birth, (st_sub, st_tok), timed, clock, groups = _clocked(
+        vocab, subject, time_s, token, value, birth_by_subject or {})
     n_static = np.bincount(st_sub, minlength=len(subjects)).astype(np.int64)
-    timed = _timestamps(sidx[~static], time_s[~static], token[~static], value[~static])
-    clock, n_years, bin_idx = token_clock(vocab, timed.ts_true, timed.start, timed.length)
-    groups = _clock_groups(timed, clock, n_years, bin_idx)
     events = _canonical_order(vocab, timed, groups)
     marks = _marker_changes(vocab, groups, birth)
     lay = _layout(vocab, events, groups, marks, n_static)
@@ -155,6 +140,47 @@ def encode_arrays(
     if len(timed.ts_true):
         last[timed.ts_sub[timed.start]] = timed.ts_true[timed.start + timed.length - 1].astype(np.int64)
     return EncodedChunk(subjects, lay.offsets, prefix, out, out_clock, t0, birth, np.abs(clock - timed.ts_true), last)
+
+
+def _clocked(
+    vocab: Vocabulary, subject: np.ndarray, time_s: np.ndarray, token: np.ndarray, value: np.ndarray,
+    birth_by_subject: dict[int, int],
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray], _Timed, np.ndarray, _Groups]:
+    """The steps of :func:`encode_arrays` up to the clock groups: (subject ids, birth per subject, static prefix
+    (subject index, token), timed events, token clock per timestamp, groups)."""
+    subject = np.asarray(subject, dtype=np.int64)
+    time_s = np.asarray(time_s, dtype=np.int64)
+    token = np.asarray(token, dtype=np.int64)
+    value = np.asarray(value, dtype=np.float64)
+    static = (time_s == NO_TIME) | vocab.is_static[token]
+    if vocab.config.dedup_window_minutes > 0 and len(subject):
+        keep = _dedup_mask(subject, time_s, token, static, vocab.config.dedup_window_minutes * MINUTE)
+        subject, time_s, token, value, static = subject[keep], time_s[keep], token[keep], value[keep], static[keep]
+    subjects = np.unique(subject)
+    sidx = np.searchsorted(subjects, subject)
+    birth = np.array([birth_by_subject.get(int(s), NO_TIME) for s in subjects], dtype=np.int64)
+    prefix = _static_prefix(vocab, sidx[static], token[static])
+    timed = _timestamps(sidx[~static], time_s[~static], token[~static], value[~static])
+    clock, n_years, bin_idx = token_clock(vocab, timed.ts_true, timed.start, timed.length)
+    return subjects, birth, prefix, timed, clock, _clock_groups(timed, clock, n_years, bin_idx)
+
+
+def marker_values(
+    vocab: Vocabulary, subject: np.ndarray, time_s: np.ndarray, token: np.ndarray, value: np.ndarray,
+    birth_by_subject: dict[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What the YEAR and AGE markers of :func:`encode_arrays` are computed from, one row per timestamp group:
+    (subject id, calendar year of the token clock, age at the token clock or -1 without a birth, events in the
+    group). The set of YEAR (AGE) tokens a subject's sequence holds is exactly the set of band tokens of its
+    groups' years (ages), since a marker is written whenever the band changes; the vocabulary fit counts the
+    privacy floor on these (the clock, not the events' true times, which can fall in another year).
+    ``vocab`` needs its code tokens and time bins only (markers may still be unfitted)."""
+    subjects, birth, _, timed, _, groups = _clocked(vocab, subject, time_s, token, value, birth_by_subject or {})
+    g_birth = birth[groups.sub]
+    has_birth = g_birth != NO_TIME
+    age = np.where(has_birth, ages(groups.clock, np.where(has_birth, g_birth, 0)), -1)
+    n_events = np.bincount(groups.of_stamp[timed.stamp], minlength=len(groups.sub))
+    return subjects[groups.sub], years_of(groups.clock), age, n_events
 
 
 def _dedup_mask(

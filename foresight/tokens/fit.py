@@ -12,7 +12,12 @@ import hashlib
 import itertools
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 from foresight.schema import BIRTH_CODE, DEATH_CODE, SEP, code_kind
+from foresight.tokens.codec import marker_values
+from foresight.tokens.from_warehouse import register_code_map, subject_events
 from foresight.tokens.vocab import (
     AGE_PREFIX,
     BIRTH_PREFIX,
@@ -27,17 +32,16 @@ from foresight.tokens.vocab import (
 
 QUANTILE_BATCH_VALUES = 8_000_000  # numeric values per exact-quantile query (~64 MB of doubles)
 
-# The train values behind each marker kind ($birth: the birth code), per (subject, value) row.
+# The train values behind each marker kind, per (subject, value, events) row. BIRTH is the birth code's year
+# ($birth: the birth code). YEAR and AGE are what the encoder writes: the year and age at the TOKEN CLOCK of
+# each timestamp group (``clock_markers``, filled by :func:`clock_marker_table` with the encoder's own steps),
+# not at the events' true times: the clock may sit in the next year, timestamps under 5 minutes apart share
+# one clock, repeats dropped by the dedup window and timed static facts write no marker. Counting true event
+# times let a YEAR token into the vocabulary behind fewer subjects than the floor (YEAR//1935: 9 of 10).
 MARKER_SOURCES = {
-    "BIRTH": "SELECT subject_id, year(time) AS v FROM train_events WHERE code = $birth",
-    "YEAR": "SELECT subject_id, year(time) AS v FROM train_events WHERE time IS NOT NULL AND code <> $birth",
-    # whole years of age, the same rule as codec.ages (the encoder): calendar years minus one when the time
-    # elapsed in the event's year is shorter than at birth (date_diff alone counts year boundaries)
-    "AGE": "SELECT e.subject_id, date_diff('year', b.birth, e.time) - CASE WHEN epoch(e.time) - "
-           "epoch(date_trunc('year', e.time)) < epoch(b.birth) - epoch(date_trunc('year', b.birth)) "
-           "THEN 1 ELSE 0 END AS v FROM train_events e JOIN "
-           "(SELECT subject_id, min(time) AS birth FROM train_events WHERE code = $birth GROUP BY 1) b "
-           "USING (subject_id) WHERE e.time IS NOT NULL AND e.code <> $birth",
+    "BIRTH": "SELECT subject_id, year(time) AS v, 1 AS n FROM train_events WHERE code = $birth",
+    "YEAR": "SELECT subject_id, v, n FROM clock_markers WHERE kind = 'YEAR'",
+    "AGE": "SELECT subject_id, v, n FROM clock_markers WHERE kind = 'AGE'",
 }
 
 
@@ -56,13 +60,16 @@ def fit_vocabulary(con: Any, config: TokenizerConfig | None = None) -> Vocabular
     code_map = {c: t for c, t in code_map.items() if c in n_events or t == c}  # drop pure ancestors
     _map_unseen_codes(con, code_map)
     quantile_edges = _fit_quantile_edges(con, config, code_map)
-    marker_map, report["markers"] = fit_markers(con, config)
+    # markers are counted on what the encoder writes, which needs the code tokens (dedup, static facts)
+    marker_map, report["markers"] = fit_markers(
+        con, config, Vocabulary(config, _token_list(config, {}, code_map), code_map, quantile_edges))
     tokens = _token_list(config, marker_map, code_map)
     report["vocab_size"] = len(tokens)
     report["codes_with_value_tokens"] = len(quantile_edges)
     if code_map.get(DEATH_CODE) != DEATH_CODE and DEATH_CODE in code_map:
         report["warning"] = f"fewer than {k} train subjects died: MEDS_DEATH is not its own token"
-    con.execute("DROP VIEW train_events; DROP TABLE code_pairs; DROP TABLE drop_kinds")
+    con.execute("DROP VIEW train_events; DROP TABLE code_pairs; DROP TABLE drop_kinds; "
+                "DROP TABLE IF EXISTS clock_markers; DROP TABLE IF EXISTS vocab_map")
     return Vocabulary(config, tokens, code_map, quantile_edges, marker_map, report, data_fingerprint(con))
 
 
@@ -275,7 +282,7 @@ def data_fingerprint(con: Any, opt_out_sha256: str | None = None) -> str:
 
 
 def fit_markers(
-    con: Any, config: TokenizerConfig
+    con: Any, config: TokenizerConfig, code_vocab: Vocabulary
 ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, int]]]:
     """AGE/YEAR/BIRTH value -> token: an ordered partition of the values into aligned bands.
 
@@ -288,8 +295,12 @@ def fit_markers(
     Also returns, per kind, what the floor cost in resolution on train: how many train subjects and events
     had a value that landed in a band wider than the finest allowed one (``*_coarsened``) or in KIND//RARE
     (``*_to_rare``). An event counts once per marker kind (its calendar year, its age); a birth is one event.
+    YEAR and AGE values are those the encoder writes (:func:`clock_marker_table`, with ``code_vocab``: the fitted
+    code tokens, markers not yet), so every marker token is written for >= ``min_subjects`` train subjects.
     """
     enabled = {"BIRTH": True, "YEAR": config.year_tokens, "AGE": config.age_tokens}
+    if config.year_tokens or config.age_tokens:
+        clock_marker_table(con, code_vocab)
     out: dict[str, dict[str, str]] = {}
     stats: dict[str, dict[str, int]] = {}
     for kind, sql in MARKER_SOURCES.items():
@@ -308,9 +319,9 @@ def _fit_marker_kind(con: Any, config: TokenizerConfig, kind: str, sql: str) -> 
     # GROUP BY with a count costs what DISTINCT did (both are one hash aggregate) and keeps the events per
     # (value, subject), so the coarsening report below needs no second pass over train events
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE marker_pairs AS SELECT v, subject_id, count(*) AS n FROM ({sql}) "
+        f"CREATE OR REPLACE TEMP TABLE marker_pairs AS SELECT v, subject_id, sum(n) AS n FROM ({sql}) "
         "WHERE v >= 0 GROUP BY v, subject_id",
-        {"birth": BIRTH_CODE})
+        {"birth": BIRTH_CODE} if "$birth" in sql else None)
     values = sorted(int(v) for (v,) in con.execute("SELECT DISTINCT v FROM marker_pairs").fetchall())
     # DISTINCT as a grouping (which DuckDB can spill to disk) rather than count(DISTINCT ...) (which it
     # cannot): tens of millions of (value, subject) pairs at 1M subjects must fit any memory limit
@@ -335,6 +346,32 @@ def _fit_marker_kind(con: Any, config: TokenizerConfig, kind: str, sql: str) -> 
         for v in range(lo, lo + w):
             mapping[str(v)] = _band_name(prefix, lo, w)
     return mapping, stats
+
+
+def clock_marker_table(con: Any, code_vocab: Vocabulary) -> None:
+    """TEMP ``clock_markers(kind, v, subject_id, n)``: per train subject, the YEAR and AGE values of its timestamp
+    groups at the token clock and the events behind each, computed chunk by chunk with the encoder's own steps
+    (:func:`foresight.tokens.codec.marker_values`). Ages are -1 without a birth (the encoder writes AGE//UNK)."""
+    register_code_map(con, code_vocab)
+    con.execute("CREATE OR REPLACE TEMP TABLE clock_markers (kind VARCHAR, v BIGINT, subject_id BIGINT, n BIGINT)")
+    ids = [r[0] for r in con.execute(
+        "SELECT DISTINCT e.subject_id FROM events e JOIN subject_splits s USING (subject_id) "
+        "WHERE s.split = 'train' ORDER BY 1").fetchall()]
+    per = code_vocab.config.subjects_per_chunk
+    for i in range(0, len(ids), per):
+        data, births = subject_events(con, code_vocab, ids[i], ids[min(i + per, len(ids)) - 1], "train")
+        sub, year, age, n = marker_values(code_vocab, data["subject_id"], data["t"], data["tok"], data["v"],
+                                          dict(births))
+        for kind, v in (("YEAR", year), ("AGE", age)):
+            # distinct (subject, value) pairs and the events behind each (one sort; np.unique(axis=1) is slower)
+            o = np.lexsort((v, sub))
+            new = np.ones(len(o), dtype=bool)
+            new[1:] = (sub[o][1:] != sub[o][:-1]) | (v[o][1:] != v[o][:-1])
+            starts = np.flatnonzero(new)
+            events = np.add.reduceat(n[o], starts) if len(o) else np.zeros(0, dtype=np.int64)
+            con.register("clock_chunk", pa.table({"v": v[o][starts], "subject_id": sub[o][starts], "n": events}))
+            con.execute("INSERT INTO clock_markers SELECT ?, v, subject_id, n FROM clock_chunk", [kind])
+            con.unregister("clock_chunk")
 
 
 def _band_name(prefix: str, lo: int, width: int) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+
 from foresight.schema import BIRTH_CODE
 from foresight.tokens.codec import NO_TIME, EncodedChunk, encode_arrays, merge_static_only
 from foresight.tokens.vocab import Vocabulary
@@ -35,6 +37,19 @@ def encode_subjects(con: Any, vocab: Vocabulary, lo: int, hi: int, split: str | 
                     as_of: datetime | None = None, cohort_table: str | None = None) -> EncodedChunk:
     """Encode the subjects with ids in [lo, hi] (of ``split`` / in ``cohort_table(subject_id)`` when given),
     from their events up to ``as_of``. ``register_code_map`` must have run on ``con``."""
+    data, births = subject_events(con, vocab, lo, hi, split, as_of, cohort_table)
+    chunk = encode_arrays(vocab, data["subject_id"], data["t"], data["tok"], data["v"], dict(births))
+    # subjects with a birth but no other event still get a (short) sequence
+    present = set(chunk.subject_ids.tolist())
+    extra = [sid for sid, _ in births if sid not in present]
+    return merge_static_only(vocab, chunk, extra, dict(births)) if extra else chunk
+
+
+def subject_events(con: Any, vocab: Vocabulary, lo: int, hi: int, split: str | None = None,
+                   as_of: datetime | None = None, cohort_table: str | None = None
+                   ) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
+    """The events :func:`encode_subjects` encodes, as arrays (``subject_id``, ``t`` epoch seconds or NO_TIME,
+    ``tok`` token id, ``v`` value or NaN), and the subjects' (id, birth time) pairs."""
     cfg = vocab.config
     cond, params = _subject_filter(lo, hi, split, as_of, cohort_table)
     data = con.execute(
@@ -50,11 +65,7 @@ def encode_subjects(con: Any, vocab: Vocabulary, lo: int, hi: int, split: str | 
         f"SELECT e.subject_id, epoch(min(e.time))::BIGINT FROM events e WHERE {cond} AND e.code = ? GROUP BY 1",
         [*params, BIRTH_CODE],
     ).fetchall()
-    chunk = encode_arrays(vocab, data["subject_id"], data["t"], data["tok"], data["v"], dict(births))
-    # subjects with a birth but no other event still get a (short) sequence
-    present = set(chunk.subject_ids.tolist())
-    extra = [sid for sid, _ in births if sid not in present]
-    return merge_static_only(vocab, chunk, extra, dict(births)) if extra else chunk
+    return data, births
 
 
 def _subject_filter(lo: int, hi: int, split: str | None, as_of: datetime | None,

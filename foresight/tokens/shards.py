@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from foresight.tokens.codec import NO_TIME, EncodedChunk
+from foresight.tokens.folder import seal
 from foresight.tokens.from_warehouse import encode_subjects
 from foresight.tokens.vocab import MINUTE, Vocabulary
 
@@ -50,10 +51,12 @@ def write_split(
 
 
 def write_shard(vocab: Vocabulary, chunk: EncodedChunk, out: Path, name: str) -> None:
-    """One encoded chunk as a whole split ``out/<name>.*`` (same files and layout as :func:`write_split`)."""
+    """One encoded chunk as a whole split ``out/<name>.*`` (same files and layout as :func:`write_split`); the
+    folder is sealed again (:func:`foresight.tokens.folder.seal`) so readers accept it."""
     chunk.tokens.astype(vocab.dtype).tofile(out / f"{name}.bin")
     clock_minutes(chunk).tofile(out / f"{name}.clock.bin")
     np.save(out / f"{name}.index.npy", index_rows(vocab, chunk, 0))
+    seal(out)
 
 
 def clock_minutes(chunk: EncodedChunk) -> np.ndarray:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from foresight.dataset import collate
+from foresight.tokens import IncompleteTokensError, check_complete
 from foresight.train.card import gather_weights, write_model_dir
 from foresight.train.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from foresight.train.config import TrainConfig
@@ -52,8 +53,10 @@ def train(
     cfg = cfg or TrainConfig()
     data_dir, out = Path(data_dir), Path(out_dir)
     t_start = time.perf_counter()
-    if not (data_dir / "vocab.json").exists():  # fail before starting any process group
-        raise TrainingError(f"{data_dir}: no vocab.json (run `foresight tokenize` first)")
+    try:  # a missing, unfinished or changed token folder fails before any process group starts
+        check_complete(data_dir, "train")
+    except IncompleteTokensError as exc:
+        raise TrainingError(str(exc)) from exc
     run = setup(data_dir, out, cfg, Path(deepspeed_config_path) if deepspeed_config_path else None,
                 resume=resume, log=log)
 
