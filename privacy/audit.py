@@ -27,7 +27,8 @@ from foresight import train as T
 from foresight import warehouse
 from foresight.dataset import PackedSplit
 from foresight.forecast import Forecaster
-from foresight.tokens import Vocabulary, encode_subjects, register_code_map, write_shard
+from foresight.tokens import Vocabulary, check_complete, encode_subjects, register_code_map, seal, write_shard
+from foresight.train.card import INCOMPLETE
 from privacy import canaries, extraction, gate, mia, release, report, scoring, synthetic, vocab_floor
 
 SPLIT_SUFFIXES = ("bin", "clock.bin", "index.npy")
@@ -135,6 +136,7 @@ def load_inputs(model_dir: Path, data_dir: Path, device: str | None) -> AuditInp
     fc = Forecaster.from_pretrained(model_dir, device=device)
     if not (data_dir / "vocab.json").exists():
         raise AuditError(f"{data_dir}: no vocab.json (not a tokenized data directory)")
+    check_complete(data_dir, "train")  # before its vocabulary is trusted: an unfinished folder mixes two runs
     data_vocab = Vocabulary.load(data_dir / "vocab.json")
     if data_vocab.tokens != fc.vocab.tokens:
         raise AuditError(f"{data_dir}: its vocabulary differs from the model's: audit the model against the data "
@@ -295,7 +297,7 @@ def train_reference_model(data_dir: Path, out: Path, meta: dict[str, Any], *, re
     """Train a reference model on the tuning split (subjects disjoint from train and held-out) with the target's
     settings, its steps scaled to the same number of epochs. Returns its directory (reused if already there)."""
     model_out = out / "model"
-    if (model_out / "config.json").exists():
+    if (model_out / "config.json").exists() and not (model_out / INCOMPLETE).exists():  # not a killed save
         return model_out
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -303,6 +305,7 @@ def train_reference_model(data_dir: Path, out: Path, meta: dict[str, Any], *, re
     for suffix in SPLIT_SUFFIXES:
         for target in ("train", "tuning"):
             shutil.copyfile(data_dir / f"tuning.{suffix}", data / f"{target}.{suffix}")
+    seal(data)  # the copy is a token folder of its own: readers check its completion marker
     tuning_tokens = PackedSplit(data, "tuning").n_tokens
     fields = dict(meta.get("training") or {})
     if not fields:

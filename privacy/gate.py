@@ -44,6 +44,20 @@ def _merge(base: dict[str, Any], over: dict[str, Any], where: str, prefix: str =
             base[key] = copy.deepcopy(value)
 
 
+def overrides(cfg: dict[str, Any], base: dict[str, Any] | None = None, prefix: str = "") -> list[str]:
+    """The dotted names of the options where ``cfg`` differs from the shipped defaults (what a reviewer of a
+    release should look at: a PASS under relaxed limits is a different claim)."""
+    base = default_config() if base is None else base
+    out = []
+    for key in sorted(set(cfg) | set(base)):
+        mine, theirs = cfg.get(key), base.get(key)
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            out += overrides(mine, theirs, f"{prefix}{key}.")
+        elif mine != theirs:
+            out.append(f"{prefix}{key}")
+    return out
+
+
 def worst(decisions: list[str]) -> str:
     """The most severe decision (SKIPPED never wins over a real one; all skipped is SKIPPED)."""
     return max(decisions, key=lambda d: _RANK[d], default=SKIPPED)

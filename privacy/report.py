@@ -15,8 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from foresight.atomic import write_text
+from foresight.hashing import sha256
+
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
+{% if report_sha256 %}<meta name="foresight-report-sha256" content="{{ report_sha256 }}">{% endif %}
 <title>Privacy model card: {{ r.model.name }}</title>
 <style>
  body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; line-height: 1.4; }
@@ -168,8 +172,10 @@ def _est(e: dict[str, Any] | None, scale: float = 1.0, unit: str = "") -> str:
     return v
 
 
-def render_html(report: dict[str, Any], plots: dict[str, str] | None = None) -> str:
-    """The model card for a report dict (the same dict written as JSON)."""
+def render_html(report: dict[str, Any], plots: dict[str, str] | None = None, report_sha256: str | None = None
+                ) -> str:
+    """The model card for a report dict (the same dict written as JSON); ``report_sha256``, the digest of the JSON
+    text written beside it, ties the card to that file (:func:`html_describes`)."""
     import jinja2
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.ChainableUndefined)
@@ -177,7 +183,7 @@ def render_html(report: dict[str, Any], plots: dict[str, str] | None = None) -> 
     macros = env.from_string(MIA_TABLE).make_module({"est": _est, "fprs": fprs})
     tpl = env.from_string(TEMPLATE)
     return tpl.render(r=report, plots=plots or {}, est=_est, mia_table=macros.mia_table,
-                      config_text=json.dumps(report["config"], indent=1))
+                      config_text=json.dumps(report["config"], indent=1), report_sha256=report_sha256)
 
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
@@ -233,21 +239,49 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def write(report: dict[str, Any], out_dirs: list[Path], plots: dict[str, str] | None = None) -> list[Path]:
-    """Write ``report.json`` and ``report.html`` into each of ``out_dirs`` (atomically: temp file + replace)."""
-    import os
+PROBES = ("membership_inference", "canaries", "extraction", "vocabulary_floor", "synthetic_cohort", "forgotten")
 
-    html = render_html(report, plots)
+
+def write(report: dict[str, Any], out_dirs: list[Path], plots: dict[str, str] | None = None) -> list[Path]:
+    """Write ``report.json`` then ``report.html`` into each of ``out_dirs``, each atomically (a uniquely named
+    temporary file, flushed to disk, then ``os.replace``): a killed audit leaves the previous report or the new
+    one, never a truncated file. A JSON and HTML from different audits (killed between the two) is told apart by
+    :func:`html_describes`: the card carries the digest of the JSON text."""
     text = json.dumps(report, indent=1, default=_json_default)
+    html = render_html(report, plots, report_sha256=sha256(text))
     written = []
     for d in out_dirs:
         d.mkdir(parents=True, exist_ok=True)
         for name, content in (("report.json", text), ("report.html", html)):
-            tmp = d / f".{name}.tmp"
-            tmp.write_text(content)
-            os.replace(tmp, d / name)
+            write_text(d / name, content)
             written.append(d / name)
     return written
+
+
+def html_describes(html: str, report_text: str) -> bool:
+    """Whether a model card was rendered from exactly this ``report.json`` text (the digest :func:`write` put in)."""
+    return f'content="{sha256(report_text)}"' in html
+
+
+def probe_results(report: dict[str, Any]) -> dict[str, Any]:
+    """The probe figures :func:`privacy.gate.decide` took, read back from a report (the inverse of the layout
+    :mod:`privacy.audit` writes: membership inference's rows are wrapped with the sample sizes). KeyError naming
+    what is missing, TypeError when a part is not the shape the audit writes."""
+    probes = report.get("probes")
+    if not isinstance(probes, dict):
+        raise KeyError("probes")
+    missing = [p for p in PROBES if p not in probes]
+    if missing:
+        raise KeyError(", ".join(missing))
+    results = dict(probes)
+    mi = probes["membership_inference"]
+    if not isinstance(mi, dict) or not isinstance(mi.get("rows"), list):
+        raise TypeError("membership_inference has no list of rows")
+    results["membership_inference"] = mi["rows"]
+    for name in ("extraction", "vocabulary_floor"):
+        if not isinstance(probes[name], dict):
+            raise TypeError(f"{name} is not a probe result")
+    return results
 
 
 def _json_default(x: Any) -> Any:

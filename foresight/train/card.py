@@ -1,6 +1,12 @@
 """The trained model's directory: Hugging Face weights, ``vocab.json``, ``foresight.json`` (the model card) and
 ``loss_curve.png``.
 
+A save is never half-visible: ``write_model_dir`` first drops the marker ``.incomplete`` into the directory, writes
+every file into a staging folder beside them and moves each into place with ``os.replace`` (so no file is ever
+truncated), and removes the marker last. A directory that still holds the marker — a save killed part-way, new
+weights beside an old card — is refused by every reader (:func:`check_complete`, which
+``Forecaster.from_pretrained`` and the release call); training again with the same options resumes and saves it.
+
 ``foresight.json`` holds the tokenizer, data fingerprint, training and DeepSpeed config, metrics, the time-head
 flag and every rank's weight checksum; the model itself loads with ``AutoModelForCausalLM.from_pretrained(out)``.
 """
@@ -8,20 +14,33 @@ flag and every rank's weight checksum; the model itself loads with ``AutoModelFo
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import asdict
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from foresight import model as M
+from foresight.atomic import fsync_dir, fsync_file
 from foresight.hashing import sha256_chunks
 from foresight.train.engine import Run
 from foresight.train.errors import TrainingError
 from foresight.train.log import plot_loss_curve
 
 CARD = "foresight.json"
+INCOMPLETE = ".incomplete"  # present while a model directory is written; readers refuse a directory holding it
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def check_complete(model_dir: str | Path) -> None:
+    """FileNotFoundError, saying why, when ``model_dir`` holds a save that did not finish."""
+    if (Path(model_dir) / INCOMPLETE).exists():
+        raise FileNotFoundError(f"{model_dir}: not a complete model: its save was interrupted ({INCOMPLETE} is "
+                                "still there); run `foresight train` again with the same options to resume and save")
 
 
 def gather_weights(run: Run) -> tuple[dict[str, Any] | None, list[str | None]]:
@@ -71,11 +90,32 @@ def model_card(run: Run, metrics: dict[str, Any], checksums: list[str | None]) -
 
 def write_model_dir(run: Run, state_dict: dict[str, Any] | None, checksums: list[str | None],
                     metrics: dict[str, Any], history: list[dict[str, Any]], unigram: float) -> None:
-    """Rank 0 only: the weights, the vocabulary (and code descriptions), ``foresight.json`` and the loss curve."""
+    """Rank 0 only: the weights, the vocabulary (and code descriptions), ``foresight.json`` and the loss curve,
+    written so that a killed save leaves a directory readers refuse (see the module docstring)."""
     out, data_dir = run.out, run.data_dir
-    run.engine.module.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-    shutil.copyfile(data_dir / "vocab.json", out / "vocab.json")
-    if (data_dir / "code_descriptions.json").exists():  # readable names for predictions and the model card
-        shutil.copyfile(data_dir / "code_descriptions.json", out / "code_descriptions.json")
-    (out / CARD).write_text(json.dumps(model_card(run, metrics, checksums), indent=1, default=str))
-    plot_loss_curve(history, out / "loss_curve.png", unigram)
+    marker = out / INCOMPLETE
+    marker.write_text("a model save is in progress or was interrupted: the files here are not one model\n")
+    fsync_dir(out)
+    for stale in out.glob(".saving-*"):  # a killed save's staging folder
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=out))
+    try:
+        run.engine.module.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        shutil.copyfile(data_dir / "vocab.json", staging / "vocab.json")
+        if (data_dir / "code_descriptions.json").exists():  # readable names for predictions and the model card
+            shutil.copyfile(data_dir / "code_descriptions.json", staging / "code_descriptions.json")
+        (staging / CARD).write_text(json.dumps(model_card(run, metrics, checksums), indent=1, default=str))
+        plot_loss_curve(history, staging / "loss_curve.png", unigram)
+        new = {p.name for p in staging.iterdir()}
+        for old in out.iterdir():  # a previous save's weight shards or descriptions would pass for this model's
+            if old.is_file() and old.name not in new and (old.suffix in _WEIGHT_SUFFIXES
+                                                          or old.name == "code_descriptions.json"):
+                old.unlink()
+        for p in sorted(staging.iterdir(), key=lambda p: p.name == CARD):  # the card last
+            fsync_file(p)
+            os.replace(p, out / p.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    fsync_dir(out)
+    marker.unlink()
+    fsync_dir(out)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from foresight.atomic import write_text
 from foresight.hashing import sha256_file
 from foresight.train.config import TrainConfig
 from foresight.train.errors import CheckpointError, TrainingError
@@ -47,12 +47,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], *, rank: int,
                     world_size: int, keep: int) -> Path:
     """Every rank saves its part; rank 0 then writes the manifest and, last, the ``latest`` pointer."""
@@ -69,8 +63,8 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, client_state: dict[s
                  if p.is_file() and p.name != MANIFEST}
         manifest = {"step": step, "world_size": world_size, "files": files,
                     "saved": datetime.now(UTC).isoformat(timespec="seconds")}
-        _atomic_write(path / MANIFEST, json.dumps(manifest, indent=1))
-        _atomic_write(ckpt_dir / "latest", tag)  # the same pointer file DeepSpeed's own tools read
+        write_text(path / MANIFEST, json.dumps(manifest, indent=1))
+        write_text(ckpt_dir / "latest", tag)  # the same pointer file DeepSpeed's own tools read
         old = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and p.name != tag)
         for p in old[:max(0, len(old) - (keep - 1))] if keep > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
