@@ -30,7 +30,8 @@ app = typer.Typer(
 etl_app = typer.Typer(help="Load a source into the DuckDB event warehouse (MEDS events).", no_args_is_help=True)
 export_app = typer.Typer(help="Export the warehouse to other formats.", no_args_is_help=True)
 serve_app = typer.Typer(
-    help="The researcher query service (HTTP): run it, or manage its API keys (keygen, revoke).",
+    help="The researcher query service (HTTP): run it, manage its API keys (keygen, revoke), check its audit "
+         "log (verify-log).",
     invoke_without_command=True,
 )
 concepts_app = typer.Typer(help="MedCAT concept packs: build one from code dictionaries, try it on text.",

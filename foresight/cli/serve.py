@@ -1,4 +1,5 @@
-"""``serve`` (the HTTP query service) and its key management: ``serve keygen``, ``serve revoke``."""
+"""``serve`` (the HTTP query service), its key management (``serve keygen``, ``serve revoke``) and the audit
+log's check (``serve verify-log``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ def serve(
     = "127.0.0.1",
     keys: KeysOption = Path("foresight-keys.json"),
     audit_log: Annotated[Path, typer.Option(help="Append-only JSON-lines audit log.")] = Path("foresight-audit.jsonl"),
+    audit_key: Annotated[Path | None, typer.Option(
+        help="HMAC key of the audit chain (default: <audit-log>.key, created with mode 0600 for a new log). Keep "
+             "it where those who can write the log cannot read it.")] = None,
+    audit_new_segment: Annotated[bool, typer.Option(
+        "--audit-new-segment", help="If the audit log fails verification, move it aside (<log>.broken-<time>) "
+                                    "and start a new one, instead of refusing to start.")] = False,
     max_batch: Annotated[int, typer.Option(min=1, help="Next-event requests per forward pass (1: unbatched).")] = 32,
     batch_wait_ms: Annotated[float, typer.Option(min=0, help="When others are queued, how long to wait for the rest "
                                                          "of a burst (0 measured best on CPU-only hosts).")] = 5.0,
@@ -46,13 +53,44 @@ def serve(
     opt_out_list(exclude_subjects)  # a bad list stops the server here, with the file and line named
     try:
         cfg = service.ServeConfig(model_dir=model, keys_file=keys, audit_log=audit_log, db=db,
+                                  audit_key_file=audit_key, audit_new_segment=audit_new_segment,
                                   exclude_subjects_file=exclude_subjects, max_events=max_events,
                                   max_body_bytes=max_body_bytes, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                                   suppression=service.SuppressionRule(small_cell_threshold, rounding))
         err.print(f"serving {model} on http://{host}:{port} (docs at /docs); audit log {audit_log}")
         service.serve(cfg, host=host, port=port)
+    except service.AuditChainError as exc:
+        fail(f"the audit log fails verification, not starting: {exc}\n(keep the evidence; to start a new log "
+             "and move this one aside, add --audit-new-segment)")
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+
+
+def verify_log(
+    audit_log: Annotated[Path, typer.Option("--audit-log", help="The audit log to check.")],
+    key_file: Annotated[Path | None, typer.Option("--key-file", help="Its HMAC key (default: <audit-log>.key).")]
+    = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check an audit log: its keyed chain (edits, deletions, insertions) and its head (removed last lines).
+
+    Exit 0: intact; 1: broken (the first bad line is named); 2: the log or key cannot be read.
+    """
+    if not audit_log.exists() and not service.audit_head_file(audit_log).exists():
+        fail(f"{audit_log}: no such audit log")
+    try:
+        state = service.check_audit_log(audit_log, service.load_audit_key(audit_log, key_file))
+    except service.AuditChainError as exc:
+        emit({"audit_log": str(audit_log), "ok": False, "error": str(exc)}, as_json)
+        if not as_json:
+            err.print(f"BROKEN: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    except (OSError, ValueError) as exc:
+        fail(str(exc))
+    summary = state.summary()
+    human = (f"OK: {state.records} records ({state.keyed} keyed, {state.unkeyed} unkeyed), head vouches for "
+             f"{state.head_lines if state.head_lines is not None else 'nothing (no head)'}")
+    emit(summary, as_json, "\n".join([human, *(f"warning: {w}" for w in state.warnings)]))
 
 
 def keygen(

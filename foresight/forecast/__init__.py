@@ -16,14 +16,23 @@ Where things live (each module imports only the ones before it):
   :func:`forecast_cohort`, the cohort forecast sequence every front end runs.
 """
 
-from foresight.forecast.cohorts import cohort_as_of, like_patterns, subsample, weekly_history, with_codes
+from foresight.forecast.cohorts import (
+    cohort_as_of,
+    like_patterns,
+    subsample,
+    weekly_history,
+    weekly_history_events,
+    with_codes,
+)
 from foresight.forecast.forecaster import EventDistribution, Explanation, Forecaster, NextEvents
 from foresight.forecast.population import (
     CohortForecast,
+    CohortInputs,
     PopulationForecast,
     forecast_cohort,
     plot_population,
     population_rates,
+    select_cohort,
     weekly_counts,
 )
 from foresight.forecast.risks import (
@@ -33,7 +42,7 @@ from foresight.forecast.risks import (
     risk_with_interval,
     risks_with_intervals,
 )
-from foresight.forecast.sampling import FutureSampler
+from foresight.forecast.sampling import FutureSampler, SamplingCancelled
 from foresight.forecast.tasks import BUILTIN_TASKS, Risk, TaskSpec, load_task, risk_from_futures, time_head_risk, wilson
 from foresight.forecast.timeline import DAY, Timeline
 
@@ -43,6 +52,7 @@ __all__ = [
     "RB_INTERVAL",
     "WILSON_INTERVAL",
     "CohortForecast",
+    "CohortInputs",
     "EventDistribution",
     "Explanation",
     "Forecaster",
@@ -51,6 +61,7 @@ __all__ = [
     "PopulationForecast",
     "Risk",
     "RiskEstimate",
+    "SamplingCancelled",
     "TaskSpec",
     "Timeline",
     "cohort_as_of",
@@ -62,10 +73,12 @@ __all__ = [
     "risk_from_futures",
     "risk_with_interval",
     "risks_with_intervals",
+    "select_cohort",
     "subsample",
     "time_head_risk",
     "weekly_counts",
     "weekly_history",
+    "weekly_history_events",
     "wilson",
     "with_codes",
 ]

@@ -73,3 +73,32 @@ def weekly_history(con: Any, subject_ids: Sequence[int], as_of: datetime, weeks:
         {"start": start, "as_of": as_of, "patterns": like_patterns(codes)},
     ).fetchall())
     return [(start + timedelta(days=7 * w), int(counts.get(w, 0))) for w in range(weeks)]
+
+
+EventKey = tuple[int, str, str, int]  # subject_id, ISO time, code, occurrence (repeats of one event stay apart)
+
+
+def weekly_history_events(con: Any, subject_ids: Sequence[int], as_of: datetime, weeks: int,
+                          codes: Sequence[str] = ("ADMIT//*",)) -> list[tuple[datetime, frozenset[EventKey]]]:
+    """The events behind each :func:`weekly_history` cell: per week, the set of matching events (its size is the
+    week's count). The query service compares these sets across requests, so that two cells that differ by a
+    handful of events (the differencing attack) are never both released."""
+    start = as_of - timedelta(days=7 * weeks)
+    con.execute("CREATE OR REPLACE TEMP TABLE history_cohort AS SELECT unnest(?::BIGINT[]) AS subject_id",
+                [list(subject_ids)])
+    rows = con.execute(
+        """
+        SELECT floor(date_diff('second', $start, e.time) / (7 * 86400))::INTEGER AS w, e.subject_id,
+               strftime(e.time, '%Y-%m-%dT%H:%M:%S.%f') AS t, e.code,
+               row_number() OVER (PARTITION BY e.subject_id, e.time, e.code) AS k
+        FROM events e JOIN history_cohort USING (subject_id)
+        WHERE e.time >= $start AND e.time < $as_of
+          AND EXISTS (SELECT 1 FROM unnest($patterns::VARCHAR[]) p(pat) WHERE e.code LIKE p.pat ESCAPE '\\')
+        """,
+        {"start": start, "as_of": as_of, "patterns": like_patterns(codes)},
+    ).fetchall()
+    cells: list[set[EventKey]] = [set() for _ in range(weeks)]
+    for w, sid, t, code, k in rows:
+        if 0 <= w < weeks:
+            cells[w].add((int(sid), t, code, int(k)))
+    return [(start + timedelta(days=7 * w), frozenset(c)) for w, c in enumerate(cells)]

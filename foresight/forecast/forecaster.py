@@ -34,7 +34,7 @@ import torch
 from foresight import model as M
 from foresight.forecast.sampling import FutureSampler
 from foresight.forecast.tasks import TaskSpec, time_head_risk
-from foresight.forecast.timeline import DAY, Timeline
+from foresight.forecast.timeline import DAY, Timeline, event_time
 from foresight.schema import code_kind
 from foresight.tokens import (
     AGE_PREFIX,
@@ -50,6 +50,7 @@ from foresight.tokens import (
     register_code_map,
     to_epoch,
 )
+from foresight.train.card import check_complete
 
 
 @dataclass
@@ -122,6 +123,7 @@ class Forecaster(FutureSampler):
         from transformers import AutoModelForCausalLM
 
         model_dir = Path(model_dir)
+        check_complete(model_dir)  # a save that was killed part-way is not a model
         for name in ("vocab.json", "config.json"):
             if not (model_dir / name).exists():
                 raise FileNotFoundError(f"{model_dir / name}: not a Foresight model directory")
@@ -200,7 +202,11 @@ class Forecaster(FutureSampler):
     def timeline_from_events(self, events: Sequence[dict[str, Any]], as_of: datetime | None = None) -> Timeline:
         """A timeline posted as MEDS-shaped events (``time``, ``code``, optional ``numeric_value``).
 
-        Codes the vocabulary does not know map to their kind's RARE token (the caller can warn)."""
+        Times (and ``as_of``) are datetimes or ISO 8601 strings, read as the HTTP service reads them (an offset
+        is converted to UTC, then dropped: :func:`foresight.forecast.timeline.event_time`); anything else is a
+        ValueError naming the event. Codes the vocabulary does not know map to their kind's RARE token (the
+        caller can warn)."""
+        events, as_of = read_events(events, as_of)
         births = [e["time"] for e in events if e["code"] == "MEDS_BIRTH" and e.get("time")]
         rows = [e for e in events if e["code"] != "MEDS_BIRTH" and (as_of is None or e.get("time") is None
                                                                       or e["time"] <= as_of)]
@@ -431,6 +437,7 @@ class Forecaster(FutureSampler):
         means the event made the target more likely. ``total_variation`` is how much the whole next-event
         distribution moved (half the L1 distance). Only the ``max_events`` most recent timed events are tried.
         """
+        events, as_of = read_events(events, as_of)
         base = self.timeline_from_events(events, as_of)
         candidates = [i for i, e in enumerate(events) if e.get("time") is not None and e["code"] != "MEDS_BIRTH"
                       and (as_of is None or e["time"] <= as_of)]
@@ -490,3 +497,13 @@ class Forecaster(FutureSampler):
         match = torch.tensor([task.matches(t) for t in self.vocab.tokens])
         risk[live] = time_head_risk(logits, self.event_bias, match, task.window_days)
         return risk
+
+
+def read_events(events: Sequence[dict[str, Any]], as_of: Any = None) -> tuple[list[dict[str, Any]], datetime | None]:
+    """Posted events with their times read by :func:`event_time` (ValueError naming ``events[i]`` otherwise)."""
+    out = []
+    for i, e in enumerate(events):
+        if not isinstance(e, dict) or not isinstance(e.get("code"), str):
+            raise ValueError(f"events[{i}]: must be a mapping with a string `code` (and `time`, `numeric_value`)")
+        out.append({**e, "time": event_time(e.get("time"), f"events[{i}].time")})
+    return out, event_time(as_of, "as_of")

@@ -3,7 +3,9 @@
 - :func:`population_rates` — expected events (e.g. admissions) per week for a cohort's timelines, with 50% and
   90% intervals from the per-sample weekly counts.
 - :func:`forecast_cohort` — the whole sequence the CLI, the pipeline, the flow and the server run: select the
-  cohort alive at ``as_of`` from the warehouse, encode it, sample its futures, count weekly rates.
+  cohort alive at ``as_of`` from the warehouse, encode it (:func:`select_cohort`), sample its futures, count
+  weekly rates (:func:`population_rates`). The server runs the two halves on different threads (the warehouse
+  half with the other lookups, the sampling half on its own worker, stoppable through ``should_stop``).
 """
 
 from __future__ import annotations
@@ -58,9 +60,14 @@ def weekly_counts(futures: Sequence[Sequence[Sequence[dict[str, Any]]]], as_of: 
 
 def population_rates(forecaster: Forecaster, timelines: Sequence[Timeline], as_of: datetime, horizon_days: float,
                      *, samples: int = 20, codes: Sequence[str] = ("ADMIT//*",), seed: int = 0,
-                     history: Sequence[tuple[datetime, int]] = ()) -> PopulationForecast:
-    """Expected weekly counts of ``codes`` events in the cohort over the horizon, with 50%/90% intervals."""
-    futures = forecaster.sample_futures(timelines, samples, horizon_days, seed=seed)
+                     history: Sequence[tuple[datetime, int]] = (),
+                     should_stop: Callable[[], bool] | None = None) -> PopulationForecast:
+    """Expected weekly counts of ``codes`` events in the cohort over the horizon, with 50%/90% intervals.
+
+    ``should_stop``: see :meth:`~foresight.forecast.FutureSampler.sample_futures` (raises
+    :class:`~foresight.forecast.sampling.SamplingCancelled` when it answers True).
+    """
+    futures = forecaster.sample_futures(timelines, samples, horizon_days, seed=seed, should_stop=should_stop)
     counts = weekly_counts(futures, as_of, horizon_days, codes)
     weeks = []
     for w in range(counts.shape[1]):
@@ -122,11 +129,44 @@ def _quiet(message: str) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+@dataclass
+class CohortInputs:
+    """The warehouse half of a cohort forecast: who is in the cohort, and the prompts to sample from."""
+
+    cohort_size: int  # subjects in the cohort at as_of (after cohort_codes, before the max_subjects subset)
+    cohort_ids: list[int]  # the whole cohort
+    subject_ids: list[int]  # the subjects forecast for: the cohort, or its seeded random subset
+    timelines: list[Timeline] = field(default_factory=list)  # their prompts, the dead left out; [] when too small
+    history: list[tuple[datetime, int]] = field(default_factory=list)  # observed weekly counts before as_of
+
+
+def select_cohort(forecaster: Forecaster, con: Any, as_of: datetime, *, codes: Sequence[str] = ("ADMIT//*",),
+                  split: str | None = None, cohort_codes: Sequence[str] | None = None,
+                  max_subjects: int | None = None, history_weeks: int = 52, seed: int = 0, min_size: int = 1,
+                  status: Callable[[str], contextlib.AbstractContextManager[Any]] = _quiet) -> CohortInputs:
+    """The cohort alive at ``as_of`` and its prompts (see :func:`forecast_cohort`); nothing is encoded when it
+    is smaller than ``min_size``."""
+    cohort = cohort_as_of(con, as_of, split=split)
+    if cohort_codes:
+        cohort = with_codes(con, cohort, as_of, cohort_codes)
+    size = len(cohort)
+    if size < max(min_size, 1):
+        return CohortInputs(size, cohort, cohort)
+    ids = subsample(cohort, max_subjects, seed)
+    with status(f"encoding {len(ids):,} timelines"):
+        timelines = [t for t in forecaster.timelines_from_warehouse(con, ids, as_of) if not t.dead]
+    if not timelines:
+        return CohortInputs(size, cohort, ids)
+    history = weekly_history(con, ids, as_of, history_weeks, codes) if history_weeks else []
+    return CohortInputs(size, cohort, ids, timelines, history)
+
+
 def forecast_cohort(forecaster: Forecaster, con: Any, as_of: datetime, horizon_days: float, *, samples: int = 20,
                     codes: Sequence[str] = ("ADMIT//*",), split: str | None = None,
                     cohort_codes: Sequence[str] | None = None, max_subjects: int | None = None,
                     history_weeks: int = 52, seed: int = 0, min_size: int = 1,
-                    status: Callable[[str], contextlib.AbstractContextManager[Any]] = _quiet) -> CohortForecast:
+                    status: Callable[[str], contextlib.AbstractContextManager[Any]] = _quiet,
+                    should_stop: Callable[[], bool] | None = None) -> CohortForecast:
     """Weekly ``codes`` events expected over ``horizon_days`` for the cohort alive at ``as_of``.
 
     The cohort is :func:`~foresight.forecast.cohorts.cohort_as_of` (in ``split``), narrowed to subjects with one
@@ -135,20 +175,14 @@ def forecast_cohort(forecaster: Forecaster, con: Any, as_of: datetime, horizon_d
     timelines are cut at ``as_of`` (the dead are left out), ``samples`` futures each, with ``history_weeks``
     observed weeks before ``as_of``. ``con``: an open warehouse connection (the caller's, so the server's
     opt-out views apply). ``status(message)``: a context manager wrapped around the two slow steps (a spinner).
+    ``should_stop``: asked between sampling steps; True stops the work (``SamplingCancelled``).
     """
-    ids = cohort_as_of(con, as_of, split=split)
-    if cohort_codes:
-        ids = with_codes(con, ids, as_of, cohort_codes)
-    size = len(ids)
-    if size < max(min_size, 1):
-        return CohortForecast(size, ids, None)
-    ids = subsample(ids, max_subjects, seed)
-    with status(f"encoding {len(ids):,} timelines"):
-        timelines = [t for t in forecaster.timelines_from_warehouse(con, ids, as_of) if not t.dead]
-    if not timelines:
-        return CohortForecast(size, ids, None)
-    history = weekly_history(con, ids, as_of, history_weeks, codes) if history_weeks else []
-    with status(f"sampling {samples} futures for {len(timelines):,} subjects"):
-        result = population_rates(forecaster, timelines, as_of, horizon_days, samples=samples, codes=codes,
-                                  seed=seed, history=history)
-    return CohortForecast(size, ids, result)
+    inputs = select_cohort(forecaster, con, as_of, codes=codes, split=split, cohort_codes=cohort_codes,
+                           max_subjects=max_subjects, history_weeks=history_weeks, seed=seed, min_size=min_size,
+                           status=status)
+    if not inputs.timelines:
+        return CohortForecast(inputs.cohort_size, inputs.subject_ids, None)
+    with status(f"sampling {samples} futures for {len(inputs.timelines):,} subjects"):
+        result = population_rates(forecaster, inputs.timelines, as_of, horizon_days, samples=samples, codes=codes,
+                                  seed=seed, history=inputs.history, should_stop=should_stop)
+    return CohortForecast(inputs.cohort_size, inputs.subject_ids, result)

@@ -12,7 +12,7 @@ probability that a task fires instead of a 0/1 outcome.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +23,10 @@ from foresight.forecast.tasks import TaskSpec
 from foresight.forecast.timeline import DAY, Timeline
 from foresight.schema import DEATH_CODE
 from foresight.tokens import PAD, Vocabulary, decode
+
+
+class SamplingCancelled(Exception):
+    """Sampling stopped early because its ``should_stop`` callback said so (a deadline, a caller that left)."""
 
 
 class FutureSampler:
@@ -67,11 +71,14 @@ class FutureSampler:
         seed: int = 0,
         max_new_tokens: int = 512,
         batch_rows: int = 512,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[list[list[dict[str, Any]]]]:
         """``n`` futures per timeline up to ``horizon_days`` after its ``as_of``: futures[i][j] = events.
 
         Each event is MEDS-shaped (time, code, numeric_value); times are never before ``as_of`` and never past
-        the horizon. Reproducible for a given seed.
+        the horizon. Reproducible for a given seed. ``should_stop()`` is asked before every decoding step (one
+        token for every row of a batch); when it answers True, :class:`SamplingCancelled` is raised and no more
+        model work is done. Without it (the default) nothing changes.
         """
         if n < 1 or horizon_days <= 0:
             raise ValueError("need n >= 1 and horizon_days > 0")
@@ -82,7 +89,7 @@ class FutureSampler:
         for b in range(0, len(live), per_batch):
             group = live[b:b + per_batch]
             toks, _ = self.sample_batch([timelines[i] for i in group], n, horizon_days, temperature, top_p, gen,
-                                      max_new_tokens)
+                                      max_new_tokens, should_stop=should_stop)
             for gi, i in enumerate(group):
                 tl = timelines[i]
                 for j in range(n):
@@ -121,8 +128,15 @@ class FutureSampler:
 
     def sample_batch(self, tls: Sequence[Timeline], n: int, horizon_days: float, temperature: float,
                      top_p: float, gen: torch.Generator, max_new_tokens: int, *, match: torch.Tensor | None = None,
-                     stop: torch.Tensor | None = None) -> tuple[list[list[int]], torch.Tensor]:
-        """Decode ``n`` futures per prompt; with ``match`` also the survival of each path (see task_risks)."""
+                     stop: torch.Tensor | None = None, should_stop: Callable[[], bool] | None = None,
+                     ) -> tuple[list[list[int]], torch.Tensor]:
+        """Decode ``n`` futures per prompt; with ``match`` also the survival of each path (see task_risks).
+
+        ``should_stop()``: asked before the prompt pass and before every decoding step; True raises
+        :class:`SamplingCancelled` (see :meth:`sample_futures`).
+        """
+        if should_stop is not None and should_stop():
+            raise SamplingCancelled("sampling stopped before the prompt pass")
         dev = self.device
         lens = [len(t.tokens) for t in tls]
         width = max(lens)
@@ -151,7 +165,9 @@ class FutureSampler:
         survival = torch.ones(rows, dtype=torch.float64)
         is_time = torch.tensor(self.is_time)
         match_d = match.to(dev) if match is not None else None
-        for _ in range(max_new_tokens):
+        for step_no in range(max_new_tokens):
+            if should_stop is not None and should_stop():
+                raise SamplingCancelled(f"sampling stopped after {step_no} decoding steps")
             logit = logits.float() / max(temperature, 1e-6)
             logit = logit.masked_fill(self.banned, float("-inf"))
             # rows still inside the elapsed gap: only gaps that end after as_of (a 1-year step if > 1y remains)

@@ -9,7 +9,7 @@ What lives where
 ===============  ==============================================================================================
 ``security``     API keys (hashes only) and the keys file, roles, split scopes, token-bucket rate limits,
                  small-cell suppression
-``audit_log``    the hash-chained audit log and its verification
+``audit_log``    the keyed (HMAC) audit chain, its head anchor and its verification
 ``batching``     micro-batching of concurrent next-event requests into one forward pass
 ``config``       :class:`ServeConfig`: paths and per-request limits
 ``schemas``      request and response models (validation happens here, before any work)
@@ -36,12 +36,18 @@ Safety
 - **Rate limit**: an in-process token bucket per key (rate per minute, burst); 429 with ``Retry-After``.
 - **Audit** (:class:`AuditLog`): one JSON line per request — key id, role, endpoint, status, time, request and
   response sizes, number of posted events, the subject id of an analyst lookup — never codes, times or values
-  from a body. Opened for append only, fsynced per batch of records by a writer thread, and hash-chained
-  (each record holds the SHA-256 of the previous line; :func:`verify_audit_log`), so deletions and edits show.
+  from a body. Opened for append only, fsynced per batch of records by a writer thread before the answer leaves,
+  chained with HMAC-SHA256 under a server key and anchored by a head file (:mod:`foresight.serve.audit_log`;
+  :func:`verify_audit_log`, ``foresight serve verify-log``), so edits, deletions and a cut tail show.
   If the log cannot be written the service refuses requests (503): no unaudited answers.
 - **Small cells** (:func:`suppress_count`): every count in an aggregate output is shown as ``"<8"`` when it is
-  1-7 and otherwise rounded to the nearest 5 (NHS / OpenSAFELY practice; both numbers configurable). A cohort
-  smaller than the threshold gets no forecast at all.
+  0-7 and otherwise rounded to the nearest 5 (NHS / OpenSAFELY practice; both numbers configurable). A cohort
+  smaller than the threshold gets no forecast at all; weeks are fixed calendar weeks; a cohort (or a history
+  week) within 8 subjects (events) of one already released is refused (:mod:`foresight.serve.disclosure`).
+- **Bounded cohort forecasts**: subjects x samples x horizon days is checked against ``max_cohort_cost`` before
+  any work (422 with the cost and the limit); sampling runs on its own worker, one at a time (503 +
+  ``Retry-After`` for a second), so next-events, risk and explain keep answering; it stops at its next step when
+  ``cohort_deadline_s`` passes (503) or the client disconnects.
 - **Validation**: clear 4xx for wrong types, unknown fields, times out of order or out of range, reserved
   tokens posted as codes, too many events (422), bodies over the limit (413). Codes the vocabulary does not
   know are read as their kind's RARE token and reported in ``warnings`` (not an error).
@@ -70,7 +76,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from foresight.serve.audit_log import AuditLog, verify_audit_log
+from foresight.serve.audit_log import AuditChainError, AuditLog, check_audit_log, verify_audit_log
+from foresight.serve.audit_log import head_file as audit_head_file
+from foresight.serve.audit_log import load_key as load_audit_key
 from foresight.serve.batching import MicroBatcher
 from foresight.serve.config import ServeConfig
 from foresight.serve.security import (
@@ -86,9 +94,9 @@ from foresight.serve.security import (
 )
 
 __all__ = [
-    "ROLES", "ApiKey", "AuditLog", "KeyStore", "MicroBatcher", "RateLimiter", "Runtime", "ServeConfig",
-    "SuppressionRule", "create_app", "generate_key", "load_keys", "revoke_key", "serve", "suppress_count",
-    "verify_audit_log",
+    "ROLES", "ApiKey", "AuditChainError", "AuditLog", "KeyStore", "MicroBatcher", "RateLimiter", "Runtime",
+    "ServeConfig", "SuppressionRule", "audit_head_file", "check_audit_log", "create_app", "generate_key",
+    "load_audit_key", "load_keys", "revoke_key", "serve", "suppress_count", "verify_audit_log",
 ]
 
 _APP_NAMES = ("Runtime", "create_app", "serve")

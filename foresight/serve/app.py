@@ -18,9 +18,11 @@ Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -71,13 +73,48 @@ class GuardMiddleware:
         t0 = time.perf_counter()
         sizes = {"in": 0, "out": 0}
         status = {"code": 500}
+        held: list[dict[str, Any]] = []  # the answer, held back until its audit record is durable
+        logged = {"done": False}
+
+        def record() -> dict[str, Any]:
+            logged["done"] = True
+            route = scope.get("route")
+            return {
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "key_id": state.get("key_id"),
+                "role": state.get("role"),
+                "method": scope.get("method"),
+                "endpoint": getattr(route, "path", None) or "(no such endpoint)",
+                "status": status["code"],
+                "request_bytes": max(sizes["in"], declared or 0),
+                "response_bytes": sizes["out"],
+                "events": state.get("n_events"),
+                "subject_id": state.get("subject_id"),
+                "ms": round((time.perf_counter() - t0) * 1000, 2),
+            }
 
         async def send_counted(message: dict[str, Any]) -> None:
+            if message["type"] not in ("http.response.start", "http.response.body"):
+                await send(message)
+                return
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-            elif message["type"] == "http.response.body":
+            else:
                 sizes["out"] += len(message.get("body", b""))
-            await send(message)
+            held.append(message)
+            if message["type"] == "http.response.start" or message.get("more_body", False):
+                return
+            # the whole answer is here: log it, wait until the record is on disk, and only then answer
+            rec = record()
+            try:
+                await asyncio.wrap_future(rt.audit.write(rec))
+            except OSError:  # no unaudited answers: the record (still owed to the log) says what was sent
+                body = _refusal(AUDIT_DOWN)
+                rec["status"], rec["response_bytes"] = 503, len(body)
+                await _send_json(send, 503, body)
+                return
+            for m in held:
+                await send(m)
 
         async def receive_limited() -> dict[str, Any]:
             message = await receive()
@@ -90,26 +127,14 @@ class GuardMiddleware:
         declared = _content_length(scope)
         try:
             if not rt.audit.healthy:
-                await _plain(send_counted, 503, "the audit log cannot be written: requests are refused")
+                await _plain(send_counted, 503, AUDIT_DOWN)
             elif declared is not None and declared > limit:
                 await _plain(send_counted, 413, f"request body over {limit:,} bytes")
             else:
                 await self.app(scope, receive_limited, send_counted)
         finally:
-            route = scope.get("route")
-            rt.audit.write({
-                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                "key_id": state.get("key_id"),
-                "role": state.get("role"),
-                "method": scope.get("method"),
-                "endpoint": getattr(route, "path", None) or "(no such endpoint)",
-                "status": status["code"],
-                "request_bytes": max(sizes["in"], declared or 0),
-                "response_bytes": sizes["out"],
-                "events": state.get("n_events"),
-                "subject_id": state.get("subject_id"),
-                "ms": round((time.perf_counter() - t0) * 1000, 2),
-            })
+            if not logged["done"]:  # no complete answer (the app failed, or the request was cancelled)
+                rt.audit.write(record())
 
 
 def _content_length(scope: dict[str, Any]) -> int | None:
@@ -122,8 +147,18 @@ def _content_length(scope: dict[str, Any]) -> int | None:
     return None
 
 
+AUDIT_DOWN = "the audit log cannot be written: requests are refused"
+
+
+def _refusal(detail: str) -> bytes:
+    return json.dumps({"detail": detail}).encode()
+
+
 async def _plain(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+    await _send_json(send, status, _refusal(detail))
+
+
+async def _send_json(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, body: bytes) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
@@ -186,7 +221,16 @@ async def _answer(fn: Awaitable[Any]) -> Any:
     try:
         return await fn
     except QueryError as exc:
-        raise HTTPException(exc.status, exc.message) from exc
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        raise HTTPException(exc.status, exc.message, headers=headers) from exc
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Set ``cancel`` when the client disconnects (the body is already read, so the next ASGI message is the
+    disconnect; the watcher is cancelled when the answer is ready)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    cancel.set()
 
 
 def create_app(config: ServeConfig, forecaster: Any = None) -> FastAPI:
@@ -239,8 +283,14 @@ def create_app(config: ServeConfig, forecaster: Any = None) -> FastAPI:
         return await _answer(runtime.run(runtime.explain, q))
 
     @app.post("/v1/cohort-rate", response_model=CohortRateResponse)
-    async def cohort_rate(q: CohortRateRequest, key: Researcher) -> Any:
-        return await _answer(runtime.run(runtime.cohort_rate, q, key))
+    async def cohort_rate(q: CohortRateRequest, request: Request, key: Researcher) -> Any:
+        # the heavy part samples on the cohort worker; a client that leaves stops it at the next sampling step
+        cancel = threading.Event()
+        watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
+        try:
+            return await _answer(runtime.cohort_rate(q, key, cancel))
+        finally:
+            watcher.cancel()
 
     return app
 

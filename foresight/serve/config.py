@@ -16,6 +16,8 @@ class ServeConfig:
     keys_file: Path
     audit_log: Path
     db: Path | None = None
+    audit_key_file: Path | None = None  # the audit chain's HMAC key (default: <audit_log>.key, created if new)
+    audit_new_segment: bool = False  # a log that fails verification is moved aside instead of refusing to start
     exclude_subjects_file: Path | None = None  # national data opt-out list (foresight.optout format)
     max_events: int = 2000  # posted events per timeline
     max_body_bytes: int = 1_048_576  # request body
@@ -28,6 +30,10 @@ class ServeConfig:
     max_rollout_cache_bytes: int = 2 * 2**30  # risk: samples x (prompt + new tokens) x KV-cache bytes per token
     max_cohort_subjects: int = 200  # cohort-rate runs subjects x samples futures: minutes on a CPU if large
     max_cohort_samples: int = 20
+    # cohort-rate cost = subjects x samples x horizon days ("future-days"), checked before any work: the default
+    # request (200 x 20 x 28 days) fits; a year for 200 subjects x 20 samples (9 minutes on a CPU) does not
+    max_cohort_cost: float = 224_000
+    cohort_deadline_s: float = 120.0  # a cohort forecast still sampling after this is stopped (503)
     max_batch: int = 32  # next-event requests per forward pass (1 = unbatched)
     batch_wait_ms: float = 5.0
     suppression: SuppressionRule = field(default_factory=SuppressionRule)

@@ -14,18 +14,34 @@ import asyncio
 import contextlib
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+import duckdb
+
 from foresight import optout
-from foresight.forecast import BUILTIN_TASKS, Forecaster, forecast_cohort, load_task, risk_with_interval
+from foresight.forecast import (
+    BUILTIN_TASKS,
+    CohortInputs,
+    Forecaster,
+    PopulationForecast,
+    SamplingCancelled,
+    load_task,
+    population_rates,
+    risk_with_interval,
+    select_cohort,
+    weekly_history_events,
+)
+from foresight.forecast.cohorts import EventKey
 from foresight.serve.audit_log import AuditLog
 from foresight.serve.batching import MicroBatcher
 from foresight.serve.config import ServeConfig
+from foresight.serve.disclosure import Release, ReleaseGuard, release_of
 from foresight.serve.schemas import (
     CohortRateRequest,
     CohortRateResponse,
@@ -42,6 +58,8 @@ from foresight.serve.schemas import (
 from foresight.serve.security import ApiKey, KeyStore, RateLimiter, file_stamp, suppress_count
 from foresight.warehouse import connect
 
+WAREHOUSE_RETRY_S = 5  # Retry-After while an ETL holds the warehouse
+COHORT_RETRY_S = 10  # Retry-After while another cohort forecast is running
 EXPLAIN_WHY = ("leave-one-event-out: each past event is removed and the timeline re-encoded, so the change in "
                "probability is what the prediction would have been had the event not been recorded; "
                "model-agnostic, no gradients, all variants in one batched forward pass")
@@ -50,10 +68,30 @@ EXPLAIN_WHY = ("leave-one-event-out: each past event is removed and the timeline
 class QueryError(Exception):
     """A request the model cannot answer as posted: becomes a 4xx with this message."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after  # seconds, for a 503 the client should simply retry
+
+
+@dataclass
+class CohortJob:
+    """A cohort-rate request between its warehouse half (model thread) and its sampling half (cohort worker)."""
+
+    query: CohortRateRequest
+    as_of: datetime  # the Monday the request's as_of falls in (disclosure.py: a fixed calendar grid)
+    samples: int
+    inputs: CohortInputs
+    cells: list[tuple[datetime, frozenset[EventKey]]]  # the observed history: the events of each week
+    release: Release  # what answering discloses, checked against earlier answers
+    base: dict[str, Any]  # the response fields known before sampling
+    warnings: list[str]
+
+
+def week_start(t: datetime) -> datetime:
+    """Monday 00:00 of ``t``'s week."""
+    return t.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=t.weekday())
 
 
 @dataclass
@@ -69,15 +107,22 @@ class Runtime:
 
     def __init__(self, config: ServeConfig, forecaster: Any = None) -> None:
         self.config = config
-        self.fc = forecaster if forecaster is not None else Forecaster.from_pretrained(config.model_dir)
+        # keys and the audit chain first: a bad keys file or a broken log stops the server before the model loads
         self.keys = KeyStore(config.keys_file)
         self.limiter = RateLimiter()
-        self.audit = AuditLog(config.audit_log)
+        self.audit = AuditLog(config.audit_log, config.audit_key_file, config.audit_new_segment)
+        self.fc = forecaster if forecaster is not None else Forecaster.from_pretrained(config.model_dir)
         limit = int(getattr(self.fc.model.config, "max_position_embeddings", 0) or 0) or None
         caps = [c for c in (config.max_prompt_tokens, limit) if c]
         self.max_tokens = min(caps) if caps else None
         self._executor: ThreadPoolExecutor | None = None
-        self._con: Any = None
+        self._con: Any = None  # the warehouse connection of the current unit of work (see warehouse())
+        self._warehouse_error: str | None = None  # why the warehouse could not be opened last time, if it could not
+        # cohort rates: one at a time, sampled on their own worker; what was released, against differencing
+        self._cohort_executor: ThreadPoolExecutor | None = None
+        self._cohort_running: threading.Event | None = None  # the running job's cancel flag
+        self.cohort_guard = ReleaseGuard(config.suppression.threshold)
+        self.cohort_stopped = 0  # cohort forecasts stopped by their deadline or a client that left
         # the opt-out list: read now so a bad file stops the server at start, re-read when the file changes
         self.opt_out: frozenset[int] = frozenset()
         self._opt_out_stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
@@ -86,7 +131,7 @@ class Runtime:
         if config.exclude_subjects_file is not None:
             self._opt_out_stamp = file_stamp(config.exclude_subjects_file)
             self.opt_out = frozenset(optout.read_subjects_file(config.exclude_subjects_file))
-        self.batcher = MicroBatcher(self._run_next_batch, self.executor, config.max_batch,
+        self.batcher = MicroBatcher(self._next_batch_unit, self.executor, config.max_batch,
                                     config.batch_wait_ms / 1000.0)
         self.started = time.time()
         vocab = self.fc.vocab
@@ -102,28 +147,62 @@ class Runtime:
         return self._executor
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` on the model thread, awaited from the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor(), fn, *args)
+        """``fn(*args)`` on the model thread, awaited from the event loop (the warehouse is closed after it)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor(), self._unit, fn, *args)
+
+    def _unit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """One unit of work on the model thread: a warehouse connection it opened is closed when it ends."""
+        try:
+            return fn(*args)
+        finally:
+            self._close_warehouse()
+
+    def _next_batch_unit(self, jobs: list[NextJob]) -> list[Any]:
+        return self._unit(self._run_next_batch, jobs)
+
+    def cohort_executor(self) -> ThreadPoolExecutor:
+        """The cohort worker: a cohort forecast samples here, off the model thread, so next-events, risk and
+        explain keep answering while it runs (torch releases the GIL in its kernels; the two interleave)."""
+        if self._cohort_executor is None:
+            self._cohort_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="foresight-cohort")
+        return self._cohort_executor
 
     async def shutdown(self) -> None:
         """Stop batching, close the warehouse on the model thread, then flush and close the audit log."""
         await self.batcher.stop()
+        if self._cohort_running is not None:
+            self._cohort_running.set()  # a cohort forecast still sampling stops at its next step
+        if self._cohort_executor is not None:
+            self._cohort_executor.shutdown(wait=True)
+            self._cohort_executor = None
         if self._executor is not None:
-            if self._con is not None:
-                await self.run(self._close_warehouse)
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=True)  # each unit of work closed its own warehouse connection
             self._executor = None
         self.audit.close()
 
     # -- warehouse (model thread only) --
 
     def warehouse(self) -> Any:
-        """The read-only warehouse connection, opened on first use, with the current opt-out list hidden."""
+        """The read-only warehouse connection of this unit of work, with the current opt-out list hidden.
+
+        Opened on first use in a unit (:meth:`run`) and closed when the unit ends, so the server holds no lock
+        between requests and an ETL can write the warehouse while it runs. While a writer holds the file, the
+        request gets 503 with Retry-After (DuckDB: one writing process, or any number of reading ones).
+        """
         if self.config.db is None:
             raise QueryError(400, "this server has no warehouse attached (start it with --db FILE)")
         if self._con is None:
-            self._con = connect(self.config.db, read_only=True)
-            self._opt_out_hidden = None
+            try:
+                self._con = connect(self.config.db, read_only=True)
+            except (duckdb.Error, OSError) as exc:
+                busy = "lock" in str(exc).lower()
+                if str(exc) != self._warehouse_error:  # once per problem, not once per request
+                    print(f"foresight serve: warehouse {self.config.db} not readable now: {exc}", file=sys.stderr)
+                self._warehouse_error = str(exc)
+                raise QueryError(503, "the warehouse is being written (an ETL is running): retry shortly" if busy
+                                 else "the warehouse cannot be read right now: retry shortly",
+                                 retry_after=WAREHOUSE_RETRY_S) from exc
+            self._opt_out_hidden, self._warehouse_error = None, None
         self._honour_opt_out()
         return self._con
 
@@ -294,36 +373,116 @@ class Runtime:
         return ExplainResponse(method=ex.method, why=EXPLAIN_WHY, target=ex.target, probability=ex.probability,
                                events_considered=ex.events_considered, events=ex.events, warnings=w + warnings)
 
-    def cohort_rate(self, q: CohortRateRequest, key: ApiKey | None = None) -> CohortRateResponse:
+    # -- cohort rates: the warehouse half on the model thread, sampling on the cohort worker --
+
+    def cohort_cost(self, q: CohortRateRequest) -> tuple[int, int, float]:
+        """(subjects, samples, cost): the cost in future-days (subjects x samples x horizon days), checked against
+        the server's limit before any work. Worked out from the request and the caps only, never from the
+        cohort's real size, so a refusal says nothing about who is in it."""
+        cfg, threshold = self.config, self.config.suppression.threshold
+        subjects = min(q.max_subjects, cfg.max_cohort_subjects)
+        samples = min(q.samples, cfg.max_cohort_samples)
+        cost = subjects * samples * q.horizon_days
+        if subjects < threshold:
+            raise QueryError(422, f"max_subjects: a forecast over {subjects} subjects is smaller than the minimum "
+                                  f"cohort of {threshold}")
+        if cost > cfg.max_cohort_cost:
+            raise QueryError(422, f"this request costs {cost:,.0f} future-days ({subjects} subjects x {samples} "
+                                  f"samples x {q.horizon_days:g} days); this server allows at most "
+                                  f"{cfg.max_cohort_cost:,.0f} per request: ask for fewer subjects, samples or "
+                                  "days")
+        return subjects, samples, cost
+
+    async def cohort_rate(self, q: CohortRateRequest, key: ApiKey | None = None,
+                          cancel: threading.Event | None = None) -> CohortRateResponse:
+        """Answer a cohort-rate request within its cost limit and deadline; ``cancel`` set (the client left)
+        stops the sampling at its next step."""
         if key is not None and not key.allows_split(q.split):  # a scoped key sees only its splits' subjects
             raise QueryError(403, f"this key may query the {', '.join(key.splits or ())} split(s) only: set "
                                   "`split` to one of them")
-        cfg, rule = self.config, self.config.suppression
-        samples = min(q.samples, cfg.max_cohort_samples)
-        warnings = [f"samples capped at {samples}"] if samples < q.samples else []
-        run = forecast_cohort(self.fc, self.warehouse(), q.as_of, q.horizon_days, samples=samples, codes=q.codes,
-                              split=q.split, cohort_codes=q.cohort_codes,
-                              max_subjects=min(q.max_subjects, cfg.max_cohort_subjects),
-                              history_weeks=q.history_weeks, seed=q.seed, min_size=rule.threshold)
-        base = {"as_of": q.as_of.date().isoformat(), "horizon_days": q.horizon_days, "codes": q.codes,
-                "cohort_size": suppress_count(run.cohort_size, rule), "suppression": asdict(rule)}
-        if run.cohort_size < rule.threshold:  # nothing was encoded or sampled
+        subjects, samples, cost = self.cohort_cost(q)
+        if self._cohort_running is not None:
+            raise QueryError(503, "a cohort forecast is already running on this server (one at a time): retry "
+                                  "shortly", retry_after=COHORT_RETRY_S)
+        flag = cancel if cancel is not None else threading.Event()
+        self._cohort_running = flag
+        deadline = time.monotonic() + self.config.cohort_deadline_s
+        try:
+            job = await self.run(self.cohort_select, q, subjects, samples)
+            if isinstance(job, CohortRateResponse):
+                return job
+
+            def should_stop() -> bool:
+                return flag.is_set() or time.monotonic() > deadline
+
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    self.cohort_executor(), self.cohort_sample, job, should_stop)
+            except SamplingCancelled as exc:
+                self.cohort_stopped += 1
+                why = ("the request was cancelled" if flag.is_set()
+                       else f"it ran past this server's deadline of {self.config.cohort_deadline_s:g} s")
+                raise QueryError(503, f"the cohort forecast was stopped: {why} (cost {cost:,.0f} future-days); ask "
+                                      "for fewer subjects, samples or days") from exc
+            return self.cohort_publish(job, result)
+        except asyncio.CancelledError:
+            flag.set()  # the caller is gone: the worker stops at its next sampling step
+            raise
+        finally:
+            self._cohort_running = None
+
+    def cohort_select(self, q: CohortRateRequest, subjects: int, samples: int) -> CohortJob | CohortRateResponse:
+        """Model thread: the cohort, its prompts and its history cells; refused when it is close to an earlier
+        release; answered at once when nothing is to be sampled."""
+        rule = self.config.suppression
+        as_of = week_start(q.as_of)
+        warnings = [] if as_of == q.as_of else [
+            f"as_of moved to {as_of.date().isoformat()}, the Monday of its week: every week reported is a fixed "
+            "calendar week (disclosure control)"]
+        if samples < q.samples:
+            warnings.append(f"samples capped at {samples}")
+        con = self.warehouse()
+        inputs = select_cohort(self.fc, con, as_of, codes=q.codes, split=q.split, cohort_codes=q.cohort_codes,
+                               max_subjects=subjects, history_weeks=0, seed=q.seed, min_size=rule.threshold)
+        base = {"as_of": as_of.date().isoformat(), "horizon_days": q.horizon_days, "codes": q.codes,
+                "cohort_size": suppress_count(inputs.cohort_size, rule), "suppression": asdict(rule)}
+        if inputs.cohort_size < rule.threshold:  # nothing was encoded or sampled
             return CohortRateResponse(**base, subjects_forecast=suppress_count(0, rule), samples=0, weeks=[],
-                                      history=[], warnings=[f"the cohort has fewer than {rule.threshold} subjects: "
-                                                            "no forecast is released"])
-        if run.subsampled:
+                                      history=[], warnings=[*warnings, f"the cohort has fewer than {rule.threshold} "
+                                                                       "subjects: no forecast is released"])
+        cells = (weekly_history_events(con, inputs.subject_ids, as_of, q.history_weeks, q.codes)
+                 if inputs.timelines and q.history_weeks else [])
+        release = release_of([inputs.cohort_ids, inputs.subject_ids],
+                             [(w.date().isoformat(), events) for w, events in cells])
+        refusal = self.cohort_guard.refusal(release)
+        if refusal is not None:
+            raise QueryError(403, refusal)
+        if len(inputs.subject_ids) < inputs.cohort_size:
             warnings.append("the forecast is for a random subset of the cohort (max_subjects)")
-        if run.forecast is None:
-            return CohortRateResponse(**base, subjects_forecast=0, samples=0, weeks=[], history=[],
-                                      warnings=[*warnings, "nobody in the cohort is alive at as_of"])
-        result = run.forecast
+        if not inputs.timelines:
+            self.cohort_guard.record(release)
+            return CohortRateResponse(**base, subjects_forecast=suppress_count(0, rule), samples=0, weeks=[],
+                                      history=[], warnings=[*warnings, "nobody in the cohort is alive at as_of"])
+        return CohortJob(q, as_of, samples, inputs, cells, release, base, warnings)
+
+    def cohort_sample(self, job: CohortJob, should_stop: Callable[[], bool]) -> PopulationForecast:
+        """Cohort worker: the sampled futures' weekly rates (raises SamplingCancelled when ``should_stop``)."""
+        q = job.query
+        return population_rates(self.fc, job.inputs.timelines, job.as_of, q.horizon_days, samples=job.samples,
+                                codes=q.codes, seed=q.seed, history=[(w, len(ev)) for w, ev in job.cells],
+                                should_stop=should_stop)
+
+    def cohort_publish(self, job: CohortJob, result: PopulationForecast) -> CohortRateResponse:
+        """The answer, every count suppressed or rounded; the release is recorded against later differencing."""
+        rule = self.config.suppression
+        self.cohort_guard.record(job.release)
         weeks = [{"week_start": w["week_start"], **{k: suppress_count(w[k], rule) for k in
                                                     ("mean", "p05", "p25", "p50", "p75", "p95")}}
                  for w in result.weeks]
         hist = [{"week_start": h["week_start"], "observed": suppress_count(h["observed"], rule)}
                 for h in result.history]
-        return CohortRateResponse(**base, subjects_forecast=suppress_count(result.cohort_size, rule), samples=samples,
-                                  weeks=weeks, history=hist, warnings=warnings)
+        return CohortRateResponse(**job.base, subjects_forecast=suppress_count(result.cohort_size, rule),
+                                  samples=job.samples, weeks=weeks, history=hist, warnings=job.warnings)
 
     def model_card(self) -> dict[str, Any]:
         fc, meta, cfg = self.fc, self.fc.meta, self.fc.model.config
@@ -356,7 +515,8 @@ class Runtime:
             "suppression": asdict(self.config.suppression),
             "limits": {k: getattr(self.config, k) for k in (
                 "max_events", "max_body_bytes", "max_top_k", "max_samples", "max_horizon_days",
-                "max_explain_events", "max_explain_tokens", "max_cohort_subjects", "max_cohort_samples")},
+                "max_explain_events", "max_explain_tokens", "max_cohort_subjects", "max_cohort_samples",
+                "max_cohort_cost", "cohort_deadline_s")},
             "warehouse_attached": self.config.db is not None,
             # that an opt-out is honoured and which list (the digest of the one last read), never who is on it
             "opt_out": {"honoured": self.config.exclude_subjects_file is not None,

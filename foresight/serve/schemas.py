@@ -6,32 +6,21 @@ events; posted times are converted to the warehouse's UTC-naive convention here.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-MIN_TIME, MAX_TIME = datetime(1800, 1, 1), datetime(2400, 1, 1)  # shifted MIMIC dates reach the 2200s
+from foresight.forecast.timeline import parse_time, utc_naive
 
 
 def _iso_time(value: Any) -> Any:
-    """Times must be ISO 8601 strings (a bare number is ambiguous: seconds? days? since when?)."""
-    if value is None or isinstance(value, datetime):
-        return value
-    if not isinstance(value, str):
-        raise ValueError("must be an ISO 8601 date-time string, e.g. 2024-03-01T08:30:00")
-    return value
+    """Times must be ISO 8601 strings (a bare number is ambiguous: seconds? days? since when?); parsed by the one
+    function the Python API uses too (:func:`foresight.forecast.timeline.parse_time`)."""
+    return parse_time(value)
 
 
-def _naive(t: datetime | None, what: str) -> datetime | None:
-    """UTC-naive (the warehouse's convention); out-of-range times are an error, not a crash later."""
-    if t is None:
-        return None
-    if t.tzinfo is not None:
-        t = t.astimezone(UTC).replace(tzinfo=None)
-    if not MIN_TIME <= t < MAX_TIME:
-        raise ValueError(f"{what} {t.isoformat()} is outside {MIN_TIME.year}-{MAX_TIME.year - 1}")
-    return t
+_naive = utc_naive  # UTC-naive (the warehouse's convention); out-of-range times are an error, not a crash later
 
 
 def _printable(value: str) -> str:

@@ -11,17 +11,18 @@ small-cell suppression.
   ``subject_splits`` (:meth:`ApiKey.allows_split`). A key without ``splits`` is unrestricted.
 - **Rate limit** (:class:`RateLimiter`): an in-process token bucket per key (rate per minute, burst).
 - **Small cells** (:func:`suppress_count`): every count in an aggregate output is shown as ``"<8"`` when it is
-  1-7 and otherwise rounded to the nearest 5 (NHS / OpenSAFELY practice; both numbers configurable).
+  0-7 (an empty cell included, so 0 and 1 look alike) and otherwise rounded to the nearest 5 (NHS / OpenSAFELY
+  practice; both numbers configurable). Differencing across requests is stopped by
+  :mod:`foresight.serve.disclosure`, which says why this rule alone is not enough.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
 import math
-import os
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from foresight.atomic import write_text
 from foresight.hashing import sha256
 from foresight.schema import SPLITS
 
@@ -42,7 +44,11 @@ NO_KEY_HASH = "0" * 64  # compared against when the key id is unknown, so timing
 
 @dataclass(frozen=True)
 class SuppressionRule:
-    """How aggregate counts are released: 1..threshold-1 -> "<threshold"; others rounded to ``rounding``."""
+    """How aggregate counts are released: 0..threshold-1 -> "<threshold"; others rounded to ``rounding``.
+
+    ``threshold`` is also the smallest cohort the service forecasts for, and the smallest difference (in
+    subjects, or in events of one week) it allows between two released cohorts (:mod:`foresight.serve.disclosure`).
+    """
 
     threshold: int = 8
     rounding: int = 5
@@ -55,17 +61,18 @@ class SuppressionRule:
 def suppress_count(value: float, rule: SuppressionRule = SuppressionRule()) -> int | str:
     """A count (or an expected count, rounded first) as it may be released.
 
-    >>> [suppress_count(x) for x in (0, 1, 7, 7.4, 8, 12, 13, 101)]
-    [0, '<8', '<8', '<8', 10, 10, 15, 100]
+    Zero is suppressed like 1-7: were it shown, a cell of 0 beside the same cell of 1 one request later (a
+    cohort with one subject added) would tell who that subject is and when their event was.
+
+    >>> [suppress_count(x) for x in (0, 0.4, 1, 7, 7.4, 8, 12, 13, 101)]
+    ['<8', '<8', '<8', '<8', '<8', 10, 10, 15, 100]
     >>> suppress_count(3, SuppressionRule(threshold=3, rounding=1))
     3
     """
     if not math.isfinite(value):
         raise ValueError(f"not a count: {value}")
     n = round(float(value))
-    if n <= 0:
-        return 0  # an empty cell discloses nobody
-    if n < rule.threshold:
+    if n < rule.threshold:  # 0 included: an empty cell and a cell of one person look alike
         return f"<{rule.threshold}"
     # never round a cell at or above the threshold down to zero
     return max(rule.rounding, rule.rounding * round(n / rule.rounding))
@@ -105,6 +112,15 @@ def check_splits(splits: Sequence[str] | None) -> tuple[str, ...] | None:
     return scope
 
 
+def check_rate(rate_per_minute: object, burst: object) -> None:
+    """A rate limit must limit: a finite rate > 0 per minute and a whole burst >= 1 (NaN and inf would not)."""
+    if isinstance(rate_per_minute, bool) or not isinstance(rate_per_minute, int | float) \
+            or not math.isfinite(rate_per_minute) or rate_per_minute <= 0:
+        raise ValueError(f"rate_per_minute must be a finite number > 0, got {rate_per_minute!r}")
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise ValueError(f"burst must be a whole number >= 1, got {burst!r}")
+
+
 def file_stamp(path: Path) -> tuple[int, int]:
     """(mtime_ns, size): cheap change detection for files the service re-reads while running."""
     st = path.stat()
@@ -122,7 +138,8 @@ class KeyStore:
         self._stamp: tuple[int, int] | None = None
         self._keys: dict[str, ApiKey] = {}
         self._lock = threading.Lock()
-        self._reload()
+        self.error: str | None = None  # why the file could not be re-read (the last good copy is in use)
+        self._reload()  # at start a missing or malformed file is an error: the server does not start
 
     def _reload(self) -> None:
         stamp = file_stamp(self.path)
@@ -134,8 +151,15 @@ class KeyStore:
 
     def verify(self, presented: str) -> ApiKey | None:
         """The key record for a presented key, or None (unknown id and wrong secret look the same)."""
-        with contextlib.suppress(OSError):  # a keys file being replaced: keep the last good copy
+        try:
             self._reload()
+        except (OSError, ValueError) as exc:  # being replaced, or edited badly: keep the last good copy
+            if str(exc) != self.error:  # once per problem, not once per request
+                print(f"foresight serve: keeping the last good keys ({len(self._keys)} keys): {exc}",
+                      file=sys.stderr)
+            self.error = str(exc)
+        else:
+            self.error = None
         key_id = presented[len(KEY_PREFIX):].split("_", 1)[0] if presented.startswith(KEY_PREFIX) else ""
         record = self._keys.get(key_id)
         expected = record.sha256 if record else NO_KEY_HASH  # compare anyway: no timing hint about the id
@@ -151,18 +175,23 @@ def load_keys(path: str | Path) -> list[ApiKey]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("keys", []), list):
+        raise ValueError(f'{path}: not a keys file (expected {{"keys": [...]}})')
     out = []
     for i, entry in enumerate(data.get("keys", [])):
         try:
+            if not isinstance(entry, dict):
+                raise TypeError("not a key record (a JSON object)")
             key = ApiKey(**entry)
             key = replace(key, splits=check_splits(key.splits))  # JSON gives a list; a typo must not widen
+            check_rate(key.rate_per_minute, key.burst)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: keys[{i}]: {exc}") from exc
-        if key.role not in ROLES:
+        if not isinstance(key.role, str) or key.role not in ROLES:
             raise ValueError(f"{path}: keys[{i}]: unknown role {key.role!r} (choose {', '.join(ROLES)})")
-        if len(key.sha256) != 64:
+        if not isinstance(key.sha256, str) or len(key.sha256) != 64:
             raise ValueError(f"{path}: keys[{i}]: sha256 must be 64 hex digits")
         out.append(key)
     return out
@@ -171,15 +200,9 @@ def load_keys(path: str | Path) -> list[ApiKey]:
 def _write_keys(path: Path, keys: Sequence[ApiKey]) -> None:
     """Atomically replace the keys file (owner read/write only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        # an unscoped key is written as before scopes existed, so older servers still read the file
-        entries = [{f: v for f, v in asdict(k).items() if not (f == "splits" and v is None)} for k in keys]
-        json.dump({"version": 1, "keys": entries}, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    # an unscoped key is written as before scopes existed, so older servers still read the file
+    entries = [{f: v for f, v in asdict(k).items() if not (f == "splits" and v is None)} for k in keys]
+    write_text(path, json.dumps({"version": 1, "keys": entries}, indent=1), mode=0o600)
 
 
 def generate_key(path: str | Path, role: str, *, rate_per_minute: float = 60.0, burst: int = 20,
@@ -191,8 +214,7 @@ def generate_key(path: str | Path, role: str, *, rate_per_minute: float = 60.0, 
     """
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r} (choose {', '.join(ROLES)})")
-    if rate_per_minute <= 0 or burst < 1:
-        raise ValueError("rate_per_minute must be > 0 and burst >= 1")
+    check_rate(rate_per_minute, burst)
     scope = check_splits(splits)
     path = Path(path)
     keys = load_keys(path) if path.exists() else []
