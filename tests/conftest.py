@@ -134,6 +134,17 @@ def tiny_warehouse(path: Path, n_subjects: int = 60, seed: int = 0) -> Path:
     return path
 
 
+def tiny_llama(vocab: T.Vocabulary, *, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> Any:
+    """An untrained Llama the size of a unit test over ``vocab`` (weights from ``torch.manual_seed(seed)``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(vocab.tokens), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+        pad_token_id=vocab.index["[PAD]"]))
+
+
 def alive_timelines(fc: Forecaster, db: Path, n: int = 6) -> list[Timeline]:
     """Up to ``n`` timelines of living subjects of a warehouse, in subject order."""
     with warehouse.connect(db, read_only=True) as con:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from foresight import tokens as T
 from foresight import warehouse
@@ -20,23 +19,18 @@ from foresight.forecast.population import forecast_cohort, population_rates, wee
 from foresight.forecast.risks import RB_INTERVAL, WILSON_INTERVAL, risk_with_interval, risks_with_intervals
 from foresight.forecast.tasks import BUILTIN_TASKS, TaskSpec, load_task, risk_from_futures, wilson
 
-from .conftest import alive_timelines, simulated_warehouse, tiny_warehouse
+from .conftest import alive_timelines, simulated_warehouse, tiny_llama, tiny_warehouse
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Forecaster, Path]:
     """A synthetic warehouse, its tokens, and a randomly initialised tiny Llama (mechanics, not skill)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("fc")
     db = tiny_warehouse(d / "w.duckdb", n_subjects=60)
     T.tokenize(db, d / "tok", T.TokenizerConfig(min_subjects=3))
     vocab = T.Vocabulary.load(d / "tok" / "vocab.json")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab.tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
-                      pad_token_id=vocab.index["[PAD]"])
-    return Forecaster(LlamaForCausalLM(cfg), vocab), db
+    return Forecaster(tiny_llama(vocab), vocab), db
 
 
 def test_next_events_probabilities_and_filters(tiny):
@@ -237,16 +231,11 @@ def test_forecast_cohort_is_the_cli_sequence_and_narrows_by_codes(tiny):
 @pytest.fixture(scope="module")
 def sim_small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """400 simulated lives in a warehouse, tokenized, and a randomly initialised tiny model saved as a model folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("simsmall")
     simulated_warehouse(d, 400, seed=3)
     vocab = T.Vocabulary.load(d / "tok" / "vocab.json")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab.tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
-                      pad_token_id=vocab.index["[PAD]"])
-    LlamaForCausalLM(cfg).save_pretrained(d / "model")
+    tiny_llama(vocab).save_pretrained(d / "model")
     vocab.save(d / "model" / "vocab.json")
     return {"sim": d / "sim", "db": d / "w.duckdb", "data": d / "tok", "model": d / "model"}
 

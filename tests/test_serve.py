@@ -32,7 +32,7 @@ from foresight.serve import (
     verify_audit_log,
 )
 
-from .conftest import run_cli, tiny_warehouse
+from .conftest import run_cli, tiny_llama, tiny_warehouse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,18 +43,13 @@ def build_model_dir(root: Path, n_subjects: int = 60, hidden: int = 32, layers: 
 
     Randomly initialised: the service's mechanics, not forecasting skill, are under test. bench/serve.py uses it too.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     root.mkdir(parents=True, exist_ok=True)
     db = tiny_warehouse(root / "warehouse.duckdb", n_subjects=n_subjects)
     T.tokenize(db, root / "tokens", T.TokenizerConfig(min_subjects=3))
     vocab = T.Vocabulary.load(root / "tokens" / "vocab.json")
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(vocab.tokens), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=4096, pad_token_id=vocab.index["[PAD]"])
     model_dir = root / "model"
-    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tiny_llama(vocab, hidden=hidden, layers=layers, heads=heads, seed=seed).save_pretrained(model_dir)
     shutil.copyfile(root / "tokens" / "vocab.json", model_dir / "vocab.json")
     (model_dir / "code_descriptions.json").write_text(json.dumps({"ADMIT//EMERGENCY": "Emergency admission"}))
     return model_dir, db

@@ -29,7 +29,8 @@ from foresight.train import card
 from privacy import report as R
 from privacy.audit import audit
 from privacy.release import INDEX, ReleaseRefused, model_checksum, release
-from tests.conftest import tiny_warehouse
+
+from ..conftest import tiny_warehouse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from foresight import tokens as T
 from foresight import warehouse
 from foresight.forecast import Forecaster
 from foresight.serve import ServeConfig, create_app, generate_key
+
+from ..conftest import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,18 +77,12 @@ def build_warehouse(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("cohort")
     db = build_warehouse(root / "warehouse.duckdb")
     T.tokenize(db, root / "tokens", T.TokenizerConfig(min_subjects=3))
     vocab = T.Vocabulary.load(root / "tokens" / "vocab.json")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab.tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
-                      pad_token_id=vocab.index["[PAD]"])
     model_dir = root / "model"
-    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tiny_llama(vocab).save_pretrained(model_dir)
     shutil.copyfile(root / "tokens" / "vocab.json", model_dir / "vocab.json")
     keys = root / "keys.json"
     out: dict[str, Any] = {"root": root, "db": db, "model": model_dir, "keys": keys}
