@@ -278,19 +278,30 @@ def evaluate_stage(model: Path, data: Path, db: Path, out: Path, *, tasks: list[
 # the simulator's oracle events for the built-in tasks
 ORACLE_EVENTS = {"admission_30d": "admission", "emergency_admission_30d": "emergency_admission",
                  "mortality_30d": "death", "icu_admission_30d": "icu_admission", "readmission_30d": "admission"}
+# ... and for evaluate's admission tasks: outcomes of the stay in progress, within the task's window
+ORACLE_STAY_EVENTS = {"in_hospital_mortality": "in_hospital_death", "icu_during_stay": "icu_during_stay",
+                      "los_over_7d": "stay_over"}
 
 
 def simulator_oracle(sim_dir: Path) -> Callable[[Any, Any], Any]:
-    """An ``oracle(task, points)`` for evaluate: the simulator's true risk for each (subject, time) pair."""
+    """An ``oracle(task, points)`` for evaluate: the simulator's true risk for each (subject, time) pair.
+
+    Admission tasks (in-hospital mortality, ICU during the stay, LOS > 7 days) get the exact probability of the
+    stay's outcome (:meth:`Oracle.stay_risk`); a task the oracle cannot answer gets NaN (reported "no oracle").
+    """
     orc = Oracle.from_dir(sim_dir)
     history = read_history(sim_dir, orc.model)  # parsed once, reused for every task
 
     def oracle(task: Any, points: Any) -> Any:
-        event = ORACLE_EVENTS.get(task.name)
-        if event is None or not len(points):
+        event, stay_event = ORACLE_EVENTS.get(task.name), ORACLE_STAY_EVENTS.get(task.name)
+        if (event is None and stay_event is None) or not len(points):
             return np.full(len(points), np.nan)
-        r = orc.true_risk(history, np.array([np.datetime64(p.time, "us") for p in points]), task.window_days,
-                          event, subjects=np.array([p.subject_id for p in points]))
+        times = np.array([np.datetime64(p.time, "us") for p in points])
+        subjects = np.array([p.subject_id for p in points])
+        if stay_event is not None:
+            r = orc.stay_risk(history, times, stay_event, subjects=subjects, window_days=task.window_days)
+        else:
+            r = orc.true_risk(history, times, task.window_days, event, subjects=subjects)
         return np.asarray(r.probability, dtype=float)
 
     return oracle

@@ -13,7 +13,7 @@ configuration), :mod:`~foresight.simulate.state` (a run's rows and output column
 :mod:`~foresight.simulate.engine` (the vectorised simulation), :mod:`~foresight.simulate.cohort` (a chunk of the
 cohort), :mod:`~foresight.simulate.writers` (MEDS, Synthea CSV, notes), :mod:`~foresight.simulate.history` (a
 recorded history and the state rebuilt from it) and :mod:`~foresight.simulate.oracle` (true risks given a recorded
-history).
+history), with :mod:`~foresight.simulate.stay_oracle` (the outcomes of a stay in progress, in closed form).
 
 >>> from foresight.simulate import simulate, Oracle        # doctest: +SKIP
 >>> simulate(2000, "work/sim", seed=1)                     # doctest: +SKIP
@@ -38,9 +38,10 @@ from foresight.simulate.cohort import simulate_chunk
 from foresight.simulate.history import read_history
 from foresight.simulate.model import DEFAULT_CONFIG, Model, default_config
 from foresight.simulate.oracle import EVENTS, Oracle, Risk, WeeklyExpectation, true_risk
+from foresight.simulate.stay_oracle import STAY_EVENTS
 
-__all__ = ["DEFAULT_CONFIG", "EVENTS", "FORMATS", "Model", "Oracle", "Risk", "WeeklyExpectation", "default_config",
-           "read_history", "simulate", "true_risk"]
+__all__ = ["DEFAULT_CONFIG", "EVENTS", "FORMATS", "STAY_EVENTS", "Model", "Oracle", "Risk", "WeeklyExpectation",
+           "default_config", "read_history", "simulate", "true_risk"]
 
 FORMATS = ("meds", "synthea")
 DEFAULT_CHUNK = 10_000  # subjects per chunk = per MEDS shard (as `foresight export meds` shards)

@@ -22,11 +22,15 @@ Events (:data:`EVENTS`), counted strictly after ``as_of`` and up to ``as_of + ho
 - ``death``: ``MEDS_DEATH`` (in or out of hospital);
 - ``icu_admission``: ``ICU//ADMIT``;
 - ``readmission_30d``: any admission within 30 days; ``as_of`` should be a discharge time.
+
+The outcomes of the stay in progress at ``as_of`` (:data:`STAY_EVENTS`, e.g. at an admission: in-hospital death,
+an ICU transfer, a stay over 7 days) are exact sums over the posterior of its course: :meth:`Oracle.stay_risk`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,7 @@ from foresight.simulate.history import (
 )
 from foresight.simulate.model import YEAR, Model
 from foresight.simulate.state import Pending, State, Task
+from foresight.simulate.stay_oracle import STAY_EVENTS, los_z, stay_probability
 
 EVENTS = ("admission", "emergency_admission", "death", "icu_admission", "readmission_30d")
 
@@ -153,6 +158,37 @@ class Oracle:
             prob[pairs] = p.mean(1)
             se[pairs] = p.std(1, ddof=1) / np.sqrt(samples) if samples > 1 else np.nan
         return Risk(event, float(horizon_days), sids, _to_datetime(t), prob, se, samples)
+
+    def stay_risk(self, history: Any, as_of: Any, event: str, *, subjects: Any = None,
+                  window_days: float | None = None) -> Risk:
+        """P(``event`` of the stay in progress, in (as_of, as_of + window]) for each (subject, as_of) pair, exactly.
+
+        ``event`` (:data:`STAY_EVENTS`): ``in_hospital_death``, ``icu_during_stay`` (window None: the whole stay)
+        or ``stay_over`` (the stay outlasts the window: neither discharge nor death within it; window needed).
+        At an admission's own time this is the admission-time prediction of ``foresight.evaluate``'s
+        ``in_hospital_mortality``, ``icu_during_stay`` and ``los_over_7d`` (``stay_over``, 7 days). Closed form
+        over the posterior of the stay's cause (see :mod:`~foresight.simulate.stay_oracle`): ``stderr`` is 0 and
+        ``samples`` 0. NaN for a pair not in a hospital stay at ``as_of`` (or unborn, dead or unknown), and for
+        ``as_of`` before the cohort's ``alive_from``: the cohort is everyone alive on that date, so a stay before
+        it is survivor-selected (no one in the cohort died in it), which these probabilities do not model.
+        """
+        if event not in STAY_EVENTS:
+            raise ValueError(f"unknown stay event {event!r}; known: {', '.join(STAY_EVENTS)}")
+        if window_days is None and event == "stay_over":
+            raise ValueError("stay_over needs window_days (e.g. 7: a stay longer than 7 days)")
+        window = math.inf if window_days is None else float(window_days)
+        if not window > 0:
+            raise ValueError("window_days must be positive")
+        h = history if isinstance(history, History) else read_history(history, self.model)
+        sids = h.subjects if subjects is None else np.asarray(subjects, dtype=np.int64).ravel()
+        t = _days(as_of, sids.size)
+        snap = snapshot(h, self.model, sids, t)
+        prob = np.full(sids.size, np.nan)
+        pairs = np.flatnonzero(snap.in_stay & (t >= self.model.alive_from))
+        if pairs.size:
+            cause, w = self.stay_posterior(snap, pairs)
+            prob[pairs] = stay_probability(self.model, snap, pairs, cause, w, event, window)
+        return Risk(event, window, sids, _to_datetime(t), prob, np.where(np.isnan(prob), np.nan, 0.0), 0)
 
     def expected_weekly_admissions(self, history: Any, as_of: Any, weeks: int = 26, *, emergency_only: bool = False,
                                    samples: int = 32, seed: int = 0) -> WeeklyExpectation:
@@ -284,7 +320,7 @@ class Oracle:
         logw[elective[None, :] != snap.adm_elective[pairs][:, None]] = -np.inf
         # Length so far: P(LOS > elapsed | cause).
         mu = m.los_log_mu(cause[None, :], age[:, None])
-        logw += log_ndtr(-_los_z(elapsed[:, None], mu, stays))
+        logw += log_ndtr(-los_z(elapsed[:, None], mu, stays))
         # ICU transfer seen or not (known once its time has passed).
         icu_known = elapsed >= stays["icu_after_hours"] * HOUR
         p_icu = m.p_icu[cause][None, :]
@@ -344,8 +380,8 @@ class Oracle:
         icu_known = (elapsed >= stays["icu_after_hours"] * HOUR)[:, 0]
         p_icu = m.p_icu[cause][None, :]
         mu = m.los_log_mu(cause[None, :], age)
-        z_e = _los_z(elapsed, mu, stays)
-        z_h = _los_z(h_pair[:, None], mu, stays)
+        z_e = los_z(elapsed, mu, stays)
+        z_h = los_z(h_pair[:, None], mu, stays)
         # P(discharged by the horizon | cause, still in at as_of)
         g = np.where(z_h > z_e, 1.0 - ndtr(-z_h) / np.maximum(ndtr(-z_e), 1e-300), 0.0)
         icu_task = task is not None and task.icu
@@ -389,13 +425,6 @@ class Oracle:
         die = np.zeros(rows.size, bool) if death_task else rng.random(rows.size) < p_die
         return Pending(rows=rows, t_adm=snap.t_adm[p_of_row], cause=c, los=los, icu=icu,
                        p_die=np.zeros(rows.size), die=die, acc0=-np.log1p(-np.minimum(q[inv], 1 - 1e-12)))
-
-
-def _los_z(t: np.ndarray, mu: np.ndarray, stays: dict[str, Any]) -> np.ndarray:
-    """Standardised log length of stay beyond the minimum, at a stay age of ``t`` days (-inf below the minimum)."""
-    excess = t - stays["los_min_days"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(excess > 0, (np.log(np.maximum(excess, 1e-300)) - mu) / stays["los_sigma"], -np.inf)
 
 
 def _truncated_normal(rng: np.random.Generator, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
