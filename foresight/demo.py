@@ -26,6 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
+from foresight.cli.model import paired_summary
 from foresight.simulate import default_config, simulate
 
 DEMO_SUBJECTS = 3000
@@ -128,7 +129,10 @@ def headline(result: dict[str, Any]) -> list[tuple[str, str]]:
         what = ("30-day admission AUROC after discharge" if t["task"] == "admission_30d" and t.get("at", "discharges")
                 == "discharges" else f"{t['task']} AUROC at {t.get('at', 'discharges')}")
         rows.append((f"{what} ({t['points']} points)",
-                     f"model {auc('model')} | oracle {auc('oracle')} | logistic {auc('logistic_counts')}"))
+                     f"model {auc('model')} | oracle {auc('oracle')} | logistic {auc('logistic_counts')} | "
+                     f"GBM {auc('gbm_counts')}"))
+        if t.get("paired"):  # the same points and patient resamples for both sides of each difference
+            rows.append(("  paired differences (95% CI)", paired_summary(t["paired"])))
     fc = result.get("forecast", {})
     if fc.get("skipped"):
         rows.append(("weekly admissions forecast", f"skipped: {fc['reason']}"))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from foresight import warehouse
+from foresight.cli.model import evaluation_summary
 from foresight.evaluate import evaluate_model, evaluate_task, prediction_points
 from foresight.forecast import BUILTIN_TASKS, Forecaster
 from foresight.pipeline import simulator_oracle
@@ -97,7 +98,19 @@ def test_evaluate_report_with_baselines(sim_model, tmp_path):
     assert ne["topk"]["top10"] > ne["baselines"]["frequency"]["top10"]
     assert set(ne["new"]) == set(ne["recurrent"]) == {"top1", "top5", "top10"}
     t = report["tasks"][0]
-    assert {"model", "prevalence", "logistic_counts"} <= set(t)
+    assert {"model", "prevalence", "logistic_counts", "gbm_counts"} <= set(t)
+    # the gradient-boosted baseline: same count features, same train points, the same metric shape as logistic
+    for name in ("logistic_counts", "gbm_counts"):
+        assert {"auroc", "auprc", "brier", "ece"} <= set(t[name]["metrics"]) <= set(t[name]["ci95"]) | {"n"}
+        assert t[name]["calibration"] and 0 <= t[name]["metrics"]["brier"] < 0.25
+    # paired differences on the same points: model minus each baseline (no oracle was given here)
+    assert set(t["paired"]) == {"model-logistic_counts", "model-gbm_counts"}
+    for name, d in t["paired"].items():
+        base = name.removeprefix("model-")
+        assert d["auroc"] == pytest.approx(t["model"]["metrics"]["auroc"] - t[base]["metrics"]["auroc"])
+        assert d["ci"][0] <= d["auroc"] <= d["ci"][1] and d["brier_ci"][0] <= d["brier"] <= d["brier_ci"][1]
+        assert d["points"] == t["points"]
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["tasks"][0]["paired"] == t["paired"]
     assert (tmp_path / "ev" / "report.json").exists() and (tmp_path / "ev" / "calibration.png").exists()
     assert t["points"] > 50
     # no worse than always answering 0.5 (Brier 0.25): a 30-day risk is rare, so a calibrated model scores far below
@@ -125,10 +138,17 @@ def test_evaluate_without_db_finds_the_warehouse_and_scores_admission_tasks(sim_
                           ("icu_during_stay", "admissions"), ("los_over_7d", "admissions")}
     assert report["eval_points"]["admissions"]["held_out"] == 80
     assert "oracle" in tasks[("admission_30d", "discharges")]  # the simulator's oracle answers 30-day admission
+    assert set(tasks[("admission_30d", "discharges")]["paired"]) == {
+        "model-logistic_counts", "model-gbm_counts", "model-oracle"}
+    # the human summary: each task's AUROC line, then its paired differences on one line
+    paired_lines = [ln for ln in evaluation_summary(report).splitlines() if ln.startswith("  paired, model minus: ")]
+    assert len(paired_lines) == len(report["tasks"]) and "gbm_counts AUROC" in paired_lines[0]
     for name in ("in_hospital_mortality", "icu_during_stay", "los_over_7d"):
         t = tasks[(name, "admissions")]
         assert t["points"] == 80 and {"model", "prevalence", "logistic_counts"} <= set(t)
-        assert "oracle" not in t and t["oracle_note"].startswith("no oracle")  # it has no stay outcomes
+        # the simulator's stay oracle answers every admission from the cohort's entry date (2000) on
+        assert "oracle" in t and "oracle_note" not in t and 0 < t["oracle"]["metrics"]["n"] <= 80
+        assert "model-oracle" in t["paired"]
         assert np.isfinite(t["model"]["metrics"]["brier"]) and 0 <= t["model"]["metrics"]["ece"] <= 1
     # a long stay is common enough to be ranked: the model and the count baseline both carry signal
     los = tasks[("los_over_7d", "admissions")]

@@ -102,6 +102,11 @@ def test_pipeline_runs_then_reuses_cached_steps(first_run):
     assert first["etl"]["subjects"] > 500 and first["tokenize"]["vocab_size"] > 50
     assert first["train"]["metrics"]["steps"] == 30
     assert "next_event" in first["evaluate"] and first["evaluate"]["tasks"][0]["oracle"]
+    # the summary carries the report's per-task block, its paired differences included (what demo_summary.json holds)
+    task0 = first["evaluate"]["tasks"][0]
+    in_report = json.loads(Path(first["evaluate"]["report"]).read_text())["tasks"][0]
+    assert json.dumps(task0, sort_keys=True) == json.dumps(in_report, sort_keys=True)  # NaN-safe, tuples as lists
+    assert "model-oracle" in task0["paired"] and ("gbm_counts" in task0) == ("model-gbm_counts" in task0["paired"])
     # default canaries: 5 per repeat count 1, 2, 4, 16, each group's exposure in the audit's summary
     assert first["canaries"]["canary_subjects"] == 5 * (1 + 2 + 4 + 16)
     assert [g["repeats"] for g in first["privacy"]["canaries"]] == [1, 2, 4, 16]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -283,5 +284,23 @@ def evaluation_summary(report: dict[str, Any]) -> str:
     for t in report["tasks"]:
         orc = auc(t, "oracle") if "oracle" in t else t.get("oracle_note", "n/a")
         human += (f"\n{t['task']} at {t['at']} ({t['points']} points): AUROC model {auc(t, 'model')} | logistic "
-                  f"{auc(t, 'logistic_counts')} | oracle {orc}")
+                  f"{auc(t, 'logistic_counts')} | GBM {auc(t, 'gbm_counts')} | oracle {orc}")
+        if t.get("paired"):
+            human += "\n  " + paired_summary(t["paired"])
     return human
+
+
+def paired_summary(paired: dict[str, dict[str, Any]]) -> str:
+    """One task's paired differences on one line: ``paired, model minus: logistic_counts AUROC +0.012 [-0.010,
+    +0.034] Brier -0.0003 [-0.0010, +0.0004]; gbm_counts ...; oracle ...`` (AUROC up and Brier down favour the
+    model)."""
+
+    def diff(d: float, ci: list[float] | None, digits: int) -> str:
+        if math.isnan(d):
+            return "n/a (one class only)"
+        return f"{d:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
+
+    return "paired, model minus: " + "; ".join(
+        f"{name.removeprefix('model-')} AUROC {diff(d['auroc'], d['ci'], 3)} Brier {diff(d['brier'], d['brier_ci'], 4)}"
+        for name, d in paired.items())
+

@@ -172,7 +172,7 @@ def plot_calibration(results: Sequence[dict[str, Any]], path: str | Path) -> Pat
         ax.set_axis_off()
     for ax, res in zip(axes.ravel(), results, strict=False):
         ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1)
-        for name in ("model", "model_time_head", "logistic_counts", "oracle"):
+        for name in ("model", "model_time_head", "logistic_counts", "gbm_counts", "oracle"):
             if name in res and res[name]["calibration"]:
                 c = res[name]["calibration"]
                 auc = res[name]["metrics"]["auroc"]

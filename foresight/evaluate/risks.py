@@ -1,5 +1,6 @@
 """Risk tasks scored: the model's risk (Monte Carlo futures, and the time head's closed form) against the
-observed outcome, beside the baselines and an optional oracle, with patient-bootstrap CIs and calibration."""
+observed outcome, beside the baselines and an optional oracle, with patient-bootstrap CIs, calibration, and the
+paired differences model minus each baseline and minus the oracle."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from foresight.evaluate.baselines import baseline_predictions
-from foresight.evaluate.metrics import bootstrap_ci, calibration_table, risk_metrics
+from foresight.evaluate.metrics import bootstrap_ci, calibration_table, paired_difference, risk_metrics
 from foresight.evaluate.points import PredictionPoint, observed_labels
 from foresight.evaluate.tasks import EvalTask, task_spec
 from foresight.forecast import Forecaster, Timeline
@@ -42,7 +43,7 @@ def evaluate_task(forecaster: Forecaster, con: Any, task: EvalTask, points: Sequ
     p_head = forecaster.time_head_risks(timelines, spec)
     if p_head is not None:
         preds["model_time_head"] = (1.0 - p_head if flip else p_head)[alive]
-    preds.update(baseline_predictions(con, task, points, train_points))
+    preds.update(baseline_predictions(con, task, points, train_points, seed=seed))
     if oracle is not None:
         p_oracle = np.asarray(oracle(points), dtype=float)
         if len(p_oracle) and np.isfinite(p_oracle).any():
@@ -51,6 +52,7 @@ def evaluate_task(forecaster: Forecaster, con: Any, task: EvalTask, points: Sequ
             result["oracle_note"] = f"no oracle: the oracle gives no probability for {task.name}"
     for name, p in preds.items():
         result[name] = score_predictor(y, p, groups, n_boot=n_boot, seed=seed)
+    result["paired"] = paired_block(y, preds, groups, n_boot=n_boot, seed=seed)
     result["observed_rate"] = float(y.mean()) if len(y) else math.nan
     result["_y"], result["_p"] = y.tolist(), {k: v.tolist() for k, v in preds.items()}
     result["_subjects"] = groups.tolist()  # the scored points' subjects (for pooling and patient bootstraps)
@@ -64,6 +66,19 @@ def score_predictor(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, n_boot:
     yk, pk, gk = (y, p, groups) if ok.all() else (y[ok], p[ok], groups[ok])
     return {"metrics": risk_metrics(yk, pk), "calibration": calibration_table(yk, pk),
             "ci95": bootstrap_ci(yk, pk, gk, n_boot=n_boot, seed=seed) if len(yk) else {}}
+
+
+# the comparisons of the paired block: the model against each baseline and against the oracle (its ceiling)
+PAIRED_AGAINST = ("logistic_counts", "gbm_counts", "oracle")
+
+
+def paired_block(y: np.ndarray, preds: dict[str, np.ndarray], groups: np.ndarray, *, n_boot: int = 200,
+                 seed: int = 0) -> dict[str, dict[str, Any]]:
+    """``{"model-NAME": paired difference}`` for each of :data:`PAIRED_AGAINST` that was scored: AUROC and Brier
+    of the model minus NAME on the same points, with paired patient-bootstrap CIs
+    (:func:`~foresight.evaluate.metrics.paired_difference`)."""
+    return {f"model-{name}": paired_difference(y, preds["model"], preds[name], groups, n_boot=n_boot, seed=seed)
+            for name in PAIRED_AGAINST if name in preds}
 
 
 def _timelines_at(forecaster: Forecaster, con: Any, points: Sequence[PredictionPoint]) -> list[Timeline]:
