@@ -143,31 +143,10 @@ def context_coverage(lengths: np.ndarray, context: int) -> dict[str, float]:
 
 
 def study_oracle(sim_dir: Path) -> Callable[[Any, Any], np.ndarray]:
-    """:func:`foresight.pipeline.simulator_oracle`'s answers, extended to :data:`EXTRA_ORACLE_EVENTS`.
+    """:func:`foresight.pipeline.simulator_oracle`'s answers, extended to :data:`EXTRA_ORACLE_EVENTS`."""
+    from foresight.pipeline import simulator_oracle
 
-    Same engine calls (``Oracle.true_risk`` over the task's window, ``Oracle.stay_risk`` for the stay's outcome);
-    the simulator history is parsed once.
-    """
-    from foresight.pipeline import ORACLE_EVENTS, ORACLE_STAY_EVENTS
-    from foresight.simulate import Oracle, read_history
-
-    orc = Oracle.from_dir(sim_dir)
-    history = read_history(sim_dir, orc.model)
-    events = {**ORACLE_EVENTS, **EXTRA_ORACLE_EVENTS}
-
-    def oracle(task: Any, points: Any) -> np.ndarray:
-        event, stay_event = events.get(task.name), ORACLE_STAY_EVENTS.get(task.name)
-        if (event is None and stay_event is None) or not len(points):
-            return np.full(len(points), np.nan)
-        times = np.array([np.datetime64(p.time, "us") for p in points])
-        subjects = np.array([p.subject_id for p in points])
-        if stay_event is not None:
-            r = orc.stay_risk(history, times, stay_event, subjects=subjects, window_days=task.window_days)
-        else:
-            r = orc.true_risk(history, times, task.window_days, event, subjects=subjects)
-        return np.asarray(r.probability, dtype=float)
-
-    return oracle
+    return simulator_oracle(sim_dir, EXTRA_ORACLE_EVENTS)
 
 
 # --- one row -------------------------------------------------------------------------------------------------

@@ -283,17 +283,19 @@ ORACLE_STAY_EVENTS = {"in_hospital_mortality": "in_hospital_death", "icu_during_
                       "los_over_7d": "stay_over"}
 
 
-def simulator_oracle(sim_dir: Path) -> Callable[[Any, Any], Any]:
+def simulator_oracle(sim_dir: Path, extra_events: dict[str, str] | None = None) -> Callable[[Any, Any], Any]:
     """An ``oracle(task, points)`` for evaluate: the simulator's true risk for each (subject, time) pair.
 
     Admission tasks (in-hospital mortality, ICU during the stay, LOS > 7 days) get the exact probability of the
     stay's outcome (:meth:`Oracle.stay_risk`); a task the oracle cannot answer gets NaN (reported "no oracle").
+    ``extra_events`` maps more task names to oracle events (e.g. a study's own as-of tasks).
     """
     orc = Oracle.from_dir(sim_dir)
     history = read_history(sim_dir, orc.model)  # parsed once, reused for every task
+    events = {**ORACLE_EVENTS, **(extra_events or {})}
 
     def oracle(task: Any, points: Any) -> Any:
-        event, stay_event = ORACLE_EVENTS.get(task.name), ORACLE_STAY_EVENTS.get(task.name)
+        event, stay_event = events.get(task.name), ORACLE_STAY_EVENTS.get(task.name)
         if (event is None and stay_event is None) or not len(points):
             return np.full(len(points), np.nan)
         times = np.array([np.datetime64(p.time, "us") for p in points])
