@@ -75,6 +75,8 @@ class Preset:
 # Approximate sizes are for a ~10k-token vocabulary (a full MIMIC-IV cohort); the demo's vocabulary is smaller.
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(n_layer=2, n_head=4, n_kv_head=4, d_model=64, d_ff=176),  # tests: < 1M parameters
+    # a CPU-sized step between tiny and small (~6x tiny's compute per token): what 2 cores can train for an hour
+    "mini": Preset(n_layer=4, n_head=4, n_kv_head=4, d_model=128, d_ff=344),  # ~0.6M
     "small": Preset(n_layer=6, n_head=8, n_kv_head=8, d_model=256, d_ff=688),  # demo: ~10M
     "base": Preset(n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=2048),  # ~100M
     "large": Preset(n_layer=20, n_head=16, n_kv_head=8, d_model=1024, d_ff=2816),  # ~250M (Foresight-England)

@@ -24,13 +24,15 @@ rate backtests), :mod:`~foresight.evaluate.next_event` (strict top-k with its ba
 :mod:`~foresight.evaluate.tasks` (the tasks, their aliases and where each is scored),
 :mod:`~foresight.evaluate.points` (prediction points and labels from the warehouse),
 :mod:`~foresight.evaluate.baselines` (prevalence; logistic regression and gradient boosting on count features),
-:mod:`~foresight.evaluate.risks` (one task scored), :mod:`~foresight.evaluate.locate` (which warehouse a token
+:mod:`~foresight.evaluate.risks` (one task scored), :mod:`~foresight.evaluate.calibrate` (recalibration fitted on
+tuning points), :mod:`~foresight.evaluate.locate` (which warehouse a token
 folder came from) and :mod:`~foresight.evaluate.report` (the whole report).
 """
 
 from __future__ import annotations
 
 from foresight.evaluate.baselines import COUNT_KINDS, baseline_predictions, count_features, gradient_boosting
+from foresight.evaluate.calibrate import Calibrator, fit_calibrator
 from foresight.evaluate.locate import locate_warehouse, warehouse_fingerprint
 from foresight.evaluate.metrics import (
     backtest_rates,
@@ -51,7 +53,7 @@ from foresight.evaluate.points import (
     prediction_points,
 )
 from foresight.evaluate.report import RiskScoring, evaluate_model, plot_calibration, skipped_notes
-from foresight.evaluate.risks import PAIRED_AGAINST, evaluate_task, paired_block, score_predictor
+from foresight.evaluate.risks import PAIRED_AGAINST, calibrated_risks, evaluate_task, paired_block, score_predictor
 from foresight.evaluate.tasks import (
     ADMISSION_ALIASES,
     ADMISSION_TASKS,
@@ -67,12 +69,12 @@ from foresight.evaluate.tasks import (
 )
 
 __all__ = [
-    "ADMISSION_ALIASES", "ADMISSION_TASKS", "COUNT_KINDS", "DEFAULT_DISCHARGE_TASKS", "EVAL_POINTS",
-    "PAIRED_AGAINST", "STAY_END", "ComplementTask", "EvalTask", "NextEventReport", "PredictionPoint", "RiskScoring",
-    "backtest_rates", "baseline_predictions", "bootstrap_ci", "calibration_table", "count_features",
-    "evaluate_model", "evaluate_task", "expected_calibration_error", "gradient_boosting", "locate_warehouse",
-    "next_event_accuracy", "observed_labels", "paired_block", "paired_difference", "patient_resamples",
-    "percentile_interval", "plan_tasks", "plot_calibration", "point_kinds", "points_of_kind", "points_table",
-    "prediction_points", "resolve_tasks", "risk_metrics", "score_predictor", "skipped_notes", "task_spec",
-    "warehouse_fingerprint",
+    "ADMISSION_ALIASES", "ADMISSION_TASKS", "COUNT_KINDS", "DEFAULT_DISCHARGE_TASKS", "EVAL_POINTS", "PAIRED_AGAINST",
+    "STAY_END", "Calibrator", "ComplementTask", "EvalTask", "NextEventReport", "PredictionPoint", "RiskScoring",
+    "backtest_rates", "baseline_predictions", "bootstrap_ci", "calibrated_risks", "calibration_table",
+    "count_features", "evaluate_model", "evaluate_task", "expected_calibration_error", "fit_calibrator",
+    "gradient_boosting", "locate_warehouse", "next_event_accuracy", "observed_labels", "paired_block",
+    "paired_difference", "patient_resamples", "percentile_interval", "plan_tasks", "plot_calibration", "point_kinds",
+    "points_of_kind", "points_table", "prediction_points", "resolve_tasks", "risk_metrics", "score_predictor",
+    "skipped_notes", "task_spec", "warehouse_fingerprint",
 ]

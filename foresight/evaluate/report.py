@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from foresight import warehouse
+from foresight.evaluate.calibrate import METHODS
 from foresight.evaluate.locate import locate_warehouse
 from foresight.evaluate.next_event import next_event_accuracy
 from foresight.evaluate.points import PredictionPoint, points_of_kind
@@ -39,6 +40,7 @@ def evaluate_model(
     oracle: Oracle | None = None,
     seed: int = 0,
     max_rows: int | None = None,
+    calibration: str | None = "platt",
 ) -> dict[str, Any]:
     """Next-event accuracy on held_out and each risk task against baselines; report.json + calibration.png.
 
@@ -57,7 +59,13 @@ def evaluate_model(
     Each kind is a seeded subsample of at most ``max_points`` held-out points; the baselines are fitted on the
     same kind of points of train subjects (at most 4 x ``max_points``). ``oracle(task, points)`` (e.g.
     :func:`foresight.pipeline.simulator_oracle`) adds the true risk where it can answer the task.
+
+    ``calibration`` (``platt`` or ``isotonic``; ``None`` for none): the model's risks are also reported
+    recalibrated (``model_calibrated``) by a map fitted on the same kind of points of TUNING subjects (at most
+    ``max_points``), never on held-out ones.
     """
+    if calibration is not None and calibration not in METHODS:
+        raise ValueError(f"unknown calibration {calibration!r}: use one of {', '.join(METHODS)} or none")
     plan = plan_tasks(point_kinds(at, as_of), tasks, admission_tasks)
     forecaster = Forecaster.from_pretrained(model_dir)
     out_dir = Path(out_dir or Path(model_dir) / "evaluation")
@@ -65,7 +73,8 @@ def evaluate_model(
     report: dict[str, Any] = {"model": str(model_dir), "data": str(data_dir), "created": datetime.now().isoformat()}
     report["next_event"] = next_event_accuracy(forecaster, data_dir, max_rows=max_rows).to_json()
     found, report["warehouse"] = _warehouse_for(data_dir, db)
-    scoring = RiskScoring(forecaster, as_of=as_of, samples=samples, max_points=max_points, oracle=oracle, seed=seed)
+    scoring = RiskScoring(forecaster, as_of=as_of, samples=samples, max_points=max_points, oracle=oracle, seed=seed,
+                          calibration=calibration)
     if found is None:
         for kind, task_list in plan:
             scoring.skip(kind, task_list, f"no warehouse to take labels from: {report['warehouse']['missing']}")
@@ -92,6 +101,7 @@ class RiskScoring:
     max_points: int
     oracle: Oracle | None
     seed: int
+    calibration: str | None = "platt"
     results: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     points_used: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -106,7 +116,7 @@ class RiskScoring:
             # one generator for every subsample, in plan order: the points drawn depend only on the seed
             rng = np.random.default_rng(self.seed)
             ids = {s: [r[0] for r in con.execute("SELECT subject_id FROM subject_splits WHERE split = ?",
-                                                  [s]).fetchall()] for s in ("train", "held_out")}
+                                                  [s]).fetchall()] for s in ("train", "tuning", "held_out")}
             for kind, task_list in plan:
                 if task_list:
                     self._score_kind(con, db, kind, task_list, ids, rng)
@@ -119,7 +129,10 @@ class RiskScoring:
             return
         held = points_of_kind(con, kind, ids["held_out"], self.as_of, self.seed, self.max_points, rng)
         train = points_of_kind(con, kind, ids["train"], self.as_of, self.seed, 4 * self.max_points, rng)
-        self.points_used[kind] = {"held_out": len(held), "train": len(train)}
+        # drawn after the others, so the held-out and train points do not depend on whether we calibrate
+        tuning = (points_of_kind(con, kind, ids["tuning"], self.as_of, self.seed, self.max_points, rng)
+                  if self.calibration else [])
+        self.points_used[kind] = {"held_out": len(held), "train": len(train), "tuning": len(tuning)}
         if not held:
             self.skip(kind, task_list, f"no held-out prediction points at {kind} in {db}")
             return
@@ -130,7 +143,8 @@ class RiskScoring:
                 continue
             orc = (lambda pts, t=task: self.oracle(t, pts)) if self.oracle else None
             res = evaluate_task(self.forecaster, con, task, held, samples=self.samples, seed=self.seed,
-                                train_points=train, oracle=orc)
+                                train_points=train, oracle=orc, tuning_points=tuning,
+                                calibration=self.calibration or "platt")
             res["at"] = kind
             res["description"] = task.description
             self.results.append(res)
@@ -172,7 +186,7 @@ def plot_calibration(results: Sequence[dict[str, Any]], path: str | Path) -> Pat
         ax.set_axis_off()
     for ax, res in zip(axes.ravel(), results, strict=False):
         ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1)
-        for name in ("model", "model_time_head", "logistic_counts", "gbm_counts", "oracle"):
+        for name in ("model", "model_calibrated", "model_time_head", "logistic_counts", "gbm_counts", "oracle"):
             if name in res and res[name]["calibration"]:
                 c = res[name]["calibration"]
                 auc = res[name]["metrics"]["auroc"]

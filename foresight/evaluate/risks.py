@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from foresight.evaluate.baselines import baseline_predictions
+from foresight.evaluate.calibrate import fit_calibrator
 from foresight.evaluate.metrics import bootstrap_ci, calibration_table, paired_difference, risk_metrics
 from foresight.evaluate.points import PredictionPoint, observed_labels
 from foresight.evaluate.tasks import EvalTask, task_spec
@@ -21,17 +22,18 @@ from foresight.forecast import Forecaster, Timeline
 def evaluate_task(forecaster: Forecaster, con: Any, task: EvalTask, points: Sequence[PredictionPoint], *,
                   samples: int = 20, seed: int = 0, train_points: Sequence[PredictionPoint] = (),
                   oracle: Callable[[Sequence[PredictionPoint]], np.ndarray] | None = None,
-                  n_boot: int = 200) -> dict[str, Any]:
+                  n_boot: int = 200, tuning_points: Sequence[PredictionPoint] = (),
+                  calibration: str = "platt") -> dict[str, Any]:
     """Model risk vs observed outcome for ``points``, with baselines (and the oracle when given).
 
     Each predictor is scored on the points where it gives a number: an oracle that cannot answer the task
-    (all NaN) is reported as ``oracle_note`` instead of as metrics.
+    (all NaN) is reported as ``oracle_note`` instead of as metrics. With ``tuning_points`` (points of the tuning
+    split, never of ``points``' subjects), the model's risks are also recalibrated by a map fitted on those
+    points alone (:mod:`~foresight.evaluate.calibrate`) and scored as ``model_calibrated``; the fit is reported
+    as ``calibrator`` (or why there is none as ``calibration_note``).
     """
     spec, flip = task_spec(task)
-    timelines = _timelines_at(forecaster, con, points)
-    p_model, _ = forecaster.task_risks(timelines, spec, samples, seed=seed)  # Rao-Blackwellised futures
-    if flip:
-        p_model = 1.0 - p_model  # NaN (dead) stays NaN
+    timelines, p_model = _model_risks(forecaster, con, spec, flip, points, samples, seed)
     alive = ~np.isnan(p_model)  # a subject dead at the prediction time is at no risk of anything: not scored
     points = [p for p, a in zip(points, alive, strict=True) if a]
     p_model = p_model[alive]
@@ -39,6 +41,14 @@ def evaluate_task(forecaster: Forecaster, con: Any, task: EvalTask, points: Sequ
     groups = np.array([pt.subject_id for pt in points])
     result: dict[str, Any] = {"task": task.name, "samples": samples, "points": len(points)}
     preds = {"model": p_model}
+    if tuning_points:
+        p_cal, fit = calibrated_risks(forecaster, con, task, tuning_points, p_model, samples=samples, seed=seed,
+                                      method=calibration)
+        if p_cal is not None:
+            preds["model_calibrated"] = p_cal
+            result["calibrator"] = fit
+        else:
+            result["calibration_note"] = fit
     # the time head's closed form (one forward pass per point) scored as one more predictor, when it applies
     p_head = forecaster.time_head_risks(timelines, spec)
     if p_head is not None:
@@ -59,6 +69,32 @@ def evaluate_task(forecaster: Forecaster, con: Any, task: EvalTask, points: Sequ
     return result
 
 
+def _model_risks(forecaster: Forecaster, con: Any, spec: Any, flip: bool, points: Sequence[PredictionPoint],
+                 samples: int, seed: int) -> tuple[list[Timeline], np.ndarray]:
+    """The points' timelines and the model's risk at each (Rao-Blackwellised futures); NaN where dead."""
+    timelines = _timelines_at(forecaster, con, points)
+    p, _ = forecaster.task_risks(timelines, spec, samples, seed=seed)
+    return timelines, (1.0 - p if flip else p)  # NaN (dead) stays NaN
+
+
+def calibrated_risks(forecaster: Forecaster, con: Any, task: EvalTask, tuning_points: Sequence[PredictionPoint],
+                     p_model: np.ndarray, *, samples: int = 20, seed: int = 0,
+                     method: str = "platt") -> tuple[np.ndarray | None, Any]:
+    """``p_model`` recalibrated by a map fitted on the model's risks and the outcomes at ``tuning_points`` only.
+
+    Returns ``(calibrated risks, the fit's description)`` or ``(None, why not)``. The held-out labels are never
+    read here: only ``p_model`` (the model's held-out risks) is passed in, to be mapped.
+    """
+    spec, flip = task_spec(task)
+    _, p_tune = _model_risks(forecaster, con, spec, flip, tuning_points, samples, seed)
+    alive = ~np.isnan(p_tune)
+    y_tune = observed_labels(con, task, [p for p, a in zip(tuning_points, alive, strict=True) if a])
+    cal, why = fit_calibrator(p_tune[alive], y_tune, method=method)
+    if cal is None:
+        return None, why
+    return cal.apply(p_model), cal.to_json()
+
+
 def score_predictor(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, n_boot: int = 200,
                     seed: int = 0) -> dict[str, Any]:
     """Metrics, calibration table and patient-bootstrap 95% CIs of one predictor, on the points it answers."""
@@ -76,8 +112,10 @@ def paired_block(y: np.ndarray, preds: dict[str, np.ndarray], groups: np.ndarray
                  seed: int = 0) -> dict[str, dict[str, Any]]:
     """``{"model-NAME": paired difference}`` for each of :data:`PAIRED_AGAINST` that was scored: AUROC and Brier
     of the model minus NAME on the same points, with paired patient-bootstrap CIs
-    (:func:`~foresight.evaluate.metrics.paired_difference`)."""
-    return {f"model-{name}": paired_difference(y, preds["model"], preds[name], groups, n_boot=n_boot, seed=seed)
+    (:func:`~foresight.evaluate.metrics.paired_difference`); ``"model_calibrated-NAME"`` likewise when the
+    recalibrated model was scored."""
+    return {f"{model}-{name}": paired_difference(y, preds[model], preds[name], groups, n_boot=n_boot, seed=seed)
+            for model in ("model", "model_calibrated") if model in preds
             for name in PAIRED_AGAINST if name in preds}
 
 
