@@ -67,7 +67,7 @@ from rich.table import Table  # noqa: E402
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)  # wide tables in logs
 
-PREDICTORS = ("model", "model_time_head", "logistic_counts", "gbm_counts", "oracle")
+PREDICTORS = ("model", "model_calibrated", "model_time_head", "logistic_counts", "gbm_counts", "oracle")
 BASELINES = ("logistic_counts", "gbm_counts", "oracle")
 # tasks the study adds at the as-of date (TaskSpec dicts), and the simulator event each one asks the oracle about
 EXTRA_TASKS = {

@@ -133,6 +133,12 @@ def headline(result: dict[str, Any]) -> list[tuple[str, str]]:
                      f"GBM {auc('gbm_counts')}"))
         if t.get("paired"):  # the same points and patient resamples for both sides of each difference
             rows.append(("  paired differences (95% CI)", paired_summary(t["paired"])))
+        if "model_calibrated" in t:  # recalibrated on tuning points, scored on the same held-out points
+            m, c = t["model"]["metrics"], t["model_calibrated"]["metrics"]
+            rows.append(("  calibrated on tuning", f"ECE {m['ece']:.3f} -> {c['ece']:.3f}, "
+                                                   f"Brier {m['brier']:.4f} -> {c['brier']:.4f}"))
+            if any(k.startswith("model_calibrated-") for k in t["paired"]):
+                rows.append(("  paired differences, calibrated", paired_summary(t["paired"], "model_calibrated")))
     fc = result.get("forecast", {})
     if fc.get("skipped"):
         rows.append(("weekly admissions forecast", f"skipped: {fc['reason']}"))

@@ -241,6 +241,9 @@ def evaluate(
                                                  "seeded subsample).")] = 500,
     out: Annotated[Path | None, typer.Option(help="Report folder (default MODEL/evaluation).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling, subsampling and bootstrap seed.")] = 0,
+    calibration: Annotated[str, typer.Option(
+        help="Also report the model recalibrated by a map fitted on TUNING points: platt, isotonic or none.")
+    ] = "platt",
     as_json: JsonOption = False,
 ) -> None:
     """Strict next-event accuracy vs baselines; risk tasks (AUROC, AUPRC, Brier, ECE, 95% CIs) vs baselines.
@@ -256,7 +259,8 @@ def evaluate(
         true_risk = simulator_oracle(oracle) if oracle is not None else None
         report = evaluate_model(model, data, db=db, tasks=tasks, admission_tasks=admission_tasks, at=at,
                                 as_of=parse_time(as_of, "--as-of"), samples=samples, max_points=max_points,
-                                out_dir=out, oracle=true_risk, seed=seed)
+                                out_dir=out, oracle=true_risk, seed=seed,
+                                calibration=None if calibration == "none" else calibration)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     notes = skipped_notes(report)
@@ -285,22 +289,29 @@ def evaluation_summary(report: dict[str, Any]) -> str:
         orc = auc(t, "oracle") if "oracle" in t else t.get("oracle_note", "n/a")
         human += (f"\n{t['task']} at {t['at']} ({t['points']} points): AUROC model {auc(t, 'model')} | logistic "
                   f"{auc(t, 'logistic_counts')} | GBM {auc(t, 'gbm_counts')} | oracle {orc}")
-        if t.get("paired"):
-            human += "\n  " + paired_summary(t["paired"])
+        if "model_calibrated" in t:
+            m, c = t["model"]["metrics"], t["model_calibrated"]["metrics"]
+            human += (f"\n  calibrated on tuning ({t['calibrator']['method']}, {t['calibrator']['points']} points): "
+                      f"ECE {m['ece']:.3f} -> {c['ece']:.3f}, Brier {m['brier']:.4f} -> {c['brier']:.4f}")
+        for who in ("model", "model_calibrated"):
+            if any(k.startswith(f"{who}-") for k in t.get("paired", {})):
+                human += "\n  " + paired_summary(t["paired"], who)
     return human
 
 
-def paired_summary(paired: dict[str, dict[str, Any]]) -> str:
-    """One task's paired differences on one line: ``paired, model minus: logistic_counts AUROC +0.012 [-0.010,
-    +0.034] Brier -0.0003 [-0.0010, +0.0004]; gbm_counts ...; oracle ...`` (AUROC up and Brier down favour the
-    model)."""
+def paired_summary(paired: dict[str, dict[str, Any]], model: str = "model") -> str:
+    """One task's paired differences of ``model`` (``model`` or ``model_calibrated``) on one line: ``paired, model
+    minus: logistic_counts AUROC +0.012 [-0.010, +0.034] Brier -0.0003 [-0.0010, +0.0004]; gbm_counts ...; oracle
+    ...`` (AUROC up and Brier down favour the model)."""
 
     def diff(d: float, ci: list[float] | None, digits: int) -> str:
         if math.isnan(d):
             return "n/a (one class only)"
         return f"{d:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
 
-    return "paired, model minus: " + "; ".join(
-        f"{name.removeprefix('model-')} AUROC {diff(d['auroc'], d['ci'], 3)} Brier {diff(d['brier'], d['brier_ci'], 4)}"
-        for name, d in paired.items())
+    label = "model" if model == "model" else "calibrated model"
+    return f"paired, {label} minus: " + "; ".join(
+        f"{name.removeprefix(model + '-')} AUROC {diff(d['auroc'], d['ci'], 3)} "
+        f"Brier {diff(d['brier'], d['brier_ci'], 4)}"
+        for name, d in paired.items() if name.startswith(model + "-"))
 
