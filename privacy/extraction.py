@@ -16,8 +16,10 @@ subject (at least k + 10 events) is paired, without replacement, with the train 
 band whose number of events is closest. The leak is the gap ``exact(members) - exact(non-members)`` in
 percentage points (paired bootstrap interval): a model that merely predicts common pathways well extracts both
 alike. A member's exact extraction is **k-eidetic** (Carlini et al. 2021) when the extracted 10-event sequence
-appears in fewer than ``eidetic_k`` (10) training subjects' timelines: it is then that person's record rather
-than a common pathway.
+appears in fewer than ``eidetic_k`` (10) training subjects' timelines: it may then be that person's record rather
+than a common pathway -- or a plausible rare continuation the model would write for anyone. So the matched
+non-members' exact extractions are held to the same rarity, and members' k-eidetic extractions count as a leak
+only when they significantly outnumber the non-members' (:func:`eidetic_vs_chance`).
 
 Prompts that would not leave room for the continuation within the model's context are cut like training rows:
 the subject's head and current YEAR/AGE markers, then the most recent events.
@@ -255,20 +257,50 @@ def run(model: Any, vocab: Any, train: Any, held_out: Any, *, context: int, memb
                 exact[side] = ex
                 res[side] = {"exact": metrics.binomial_ci(int(ex.sum()), len(ex), level).to_json(),
                              "near_exact": metrics.binomial_ci(int(ne.sum()), len(ne), level).to_json()}
-                res[side]["_hits"] = [tuple(t) for t, e in zip(truths[side], ex, strict=True) if e]
+                res[side]["_hits"] = [(j, tuple(t)) for j, (t, e) in enumerate(zip(truths[side], ex, strict=True))
+                                      if e]
             gap = metrics.paired_bootstrap_diff(exact["member"], exact["nonmember"], n_boot=n_boot, level=level,
                                                 seed=seed)
             res["exact_gap_points"] = {kk: (None if v is None else round(100 * v, 4))
                                        for kk, v in gap.to_json().items()}
+            res["exact_test"] = paired_excess(exact["member"], exact["nonmember"])
             row[mode] = res
         rows.append(row)
     # k-eidetic: one streaming pass over the train split for every exactly extracted continuation
-    results = [row[m][side] for row in rows for m in ("greedy", "sampled") if m in row
-               for side in ("member", "nonmember")]
-    counts = eidetic_counts([h for r in results for h in r["_hits"]], train_event_seqs())
+    results = [row[m] for row in rows for m in ("greedy", "sampled") if m in row]
+    counts = eidetic_counts([h for r in results for side in ("member", "nonmember") for _, h in r[side]["_hits"]],
+                            train_event_seqs())
     for r in results:
-        r["eidetic"] = int(sum(1 for h in r.pop("_hits") if counts[h] < eidetic_k))
+        r["eidetic_test"] = eidetic_vs_chance(r, counts, eidetic_k)
     return {"next_events": N_NEXT, "eidetic_k": eidetic_k, "max_new_tokens": max_new_tokens, "by_k": rows}
+
+
+def paired_excess(member: np.ndarray, nonmember: np.ndarray) -> dict[str, Any]:
+    """Exact McNemar test (one-sided) that members succeed more often than their matched non-members: over the
+    pairs where exactly one side succeeds, the member's share is 1/2 by chance."""
+    m, n = np.asarray(member, dtype=bool), np.asarray(nonmember, dtype=bool)
+    only_m, only_n = int((m & ~n).sum()), int((n & ~m).sum())
+    return {"member_only": only_m, "nonmember_only": only_n,
+            "p_value": metrics.tail_ratio_pvalue(only_m, 1, only_n, 1, 1.0)}
+
+
+def eidetic_vs_chance(res: dict[str, Any], counts: dict[tuple[int, ...], int], eidetic_k: int) -> dict[str, Any]:
+    """k-eidetic extractions of members against those of their matched non-members (sets ``eidetic`` per side).
+
+    A member's exact extraction is k-eidetic when fewer than ``eidetic_k`` training subjects hold it (the member
+    among them); a non-member's when fewer than ``eidetic_k`` subjects of train plus the non-member itself do
+    (the same rarity). A model that predicts plausible rare continuations extracts both alike; over the pairs
+    where exactly one side is k-eidetic, the members' share is 1/2 by chance (exact McNemar test, one-sided,
+    :func:`privacy.metrics.tail_ratio_pvalue` with ratio 1). Consumes the sides' ``_hits``.
+    """
+    flags = {}
+    for side, own in (("member", 0), ("nonmember", 1)):
+        hits = res[side].pop("_hits")
+        flags[side] = {j for j, h in hits if counts[h] + own < eidetic_k}
+        res[side]["eidetic"] = len(flags[side])
+    pairs = max([*flags["member"], *flags["nonmember"], -1]) + 1
+    return paired_excess(np.isin(np.arange(pairs), list(flags["member"])),
+                         np.isin(np.arange(pairs), list(flags["nonmember"])))
 
 
 def _fit_context(split: Any, i: int, toks: np.ndarray, end: int, context: int, budget: int,

@@ -2,17 +2,34 @@
 
 Thresholds live in ``gate_defaults.toml`` (:func:`load_config` merges a user file over it). The rule for a figure
 with an interval and a limit (:func:`against_limit`): FAIL when the whole interval is above the limit (the leak
-is demonstrated), REVIEW when only the point estimate is (it may be sampling noise), PASS otherwise. Probes that
-were not run are SKIPPED and do not count. An audit whose canaries show it could not see memorisation is
-*invalid*: it can be REVIEW at best, never PASS.
+is demonstrated), REVIEW when only the point estimate is (it may be sampling noise), PASS otherwise. Membership
+inference and rare copies ask for evidence beyond chance before REVIEW, because at realistic sizes many small
+slices and a few rare sequences make point estimates above a limit a certainty for any model:
+
+- AUC per slice and attack: FAIL when the family-wise lower bound is above ``max_auc``; REVIEW when the point
+  estimate is above it and the family-wise lower bound is above 0.5 (a membership signal); else a note.
+- TPR: each slice is judged at the smallest FPR of the ``tpr_limits`` ladder its ``n`` non-members resolve
+  (``n * fpr >= min_false_positives``) by exact one-sided tests (:func:`privacy.metrics.tpr_test`) at the
+  family-wise level: FAIL when significantly above ``max_tpr``; REVIEW when above ``max_tpr`` and significantly
+  above chance. A slice that resolves no FPR of the ladder is "unresolvable at n=..": ``unresolvable`` when its
+  AUC shows a membership signal, a note otherwise.
+- k-eidetic extractions and generated copies of rare sequences: a finding only when significantly above the
+  rate chance explains (matched non-members; the random patient split).
+
+Probes that were not run are SKIPPED and do not count. An audit whose canaries show it could not see
+memorisation is *invalid*: it can be REVIEW at best, never PASS. :func:`findings` lists every reason and note
+with its severity (FAIL, REVIEW, INFO).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
+
+from foresight.hashing import sha256
 
 PASS, REVIEW, FAIL, SKIPPED = "PASS", "REVIEW", "FAIL", "SKIPPED"
 _RANK = {SKIPPED: -1, PASS: 0, REVIEW: 1, FAIL: 2}
@@ -86,44 +103,104 @@ def _fmt(est: dict[str, Any], scale: float = 1.0, unit: str = "") -> str:
     return f"{v * scale:.3g}{unit}{ci}"
 
 
+def _fw_alpha(row: dict[str, Any]) -> float:
+    """The one-sided family-wise significance level of a slice's tests (what its CIs' family-wise bounds use)."""
+    return (1 - float(row.get("familywise_level") or 0.95)) / 2
+
+
+def _judge_auc(row: dict[str, Any], where: str, max_auc: float) -> tuple[list[str], list[str], list[str]]:
+    """AUC of every attack on one slice: FAIL when demonstrated above ``max_auc`` (family-wise lower bound above
+    it); REVIEW when the point estimate is above it and a membership signal is demonstrated (family-wise lower
+    bound above 0.5); a point estimate above it without a signal is noise at this size (a note)."""
+    found = {a: f["auc"] for a, f in row["attacks"].items() if "auc" in f}
+    fail = {a: e for a, e in found.items() if against_limit(e, max_auc) == FAIL}
+    high = {a: e for a, e in found.items() if a not in fail and (e.get("value") or 0) > max_auc}
+    review = {a: e for a, e in high.items() if (e.get("ci_low_familywise", e.get("ci_low")) or 0) > 0.5}
+    noise = {a: e for a, e in high.items() if a not in review}
+    decisions, reasons, notes = [PASS], [], []
+    if fail:
+        decisions.append(FAIL)
+        reasons.append(f"FAIL: AUC demonstrably above {max_auc:g} (family-wise lower bound above it) on {where}: "
+                       + ", ".join(f"{a} {_fmt(e)}" for a, e in fail.items()))
+    if review:
+        decisions.append(REVIEW)
+        reasons.append(f"REVIEW: AUC above {max_auc:g} on {where} with a membership signal (family-wise lower bound "
+                       "above 0.5), though not demonstrably above the limit: "
+                       + ", ".join(f"{a} {_fmt(e)}" for a, e in review.items()))
+    if noise:
+        notes.append(f"AUC point estimate above {max_auc:g} on {where} but no membership signal (family-wise lower "
+                     "bound <= 0.5: sampling noise at this size): " + ", ".join(f"{a} {_fmt(e)}"
+                                                                            for a, e in noise.items()))
+    return decisions, reasons, notes
+
+
+def _tpr_line(a: str, t: dict[str, Any]) -> str:
+    return (f"{a} {100 * t['tpr']:.3g}% ({t['members_above']} members vs {t['nonmembers_above']} non-members above "
+            f"the threshold; p = {t['p_limit']:.2g} vs the limit, {t['p_chance']:.2g} vs chance)")
+
+
+def _judge_tpr(row: dict[str, Any], where: str, cfg: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """TPR at the slice's judged FPR (the smallest configured FPR its non-members resolve): FAIL when an attack is
+    significantly above the limit, REVIEW when its TPR is above the limit and significantly above chance (the
+    family-wise level of the slice's tests). A slice that resolves no configured FPR is unresolvable: REVIEW
+    (``unresolvable``) only when its AUC shows a membership signal, else a note."""
+    alpha, k = _fw_alpha(row), cfg.get("min_false_positives", 1)
+    fpr = row.get("judged_fpr")
+    if fpr is None:
+        largest = max(float(x["fpr"]) for x in cfg["tpr_limits"])
+        line = (f"TPR unresolvable at n={row['nonmembers']} non-members on {row['slice']}: no configured FPR has >= "
+                f"{k:g} expected false positives (the largest, {largest:.1%}, needs "
+                f"{math.ceil(k / largest - 1e-9)} non-members)")
+        signal = {a: f["auc"] for a, f in row["attacks"].items()
+                  if (f["auc"].get("ci_low_familywise", f["auc"].get("ci_low")) or 0) > 0.5}
+        d = cfg.get("unresolvable", REVIEW)
+        if signal and d != PASS:
+            return [d], [f"{d}: {line}, and its AUC shows a membership signal (family-wise lower bound above 0.5): "
+                         + ", ".join(f"{a} {_fmt(e)}" for a, e in signal.items())], []
+        return [PASS], [], [f"{line}; no membership signal in its AUC: informational"]
+    tests = {a: f["tpr_test"] for a, f in row["attacks"].items() if "tpr_test" in f}
+    if not tests:
+        return [PASS], [], []
+    limit = next(t["max_tpr"] for t in tests.values())
+    label = f"TPR at FPR {fpr:.1%} (the smallest configured FPR {row['nonmembers']} non-members resolve)"
+    fail = {a: t for a, t in tests.items() if t["p_limit"] < alpha}
+    review = {a: t for a, t in tests.items() if a not in fail and t["tpr"] > limit and t["p_chance"] < alpha}
+    decisions, reasons, notes = [PASS], [], []
+    if fail:
+        decisions.append(FAIL)
+        reasons.append(f"FAIL: {label} significantly above {100 * limit:g}% on {where} (family-wise p < "
+                       f"{alpha:.2g}): " + ", ".join(_tpr_line(a, t) for a, t in fail.items()))
+    if review:
+        decisions.append(REVIEW)
+        reasons.append(f"REVIEW: {label} above {100 * limit:g}% and significantly above chance on {where}, though "
+                       f"not significantly above the limit (family-wise p < {alpha:.2g} needed): "
+                       + ", ".join(_tpr_line(a, t) for a, t in review.items()))
+    if not fail and not review:
+        worst_a = max(tests, key=lambda a: tests[a]["tpr"])
+        notes.append(f"{label} on {where}: highest {_tpr_line(worst_a, tests[worst_a])}; limit {100 * limit:g}%, "
+                     "no attack significantly above it")
+    return decisions, reasons, notes
+
+
 def decide_mia(rows: list[dict[str, Any]], cfg: dict[str, Any], what: str = "membership inference"
                ) -> dict[str, Any]:
-    """Every attack on every measured slice against ``max_auc`` and the TPR limits; one reason line per slice
-    and limit, naming the attacks above it.
-
-    A TPR limit at an FPR the slice cannot resolve (fewer than 1/FPR non-members) is never FAIL: the TPR measured
-    at the smallest reachable FPR (1/n) is an optimistic stand-in for the attacker, and its bootstrap interval is
-    unreliable at an extreme order statistic, so it demonstrates nothing; it gets ``unresolvable`` (REVIEW).
-    """
+    """Every attack on every measured slice: AUC against ``max_auc`` (:func:`_judge_auc`) and, when TPR limits are
+    configured, TPR at the FPR the slice resolves against its limit (:func:`_judge_tpr`); reasons name the
+    attacks, figures and p-values."""
     decisions, reasons, notes = [], [], []
-    unresolved: dict[float, list[str]] = {}
     for row in rows:
         if not row.get("measured"):
             notes.append(f"slice {row['slice']} not measured ({row['members']} members, {row['nonmembers']} "
                          f"non-members)")
             continue
         where = f"{row['slice']} ({row['members']} members vs {row['nonmembers']} non-members)"
-        checks = [("AUC", "auc", cfg["max_auc"], 1.0, "", None)]
-        checks += [(f"TPR at FPR {lim['fpr']:.1%}", f"tpr@{lim['fpr']:g}", lim["max_tpr"], 100.0, "%", lim["fpr"])
-                   for lim in cfg.get("tpr_limits", [])]
-        for label, key, limit, scale, unit, fpr in checks:
-            found = {a: (against_limit(f[key], limit), f[key]) for a, f in row["attacks"].items() if key in f}
-            if not found:
-                continue
-            if fpr is not None and not row.get("fpr_resolvable", {}).get(f"{fpr:g}", True):
-                unresolved.setdefault(fpr, []).append(f"{row['slice']}: {row['nonmembers']}")
-                decisions.append(cfg.get("unresolvable", REVIEW))
-                continue
-            d = worst([x for x, _ in found.values()])
-            decisions.append(d)
-            if d != PASS:
-                above = ", ".join(f"{a} {_fmt(e, scale, unit)}" for a, (x, e) in found.items() if x != PASS)
-                reasons.append(f"{d}: {label} above {limit * scale:g}{unit} on {where}: {above}")
-    for fpr, where in unresolved.items():
-        d = cfg.get("unresolvable", REVIEW)
-        line = (f"TPR at FPR {fpr:.1%} cannot be resolved with fewer than {round(1 / fpr)} non-members (non-members "
-                f"per slice: {', '.join(where)})")
-        (reasons if d != PASS else notes).append(f"{d}: {line}" if d != PASS else line)
+        parts = [_judge_auc(row, where, cfg["max_auc"])]
+        if cfg.get("tpr_limits"):
+            parts.append(_judge_tpr(row, where, cfg))
+        for d, r, n in parts:
+            decisions += d
+            reasons += r
+            notes += n
     if not decisions:
         return {"decision": REVIEW, "reasons": [f"REVIEW: {what} measured nothing (too few subjects)"],
                 "notes": notes}
@@ -158,9 +235,15 @@ def decide_canaries(res: dict[str, Any] | None, cfg: dict[str, Any]) -> dict[str
     return {"decision": worst(decisions), "valid": res["valid"], "reasons": reasons, "notes": notes}
 
 
-def decide_extraction(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
-    """The largest member - non-member exact-extraction gap over k and decoding, and k-eidetic extractions."""
+def decide_extraction(res: dict[str, Any], cfg: dict[str, Any], level: float = 0.95) -> dict[str, Any]:
+    """The member - non-member exact-extraction gap per k and decoding: FAIL when its interval is above
+    ``max_exact_gap_points``; REVIEW when its point estimate is and members' exact extractions significantly
+    outnumber their matched non-members' (exact McNemar test); k-eidetic extractions: a finding (``eidetic``) only
+    when members' significantly outnumber their matched non-members' of equal rarity. Tests one-sided, Bonferroni
+    over the k x decoding rows at ``1 - level``."""
     decisions, reasons, notes = [], [], []
+    n_tests = max(1, sum(1 for row in res["by_k"] for m in ("greedy", "sampled") if m in row))
+    alpha = (1 - level) / 2 / n_tests
     for row in res["by_k"]:
         if "greedy" not in row:
             notes.append(f"k={row['k']}: {row.get('why', 'not measured')}")
@@ -169,24 +252,46 @@ def decide_extraction(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any
             r = row[mode]
             gap = r["exact_gap_points"]
             d = against_limit(gap, cfg["max_exact_gap_points"])
-            decisions.append(d)
             line = (f"k={row['k']} {mode}: exact extraction members {_fmt(r['member']['exact'], 100, '%')} vs "
                     f"non-members {_fmt(r['nonmember']['exact'], 100, '%')}, gap {_fmt(gap, 1, ' points')} "
                     f"({row['pairs']} pairs)")
+            t = r.get("exact_test")  # absent from reports written before the test: the point rule
+            if d == REVIEW and t is not None and t["p_value"] >= alpha:
+                d = PASS
+                line += (f" above {cfg['max_exact_gap_points']} points but not above chance (pairs where only the "
+                         f"member's is exact: {t['member_only']}, only the non-member's: {t['nonmember_only']}; "
+                         f"one-sided p = {t['p_value']:.2g})")
+            decisions.append(d)
+            if d == REVIEW and t is not None:
+                line += (f"; members' exact extractions above chance (only the member's: {t['member_only']}, only the "
+                         f"non-member's: {t['nonmember_only']}; one-sided p = {t['p_value']:.2g})")
             if d != PASS:
                 reasons.append(f"{d}: {line} > {cfg['max_exact_gap_points']} points")
             else:
                 notes.append(line)
             if r["member"]["eidetic"]:
-                d = cfg["eidetic"]
+                d, line = _eidetic(r, res["eidetic_k"], alpha, cfg["eidetic"])
                 decisions.append(d)
-                if d != PASS:
-                    reasons.append(f"{d}: k={row['k']} {mode}: {r['member']['eidetic']} member extraction(s) held by "
-                                   f"fewer than {res['eidetic_k']} training subjects (k-eidetic)")
+                (reasons if d != PASS else notes).append(f"{d}: k={row['k']} {mode}: {line}" if d != PASS
+                                                         else f"k={row['k']} {mode}: {line}")
     if not decisions:
         return {"decision": cfg["no_pairs"], "reasons": [
             f"{cfg['no_pairs']}: no k had matched member / non-member pairs: extraction unmeasured"], "notes": notes}
     return {"decision": worst(decisions), "reasons": _dedup(reasons), "notes": notes}
+
+
+def _eidetic(r: dict[str, Any], eidetic_k: int, alpha: float, severity: str) -> tuple[str, str]:
+    """(decision, reason) for members' k-eidetic extractions against their matched non-members' (a report
+    without the paired test, from before it existed, takes the old rule: any is a finding)."""
+    line = f"{r['member']['eidetic']} member extraction(s) held by fewer than {eidetic_k} training subjects (k-eidetic)"
+    t = r.get("eidetic_test")
+    if t is None:
+        return severity, line
+    line += (f" vs {r['nonmember']['eidetic']} of matched non-members (pairs where only the member's is: "
+             f"{t['member_only']}, only the non-member's: {t['nonmember_only']}; one-sided p = {t['p_value']:.2g})")
+    if t["p_value"] < alpha:
+        return severity, f"{line}: significantly more than chance (p < {alpha:.2g})"
+    return PASS, f"{line}: not above chance"
 
 
 def decide_vocab(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -212,8 +317,10 @@ def decide_vocab(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     return {"decision": worst(decisions), "reasons": reasons, "notes": notes}
 
 
-def decide_synthetic(res: dict[str, Any] | None, cfg: dict[str, Any]) -> dict[str, Any]:
-    """DCR share against its limit; copies of single training timelines per config."""
+def decide_synthetic(res: dict[str, Any] | None, cfg: dict[str, Any], level: float = 0.95) -> dict[str, Any]:
+    """DCR share against its limit; copies of rare real sequences: a finding (``unique_copies``) only when their
+    holders are train subjects significantly more often than the random split explains (one-sided exact binomial
+    test at ``(1 - level) / 2``)."""
     if res is None:
         return {"decision": SKIPPED, "reasons": [], "notes": ["no synthetic cohort generated"]}
     share = res["dcr_share_closer_to_train"]
@@ -222,7 +329,18 @@ def decide_synthetic(res: dict[str, Any] | None, cfg: dict[str, Any]) -> dict[st
     reasons, notes = [], []
     line = f"{_fmt(share, 100, '%')} of generated timelines are closer to a train subject than to a held-out one"
     (reasons if d != PASS else notes).append(f"{d}: {line} (limit {cfg['max_dcr_share']:.0%})" if d != PASS else line)
-    if res["unique_copies_of_train"]:
+    rare = res.get("rare_copies")
+    if rare is not None and rare["timelines"]:
+        alpha = (1 - level) / 2
+        line = (f"{rare['timelines']} generated timeline(s) reproduce {rare['sequences']} sequence(s) that fewer than "
+                f"{res['copy_k']} real subjects hold; their holders: {rare['train_holders']} train vs "
+                f"{rare['expected_train_holders']:g} expected by chance ({rare['heldout_holders']} held-out; "
+                f"one-sided p = {rare['p_value']:.2g})")
+        d = cfg["unique_copies"] if rare["p_value"] < alpha else PASS
+        decisions.append(d)
+        (reasons if d != PASS else notes).append(f"{d}: {line}: significantly above chance (p < {alpha:.2g})"
+                                                 if d != PASS else f"{line}: not above chance")
+    elif rare is None and res["unique_copies_of_train"]:  # a report from before the chance test
         d = cfg["unique_copies"]
         decisions.append(d)
         reasons.append(f"{d}: {res['unique_copies_of_train']} generated timeline(s) copy a sequence fewer than "
@@ -233,13 +351,19 @@ def decide_synthetic(res: dict[str, Any] | None, cfg: dict[str, Any]) -> dict[st
 
 
 def decide(results: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
-    """Per-probe decisions and the overall one. ``results`` holds each probe's figures (None = not run)."""
+    """Per-probe decisions and the overall one. ``results`` holds each probe's figures (None = not run).
+
+    Every probe's reasons (FAIL / REVIEW lines) and notes (informational) are also listed as ``findings``
+    (:func:`findings`). The overall decision: any FAIL -> FAIL, else any REVIEW -> REVIEW, else PASS (an audit
+    its canaries show blind is REVIEW at best).
+    """
+    level = float(cfg["audit"]["ci_level"])
     probes = {
         "membership_inference": decide_mia(results["membership_inference"], {**cfg["mia"]}),
         "canaries": decide_canaries(results.get("canaries"), cfg["canaries"]),
-        "extraction": decide_extraction(results["extraction"], cfg["extraction"]),
+        "extraction": decide_extraction(results["extraction"], cfg["extraction"], level),
         "vocabulary_floor": decide_vocab(results["vocabulary_floor"], cfg["vocab_floor"]),
-        "synthetic_cohort": decide_synthetic(results.get("synthetic_cohort"), cfg["synthetic"]),
+        "synthetic_cohort": decide_synthetic(results.get("synthetic_cohort"), cfg["synthetic"], level),
     }
     forgotten = results.get("forgotten")
     if forgotten is not None:
@@ -257,7 +381,23 @@ def decide(results: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     if overall == PASS and valid is False:  # an audit shown blind can never pass (decide_canaries says why)
         overall = REVIEW
     reasons = [r for name, p in probes.items() for r in (f"{name}: {x}" for x in p["reasons"])]
-    return {"decision": overall, "valid": valid, "probes": probes, "reasons": reasons}
+    return {"decision": overall, "valid": valid, "probes": probes, "reasons": reasons, "findings": findings(probes)}
+
+
+def findings(probes: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    """Every probe's reasons and notes as ``{id, probe, severity, reason}``, severity FAIL, REVIEW or INFO, worst
+    first. ``id`` (12 hex digits of the sha256 of probe and reason) names a finding, e.g. in a reviewer's approval."""
+    out = []
+    for name, p in probes.items():
+        for text in p.get("reasons", []):
+            sev, _, why = text.partition(": ")
+            sev, why = (sev, why) if sev in (FAIL, REVIEW) else (REVIEW, text)
+            out.append({"probe": name, "severity": sev, "reason": why})
+        out += [{"probe": name, "severity": "INFO", "reason": n} for n in p.get("notes", [])]
+    for f in out:
+        f["id"] = sha256(f"{f['probe']}\0{f['reason']}")[:12]
+    order = {FAIL: 0, REVIEW: 1, "INFO": 2}
+    return sorted(out, key=lambda f: order[f["severity"]])
 
 
 def _dedup(items: list[str]) -> list[str]:

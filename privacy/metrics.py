@@ -15,6 +15,10 @@ a *log-perplexity*, lower = the model finds the sequence more likely.
 - :func:`exposure_rank`, :func:`skewnorm_tail` — Carlini et al. 2019 (the Secret Sharer): exposure
   ``log2 |R| - log2 rank`` against sampled reference sequences, and the skew-normal extrapolation of the
   probability that a random reference scores at least as well (its p-value; exposure ``-log2 p``).
+- :func:`judged_fpr`, :func:`tpr_test`, :func:`tail_ratio_pvalue` — the gate's TPR rule: a slice is judged at the
+  smallest configured FPR its non-members resolve, by an exact one-sided test of TPR against the limit (and
+  against chance) rather than a point comparison.
+- :func:`copies_vs_chance` — rare-sequence copies against the rate the random patient split explains.
 - :func:`bonferroni_significant`, :func:`paired_bootstrap_diff`, :func:`binomial_ci`.
 """
 
@@ -66,9 +70,94 @@ def tpr_at_fpr_fast(member_scores: np.ndarray, nonmember_scores: np.ndarray, alp
     return float(np.mean(np.asarray(member_scores) > s0[m]))
 
 
-def fpr_resolvable(n_nonmembers: int, alpha: float) -> bool:
-    """Whether ``n_nonmembers`` can resolve a false-positive rate of ``alpha`` (one false positive <= alpha)."""
-    return n_nonmembers > 0 and 1.0 / n_nonmembers <= alpha + 1e-12
+def fpr_resolvable(n_nonmembers: int, alpha: float, min_false_positives: int = 1) -> bool:
+    """Whether ``n_nonmembers`` resolve a false-positive rate of ``alpha``: at least ``min_false_positives``
+    non-members are expected above a threshold at that rate (``n * alpha >= k``; k = 1: one false positive)."""
+    return n_nonmembers > 0 and n_nonmembers * alpha + 1e-9 >= min_false_positives
+
+
+def judged_fpr(n_nonmembers: int, fprs: list[float], min_false_positives: int) -> float | None:
+    """The smallest FPR of ``fprs`` that ``n_nonmembers`` resolve (:func:`fpr_resolvable`); None when none is.
+
+    >>> judged_fpr(2000, [0.001, 0.01, 0.1], 2), judged_fpr(660, [0.001, 0.01, 0.1], 2)
+    (0.001, 0.01)
+    >>> judged_fpr(30, [0.001, 0.01], 2) is None
+    True
+    """
+    ok = [a for a in fprs if fpr_resolvable(n_nonmembers, a, min_false_positives)]
+    return min(ok) if ok else None
+
+
+def tail_ratio_pvalue(members_above: int, n_members: int, nonmembers_above: int, n_nonmembers: int,
+                      ratio: float) -> float:
+    """One-sided p-value of H0 "the members' rate above a threshold is at most ``ratio`` times the non-members'".
+
+    The exact conditional test for two rates (as for two Poisson counts): given the ``s`` subjects above the
+    threshold, the members among them are Binomial(s, r n1 / (r n1 + n0)) at the boundary of H0 (scipy's
+    ``binomtest``, alternative "greater"). ``ratio`` 1 tests for any membership signal at all; ``max_tpr / fpr``
+    tests a TPR limit at that FPR.
+
+    >>> round(tail_ratio_pvalue(3, 100, 3, 100, 1.0), 3)   # as many members as non-members above it: no signal
+    0.656
+    >>> tail_ratio_pvalue(90, 100, 1, 100, 5.0) < 0.001  # 90% vs 1%: far above a 5x limit
+    True
+    """
+    from scipy.stats import binomtest
+
+    s = int(members_above) + int(nonmembers_above)
+    if s == 0 or n_members == 0 or n_nonmembers == 0:
+        return 1.0
+    p = ratio * n_members / (ratio * n_members + n_nonmembers)
+    return float(binomtest(int(members_above), s, min(p, 1.0), alternative="greater").pvalue)
+
+
+def tpr_test(member_scores: np.ndarray, nonmember_scores: np.ndarray, fpr: float, max_tpr: float
+             ) -> dict[str, float | int]:
+    """TPR at FPR ``fpr`` tested against the limit ``max_tpr`` and against chance.
+
+    The threshold is the non-members' score with ``m = floor(fpr n0)`` non-members above it (the operating point of
+    :func:`tpr_at_fpr_fast`). The non-member count used in the tests is ``m + 1``: the threshold's own non-member is
+    counted, because the true FPR of a threshold read off the ``(m+1)``-th highest of ``n0`` scores is on average
+    ``(m+1)/(n0+1)``, not ``m/n0`` (conservative). ``p_limit``: H0 TPR <= (max_tpr / fpr) x FPR (a leak above the
+    limit, :func:`tail_ratio_pvalue`); ``p_chance``: H0 TPR <= FPR (any membership signal in the tail).
+    """
+    s1 = np.asarray(member_scores, dtype=np.float64)
+    s0 = np.sort(np.asarray(nonmember_scores, dtype=np.float64))[::-1]
+    n1, n0 = len(s1), len(s0)
+    m = math.floor(fpr * n0 + 1e-9)
+    if n1 == 0 or m >= n0:
+        return {"fpr": fpr, "max_tpr": max_tpr, "members_above": 0, "nonmembers_above": 0, "tpr": 0.0,
+                "fpr_observed": 0.0, "p_limit": 1.0, "p_chance": 1.0}  # nothing to test (JSON has no NaN)
+    thr = s0[m]
+    x1 = int(np.sum(s1 > thr))
+    x0 = int(np.sum(s0 > thr)) + 1
+    return {"fpr": fpr, "max_tpr": max_tpr, "members_above": x1, "nonmembers_above": x0 - 1,
+            "tpr": round(x1 / n1, 6), "fpr_observed": round((x0 - 1) / n0, 6),
+            "p_limit": tail_ratio_pvalue(x1, n1, x0, n0, max_tpr / fpr),
+            "p_chance": tail_ratio_pvalue(x1, n1, x0, n0, 1.0)}
+
+
+def copies_vs_chance(train_holders: int, heldout_holders: int, share_train: float) -> dict[str, float | int]:
+    """Are rare sequences the model reproduced held by training subjects more often than the random split explains?
+
+    The patient split is random, so the holders of any sequence fall in train with probability ``share_train``
+    (train subjects / subjects of both splits) whatever the sequence. Over the distinct rare sequences a model
+    reproduced, a model that learnt the population (H0) gives train holders ~ Binomial(holders, share_train); a
+    model that copies its training records gives more. Returns the counts, the number expected by chance and the
+    one-sided exact binomial p-value (scipy).
+
+    >>> r = copies_vs_chance(4, 1, 0.8); (r["expected_train_holders"], r["p_value"] > 0.3)
+    (4.0, True)
+    >>> copies_vs_chance(40, 0, 0.5)["p_value"] < 1e-6
+    True
+    """
+    from scipy.stats import binomtest
+
+    n = int(train_holders) + int(heldout_holders)
+    p = float(binomtest(int(train_holders), n, share_train, alternative="greater").pvalue) if n else 1.0
+    return {"train_holders": int(train_holders), "heldout_holders": int(heldout_holders),
+            "share_train": round(float(share_train), 6), "expected_train_holders": round(n * share_train, 3),
+            "p_value": p}
 
 
 def _labels(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -11,10 +11,12 @@ each *higher for a likely member*:
 - ``reference``: the target's mean log-probability minus a reference model's, the reference trained on disjoint
   subjects (the tuning split), which removes how *easy* a timeline is for any model (Carlini et al. 2022).
 
-Each is reported as AUC and TPR at FPR 1% and 0.1% with stratified-bootstrap intervals, overall and on risk
+Each is reported as AUC and TPR at FPR 0.1%, 1% and 10% with stratified-bootstrap intervals, overall and on risk
 slices: subjects with rare codes (a token of theirs covers few train subjects, or is a RARE catch-all),
 sensitive code groups (mental health, substance use, HIV, infectious disease: glob patterns in the gate
-config), and subjects aged 85 or more. A slice too small to measure is reported as such.
+config), and subjects aged 85 or more. A slice too small to measure is reported as such. Each slice is also
+judged at the smallest FPR of the gate's ladder that its non-members resolve, by exact tests of the TPR there
+against the limit and against chance (:func:`evaluate`, :func:`privacy.metrics.tpr_test`).
 """
 
 from __future__ import annotations
@@ -121,15 +123,22 @@ def _exempt(token: str) -> bool:
 def evaluate(member_scores: dict[str, np.ndarray], nonmember_scores: dict[str, np.ndarray],
              member_slices: dict[str, np.ndarray] | None, nonmember_slices: dict[str, np.ndarray] | None,
              *, alphas: tuple[float, ...] = (0.01, 0.001), n_boot: int = 1000, level: float = 0.95, seed: int = 0,
-             min_slice: int = 10) -> list[dict[str, Any]]:
-    """AUC and TPR@FPR (with CIs) of every attack, overall and per slice.
+             min_slice: int = 10, tpr_limits: Sequence[dict[str, float]] = (), min_false_positives: int = 1
+             ) -> list[dict[str, Any]]:
+    """AUC and TPR@FPR (with CIs) of every attack, overall and per slice, and the TPR test the gate judges.
 
     ``*_scores`` map attack -> per-subject scores; ``*_slices`` map slice -> boolean masks over the same subjects.
     A slice with fewer than ``min_slice`` members or non-members is listed with ``measured: false``.
 
-    Every estimate also carries a lower bound at the family-wise level ``1 - (1 - level) / m``, m = measured
-    slices x attacks x (1 + len(alphas)) figures (Bonferroni): the gate fails on that bound, so that one of many
-    noisy small slices cannot fail a model by chance.
+    ``tpr_limits`` (``[{fpr, max_tpr}, ...]``, the gate's ladder): each slice is judged at the smallest of their
+    FPRs that its non-members resolve (``n0 * fpr >= min_false_positives``, :func:`metrics.judged_fpr`; the row's
+    ``judged_fpr``, None = unresolvable), where every attack gets ``tpr_test`` (:func:`metrics.tpr_test`: exact
+    one-sided p-values against the limit and against chance).
+
+    Every estimate also carries a lower bound at the family-wise level ``1 - (1 - level) / m`` (Bonferroni), m =
+    measured slices x attacks x the figures judged per attack (AUC, and the TPR test when there are limits); the
+    row's ``familywise_level`` is what the gate compares the TPR tests' p-values with, so that one of many noisy
+    small slices cannot fail a model by chance.
     """
     n1 = len(next(iter(member_scores.values())))
     n0 = len(next(iter(nonmember_scores.values())))
@@ -137,7 +146,9 @@ def evaluate(member_scores: dict[str, np.ndarray], nonmember_scores: dict[str, n
     for name in (member_slices or {}):
         slices.append((name, member_slices[name], nonmember_slices[name]))
     measured = sum(1 for _, m1, m0 in slices if m1.sum() >= min_slice and m0.sum() >= min_slice)
-    tests = max(1, measured * len(member_scores) * (1 + len(alphas)))
+    limits = {float(x["fpr"]): float(x["max_tpr"]) for x in tpr_limits}
+    alphas = tuple(sorted(set(alphas) | set(limits)))
+    tests = max(1, measured * len(member_scores) * (2 if limits else 1))
     familywise = 1 - (1 - level) / tests
     out = []
     for name, m1, m0 in slices:
@@ -149,7 +160,10 @@ def evaluate(member_scores: dict[str, np.ndarray], nonmember_scores: dict[str, n
             continue
         row["measured"] = True
         row["familywise_level"] = round(familywise, 6)
-        row["fpr_resolvable"] = {f"{a:g}": metrics.fpr_resolvable(int(m0.sum()), a) for a in alphas}
+        n0 = int(m0.sum())
+        row["fpr_resolvable"] = {f"{a:g}": metrics.fpr_resolvable(n0, a, min_false_positives) for a in alphas}
+        judged = metrics.judged_fpr(n0, sorted(limits), min_false_positives) if limits else None
+        row["judged_fpr"] = judged
         row["attacks"] = {}
         for attack in member_scores:
             s1, s0 = member_scores[attack][m1], nonmember_scores[attack][m0]
@@ -157,6 +171,8 @@ def evaluate(member_scores: dict[str, np.ndarray], nonmember_scores: dict[str, n
             est = metrics.bootstrap_mia(s1[ok1], s0[ok0], alphas, n_boot=n_boot, level=level, seed=seed,
                                         familywise_level=familywise)
             row["attacks"][attack] = {k: v.to_json() for k, v in est.items()}
+            if judged is not None:
+                row["attacks"][attack]["tpr_test"] = metrics.tpr_test(s1[ok1], s0[ok0], judged, limits[judged])
         out.append(row)
     return out
 

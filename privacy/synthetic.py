@@ -11,7 +11,11 @@ tokens:
   held-out (ties count one half) is about 0.5 for a model that learnt the population; near 1 it reproduces its
   training subjects.
 - **exact copies**: a generated code sequence identical (same codes, same order) to a train subject's. A copy of a
-  sequence that fewer than ``k`` train subjects share and no held-out subject has is a copy of *a person*.
+  sequence that fewer than ``k`` train subjects share and no held-out subject has may be a copy of *a person* --
+  or chance: a plausible short timeline that a few people happen to have. **Rare copies against chance**: the
+  patient split is random, so the holders of a rare sequence (fewer than ``k`` subjects of train and held-out
+  together) are train subjects with probability train / (train + held-out) if the model learnt the population;
+  over the distinct rare sequences the model reproduced, significantly more train holders than that is copying.
 """
 
 from __future__ import annotations
@@ -124,12 +128,16 @@ def sample_timelines(model: Any, vocab: Any, prompts: Sequence[np.ndarray], *, m
 
 def check(generated: Sequence[tuple[int, ...]], train: Sequence[tuple[int, ...]], holdout: Sequence[tuple[int, ...]],
           vocab_size: int, *, copy_k: int = 10, seed: int = 0, n_boot: int = 1000, level: float = 0.95,
-          train_counts: Counter | None = None, holdout_seen: set[int] | None = None) -> dict[str, Any]:
+          train_counts: Counter | None = None, holdout_seen: set[int] | None = None,
+          holdout_counts: Counter | None = None) -> dict[str, Any]:
     """DCR share (with a bootstrap interval over generated timelines) and exact copies (see the module docstring).
 
     ``train`` and ``holdout`` are real code sequences for DCR (the larger side is subsampled to the smaller).
     Exact copies are looked up in ``train_counts`` (sequence hash -> train subjects with it) and ``holdout_seen``
     (hashes), which a caller builds over the whole splits (:func:`sequence_counts`); by default from the samples.
+    ``holdout_counts`` (hash -> held-out subjects with it) adds ``rare_copies``: the distinct generated sequences
+    that fewer than ``copy_k`` subjects of both splits hold, and whether their holders are train subjects more
+    often than the random split explains (:func:`privacy.metrics.copies_vs_chance`).
     """
     rng = np.random.default_rng(seed)
     n = min(len(train), len(holdout))
@@ -144,7 +152,9 @@ def check(generated: Sequence[tuple[int, ...]], train: Sequence[tuple[int, ...]]
     else:
         lo = hi = float("nan")
     train_counts = train_counts if train_counts is not None else sequence_counts(train)
-    hold_set = holdout_seen if holdout_seen is not None else set(sequence_counts(holdout))
+    if holdout_counts is None and holdout_seen is None:
+        holdout_counts = sequence_counts(holdout)
+    hold_set = holdout_seen if holdout_seen is not None else set(holdout_counts)
     copies = [hash(g) for g in generated if hash(g) in train_counts]
     unique_copies = [h for h in copies if train_counts[h] < copy_k and h not in hold_set]
     return {
@@ -157,4 +167,18 @@ def check(generated: Sequence[tuple[int, ...]], train: Sequence[tuple[int, ...]]
         "exact_copies_of_holdout": sum(1 for g in generated if hash(g) in hold_set),
         "unique_copies_of_train": len(unique_copies),
         "copy_k": copy_k,
+        "rare_copies": None if holdout_counts is None else rare_copies(generated, train_counts, holdout_counts, copy_k),
     }
+
+
+def rare_copies(generated: Sequence[tuple[int, ...]], train_counts: Counter, holdout_counts: Counter, copy_k: int
+                ) -> dict[str, Any]:
+    """Generated timelines that reproduce a sequence fewer than ``copy_k`` real subjects (train + held-out) hold,
+    with the train share of those sequences' holders tested against the split's (see the module docstring)."""
+    hashes = [hash(g) for g in generated]
+    rare = {h for h in hashes if 0 < train_counts.get(h, 0) + holdout_counts.get(h, 0) < copy_k}
+    n_train, n_hold = sum(train_counts.values()), sum(holdout_counts.values())
+    test = metrics.copies_vs_chance(sum(train_counts.get(h, 0) for h in rare),
+                                    sum(holdout_counts.get(h, 0) for h in rare),
+                                    n_train / max(1, n_train + n_hold))
+    return {"timelines": sum(1 for h in hashes if h in rare), "sequences": len(rare), **test}

@@ -150,11 +150,17 @@ def test_limit_rule_and_worst():
 
 
 def test_unresolvable_tpr_never_fails():
+    # a slice that resolves no FPR of the ladder (judged_fpr None) is informational without a membership signal,
+    # REVIEW with one (its AUC's family-wise lower bound above 0.5), never FAIL on its TPR
     row = {"slice": "all", "measured": True, "members": 50, "nonmembers": 50, "fpr_resolvable": {"0.001": False},
+           "judged_fpr": None,
            "attacks": {"loss": {"auc": {"value": 0.5, "ci_low": 0.4}, "tpr@0.001": {"value": 0.5, "ci_low": 0.4}}}}
     cfg = gate.default_config()["mia"]
     out = gate.decide_mia([row], cfg)
-    assert out["decision"] == gate.REVIEW and "cannot be resolved" in out["reasons"][0]
+    assert out["decision"] == gate.PASS and "unresolvable at n=50" in out["notes"][0]
+    row["attacks"]["loss"]["auc"] = {"value": 0.58, "ci_low": 0.55, "ci_low_familywise": 0.52}
+    out = gate.decide_mia([row], cfg)
+    assert out["decision"] == gate.REVIEW and "unresolvable at n=50" in out["reasons"][0]
 
 
 def test_config_merges_and_rejects_unknown_keys(tmp_path):
