@@ -12,5 +12,9 @@ What lives where (maths in pure functions, the model forward in one place, I/O a
 - ``gate``         PASS / REVIEW / FAIL per probe from ``gate_defaults.toml`` (the one thresholds file)
 - ``report``       report.json and the HTML model card
 - ``audit``        runs every probe on a model + its data and writes the report
-- ``release``      model checksum; copy into a registry only after a passing audit of exactly that model
+- ``release``      model checksum; copy into a registry only after a signed, passing audit of exactly that model
+                   (or a REVIEW a reviewer approved, signed)
+- ``signing``      Ed25519 keys (``foresight keys init``), signatures over canonical JSON, report.sig.json
+- ``registry``     the registry's index: hash-chained (foresight.chain), signed records, pinned trusted keys
+- ``verify``       ``foresight registry verify``: chain, signatures and released files re-checked
 """

@@ -11,6 +11,7 @@ in :mod:`privacy.metrics` and the probe modules, the model forward in :mod:`priv
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -29,7 +30,7 @@ from foresight.dataset import PackedSplit
 from foresight.forecast import Forecaster
 from foresight.tokens import Vocabulary, check_complete, encode_subjects, register_code_map, seal, write_shard
 from foresight.train.card import INCOMPLETE
-from privacy import canaries, extraction, gate, mia, release, report, scoring, synthetic, vocab_floor
+from privacy import canaries, extraction, gate, mia, release, report, scoring, signing, synthetic, vocab_floor
 
 SPLIT_SUFFIXES = ("bin", "clock.bin", "index.npy")
 
@@ -74,16 +75,18 @@ def audit(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path | Non
           config: str | Path | dict[str, Any] | None = None, reference: str | Path | None = None,
           train_reference: bool = False, db: str | Path | None = None, forgotten: Iterable[int] | None = None,
           synthetic_samples: int | None = None, progress: Callable[[str], None] | None = None,
-          device: str | None = None) -> dict[str, Any]:
+          device: str | None = None, signing_key: str | Path | None = None) -> dict[str, Any]:
     """Audit ``model_dir`` against ``data_dir`` (the tokenized data it was trained on) and write the report.
 
     ``reference``: a model trained on disjoint subjects for the reference-calibrated attack (reused), or
     ``train_reference`` to train one on the tuning split with the target's settings. ``forgotten`` (subject ids)
     with ``db`` (a warehouse that still holds them) adds the forgotten-set check. ``synthetic_samples``
     overrides the config's number of generated timelines (0 skips that probe). ``device``: where the model runs
-    (e.g. ``cuda``; default CPU).
+    (e.g. ``cuda``; default CPU). ``signing_key``: an Ed25519 key file (``foresight keys init``) that signs each
+    written report (``report.sig.json`` beside it, :func:`sign_reports`); without one, no report is signed.
     """
     say = progress or (lambda _m: None)
+    signer = _signer(signing_key)  # a bad key fails now, not after the probes
     timer = _Timer()
     cfg = gate.load_config(config)
     if synthetic_samples is not None:
@@ -127,7 +130,30 @@ def audit(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path | Non
     if out_dir is not None and Path(out_dir).resolve() != targets[0].resolve():
         targets.insert(0, Path(out_dir))
     rep["written"] = [str(p) for p in report.write(rep, targets, plots)]
+    rep["signed"] = [str(p) for p in sign_reports(inp.model_dir, targets, signer)]
     return rep
+
+
+def _signer(signing_key: str | Path | None) -> Any:
+    try:
+        return signing.load_private_key(signing_key) if signing_key is not None else None
+    except signing.KeyFileError as exc:
+        raise AuditError(str(exc)) from exc
+
+
+def sign_reports(model_dir: Path, targets: list[Path], signer: Any) -> list[Path]:
+    """Sign the ``report.json`` just written in each of ``targets`` (signing the file as written, so the model's
+    files must still be the audited ones), or, without a ``signer``, remove a previous audit's signature there so
+    that it cannot be taken for this report's."""
+    sigs = [signing.signature_path(d / release.REPORT_JSON) for d in targets]
+    if signer is None:
+        for s in sigs:
+            s.unlink(missing_ok=True)
+        return []
+    audited = json.loads((targets[0] / release.REPORT_JSON).read_text())["model"]["checksum"]
+    if release.model_checksum(model_dir)[0] != audited:
+        raise AuditError(f"{model_dir}: the model's files changed during the audit; not signed: audit it again")
+    return [signing.sign_report(d / release.REPORT_JSON, signer) for d in targets]
 
 
 def load_inputs(model_dir: Path, data_dir: Path, device: str | None) -> AuditInputs:
@@ -184,7 +210,9 @@ def _membership_inference(inp: AuditInputs, cfg: dict[str, Any], counts: Any, re
         sl_n = mia.slice_membership(inp.held, non_idx, counts, cfg["slices"])
         rows = mia.evaluate(sc_m, sc_n, sl_m, sl_n, alphas=tuple(cfg["mia"]["report_fprs"]),
                             n_boot=cfg["audit"]["bootstrap"], level=cfg["audit"]["ci_level"],
-                            seed=cfg["audit"]["seed"], min_slice=cfg["mia"]["min_slice_subjects"])
+                            seed=cfg["audit"]["seed"], min_slice=cfg["mia"]["min_slice_subjects"],
+                            tpr_limits=cfg["mia"]["tpr_limits"],
+                            min_false_positives=cfg["mia"]["min_false_positives"])
         roc = {a: mia.roc_points(sc_m[a], sc_n[a]) for a in sc_m}
     return {"rows": rows, "roc": roc, "mem_idx": mem_idx, "non_idx": non_idx}
 
@@ -236,7 +264,7 @@ def _synthetic_cohort(inp: AuditInputs, cfg: dict[str, Any], say: Callable[[str]
                            len(inp.fc.vocab.tokens), copy_k=sc["copy_k"], seed=seed, n_boot=cfg["audit"]["bootstrap"],
                            level=cfg["audit"]["ci_level"],
                            train_counts=synthetic.sequence_counts(codes(train, i) for i in real_train),
-                           holdout_seen=set(synthetic.sequence_counts(codes(held, i) for i in range(len(held)))))
+                           holdout_counts=synthetic.sequence_counts(codes(held, i) for i in range(len(held))))
 
 
 def _report(inp: AuditInputs, cfg: dict[str, Any], decision: dict[str, Any], results: dict[str, Any],
@@ -271,6 +299,7 @@ def _report(inp: AuditInputs, cfg: dict[str, Any], decision: dict[str, Any], res
                                                                                   "canary_subjects", "seed")},
             "vocab_size": len(inp.fc.vocab.tokens), "vocab_floor": int(inp.data_vocab.config.min_subjects),
             "opt_out": inp.data_vocab.report.get("opt_out"),
+            "provenance": inp.data_vocab.report.get("provenance"),  # foresight.purposes: loads, purposes
         },
         "config": cfg,
         "probes": probes,

@@ -62,6 +62,22 @@ TEMPLATE = """<!doctype html>
  tokenization{% endif %}</td></tr>
 </table>
 
+<h2>Provenance</h2>
+{% set pv = r.data.provenance %}
+{% if pv %}<p>Data-use purpose <b>{{ pv.purpose }}</b> (checked {{ pv.checked_on }}: {{ pv.rule }}). Every load
+ whose rows reached the model:</p>
+<table><tr><th>load</th><th>source</th><th>provider</th><th>allowed purposes</th><th>expires</th><th>loaded</th>
+<th>events</th><th>input checksums (sha256)</th><th>opt-out list sha256</th><th>declaration sha256</th></tr>
+{% for lp in pv.loads %}<tr><td><code>{{ lp.run_id }}</code></td><td>{{ lp.source }}</td><td>{{ lp.provider }}
+{% if lp.controller %}<br><span class="muted">controller {{ lp.controller }}</span>{% endif %}</td>
+<td>{{ lp.purposes|join(", ") }}</td><td>{{ lp.expires or "-" }}</td><td>{{ lp.loaded_at or "-" }}</td>
+<td class="num">{{ lp.events }}</td>
+<td class="muted">{% for f, h in lp.input_checksums.items() %}{{ f }} <code>{{ h[:16] }}</code><br>{% endfor %}</td>
+<td><code>{{ (lp.opt_out_sha256 or "none")[:16] }}</code></td>
+<td><code>{{ (lp.declaration_sha256 or "undeclared")[:16] }}</code></td></tr>{% endfor %}
+</table>
+{% else %}<p class="muted">No provenance recorded (tokens made before data-use purposes were recorded).</p>{% endif %}
+
 <h2>Training</h2>
 <table>
 <tr><th>preset</th><td>{{ r.model.preset }} ({{ r.model.parameters }} parameters)</td></tr>
@@ -136,6 +152,11 @@ TEMPLATE = """<!doctype html>
  {{ s.exact_copies_of_holdout }}</td></tr>
 <tr><th>copies of sequences fewer than {{ s.copy_k }} train subjects share</th>
 <td>{{ s.unique_copies_of_train }}</td></tr>
+{% if s.rare_copies %}<tr><th>rare sequences (fewer than {{ s.copy_k }} real subjects) reproduced: their train holders
+ against chance</th><td>{{ s.rare_copies.timelines }} timeline(s), {{ s.rare_copies.sequences }} sequence(s): {{
+ s.rare_copies.train_holders }} train vs {{ s.rare_copies.expected_train_holders }} expected by the split ({{
+ s.rare_copies.heldout_holders }} held-out), one-sided p = {{ "%.2g"|format(s.rare_copies.p_value) }}</td></tr>
+{% endif %}
 </table>{% else %}<p>Not run.</p>{% endif %}
 
 <h2>Forgotten subjects (opt-out)</h2>
@@ -157,7 +178,10 @@ MIA_TABLE = """{% macro mia_table(rows) %}<table><tr><th>slice</th><th>members /
 {% for row in rows %}{% if row.measured %}{% for a, figs in row.attacks.items() %}
 <tr><td>{{ row.slice }}</td><td class="num">{{ row.members }} / {{ row.nonmembers }}</td><td>{{ a }}</td>
 <td class="num">{{ est(figs.auc) }}</td>{% for f in fprs %}<td class="num">{{ est(figs["tpr@" ~ f], 100, "%") }}
-{% if not row.fpr_resolvable[f] %}<span class="muted">(FPR not resolvable)</span>{% endif %}</td>{% endfor %}</tr>
+{% if not row.fpr_resolvable[f] %}<span class="muted">(FPR not resolvable)</span>{% endif %}
+{% if figs.tpr_test and row.judged_fpr is not none and "%g"|format(row.judged_fpr) == f %}<br><span class="muted">judged
+ here: p = {{ "%.2g"|format(figs.tpr_test.p_limit) }} vs the limit, {{ "%.2g"|format(figs.tpr_test.p_chance) }} vs
+ chance</span>{% endif %}</td>{% endfor %}</tr>
 {% endfor %}{% else %}<tr><td>{{ row.slice }}</td><td class="num">{{ row.members }} / {{ row.nonmembers }}</td>
 <td colspan="{{ 2 + fprs|length }}" class="muted">not measured: {{ row.why }}</td></tr>{% endif %}{% endfor %}
 </table>{% endmacro %}"""
@@ -261,6 +285,24 @@ def write(report: dict[str, Any], out_dirs: list[Path], plots: dict[str, str] | 
 def html_describes(html: str, report_text: str) -> bool:
     """Whether a model card was rendered from exactly this ``report.json`` text (the digest :func:`write` put in)."""
     return f'content="{sha256(report_text)}"' in html
+
+
+APPROVAL_TEMPLATE = """<h2>Reviewer's approval</h2>
+<p>The audit decided <b>{{ a.decision }}</b>; <b>{{ a.reviewer }}</b> approved the release on {{ a.approved_at }}
+(signed with key <code>{{ a.key_id[:16] }}</code>; <code>privacy/approval.json</code>).</p>
+<p>Reason: {{ a.reason }}</p>
+<table><tr><th>finding</th><th>probe</th><th>reason</th></tr>
+{% for f in a.findings %}<tr><td><code>{{ f.id }}</code></td><td>{{ f.probe }}</td><td>{{ f.reason }}</td></tr>
+{% endfor %}</table>
+"""
+
+
+def approval_html(approval: dict[str, Any]) -> str:
+    """The model card's section for a reviewer's signed approval of a REVIEW (its payload: who, why, findings)."""
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.ChainableUndefined)
+    return env.from_string(APPROVAL_TEMPLATE).render(a=approval)
 
 
 def probe_results(report: dict[str, Any]) -> dict[str, Any]:

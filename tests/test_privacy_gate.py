@@ -143,6 +143,9 @@ def test_overtrained_model_fails_the_gate(positive):
             if m in row]
     assert max(g["value"] for g in gaps) > 20 and probes["extraction"]["decision"] == "FAIL"
     assert rep["probes"]["extraction"]["by_k"][0]["greedy"]["member"]["eidetic"] > 0
+    # 91 non-members resolve FPR 10% of the ladder, where the TPR is demonstrated above its limit (exact test)
+    assert any(f["severity"] == "FAIL" and f["probe"] == "membership_inference" and "TPR at FPR 10.0%" in f["reason"]
+               for f in rep["gate"]["findings"])
     # the report, in both places, as JSON and a model card; aggregates only
     for where in (positive["model"].parent / "audit_pos", positive["model"] / "privacy"):
         saved = json.loads((where / "report.json").read_text())
@@ -159,6 +162,12 @@ def test_sensibly_trained_model_passes_or_is_review(negative, positive):
     assert not [n for n, p in probes.items() if p["decision"] == "FAIL"]
     if rep["decision"] == "REVIEW":
         assert rep["reasons"] and all(": REVIEW: " in r for r in rep["reasons"])
+    assert {f["severity"] for f in rep["gate"]["findings"]} <= {"REVIEW", "INFO"}
+    assert len([f for f in rep["gate"]["findings"] if f["severity"] == "REVIEW"]) == len(rep["reasons"])
+    # every measured slice is judged at the FPR its non-members resolve, with the exact tests in the report
+    measured = [r for r in rep["probes"]["membership_inference"]["rows"] if r["measured"]]
+    assert all(r["judged_fpr"] == 0.1 and all("tpr_test" in f for f in r["attacks"].values()) for r in measured)
+    assert rep["probes"]["synthetic_cohort"]["rare_copies"] is not None
     assert rep["probes"]["canaries"]["groups"][0]["exposed"] == 0
     assert _overall(rep)["attacks"]["loss"]["auc"]["value"] < _overall(positive["report"])["attacks"]["loss"]["auc"][
         "value"] - 0.3
@@ -225,14 +234,14 @@ def test_release_requires_a_passing_audit_of_exactly_this_model(negative, positi
     shutil.copytree(negative["model"], model, ignore=shutil.ignore_patterns("checkpoints", "privacy"))
     rep = audit(model, negative["data"], tmp_path / "audit", config=LENIENT, synthetic_samples=0)
     assert rep["decision"] == "PASS", rep["reasons"]
-    entry = release(model, registry, name="tiny")
+    entry = release(model, registry, name="tiny", allow_unsigned=True)  # signed releases: tests/test_signing.py
     target = Path(entry["path"])
     assert target.name == f"tiny-{rep['model']['checksum'][:12]}" and model_checksum(target)[0] == entry["checksum"]
     assert (target / "privacy" / "report.json").exists() and (target / "privacy" / "report.html").exists()
     assert not (target / "checkpoints").exists() and not list(registry.glob(".tmp-*"))
     index = [json.loads(x) for x in (registry / "index.jsonl").read_text().splitlines()]
     assert [e["checksum"] for e in index] == [entry["checksum"]]
-    assert release(model, registry, name="tiny")["already_released"]
+    assert release(model, registry, name="tiny", allow_unsigned=True)["already_released"]
     # the weights change after the audit: refused
     weights = next(model.glob("*.safetensors"))
     with open(weights, "ab") as fh:
@@ -272,14 +281,16 @@ def test_prefect_flow_gates_the_release(negative, single_thread, tmp_path):
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.privacy import privacy
+    from privacy.signing import init_keys
 
+    key = Path(init_keys(tmp_path / "keys")["private_key"])  # signs the audit and the release record
     cfg = tmp_path / "gate.toml"
     cfg.write_text(FAST)
     model = tmp_path / "model"
     shutil.copytree(negative["model"], model, ignore=shutil.ignore_patterns("checkpoints", "privacy"))
     with prefect_test_harness(server_startup_timeout=120):
         out = privacy(model=model, data=negative["data"], out=tmp_path / "audit", registry=tmp_path / "registry",
-                      config=cfg, synthetic_samples=0)
+                      config=cfg, synthetic_samples=0, signing_key=key)
         assert out["decision"] in ("PASS", "REVIEW")
         if out["decision"] == "REVIEW":
             assert out["released"] is None and not (tmp_path / "registry" / "index.jsonl").exists()
@@ -288,5 +299,5 @@ def test_prefect_flow_gates_the_release(negative, single_thread, tmp_path):
                            '[vocab_floor]\nnamed_below_floor = "PASS"\n[extraction]\nks = [10]\neidetic = "PASS"\n'
                            "[audit]\nbootstrap = 200\nmax_subjects_per_side = 48\n")
         out = privacy(model=model, data=negative["data"], out=tmp_path / "audit2", registry=tmp_path / "registry",
-                      config=lenient, synthetic_samples=0)
+                      config=lenient, synthetic_samples=0, signing_key=key)
     assert out["decision"] == "PASS" and Path(out["released"]["path"]).exists()

@@ -16,8 +16,12 @@ from rich.text import Text
 
 from foresight.cli.app import JsonOption, emit, err, fail, opt_out_list
 from privacy.canaries import CanaryError, insert
-from privacy.release import ReleaseRefused
+from privacy.release import ReleaseRefused, ReviewApproval
 from privacy.release import release as release_model
+from privacy.signing import KeyFileError
+
+SigningKeyOption = Annotated[Path | None, typer.Option(
+    "--signing-key", help="Ed25519 private key file (`foresight keys init`).")]
 
 
 def audit_summary(rep: dict[str, Any]) -> dict[str, Any]:
@@ -30,7 +34,7 @@ def audit_summary(rep: dict[str, Any]) -> dict[str, Any]:
     return {
         "decision": rep["decision"], "valid": rep["valid"], "reasons": rep["reasons"],
         "probes": {k: v["decision"] for k, v in rep["gate"]["probes"].items()},
-        "model_checksum": rep["model"]["checksum"], "report": rep["written"],
+        "model_checksum": rep["model"]["checksum"], "report": rep["written"], "signature": rep.get("signed") or None,
         "mia_auc": {a: f["auc"]["value"] for a, f in overall["attacks"].items()} if overall else None,
         "canaries": [{k: g[k] for k in ("repeats", "exposed", "canaries", "median_exposure_extrapolated")}
                      for g in probes["canaries"]["groups"]] if probes["canaries"] else None,
@@ -56,10 +60,12 @@ def audit(
     synthetic_samples: Annotated[int | None, typer.Option(help="Generated timelines for the DCR check (0: skip).")]
     = None,
     device: Annotated[str | None, typer.Option(help="Where the model runs, e.g. cuda (default: CPU).")] = None,
+    signing_key: SigningKeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Probe a model for memorised records (membership inference, canaries, extraction, vocabulary floor,
-    synthetic-cohort distance) and decide PASS / REVIEW / FAIL per probe against the gate's thresholds."""
+    synthetic-cohort distance) and decide PASS / REVIEW / FAIL per probe against the gate's thresholds.
+    With --signing-key the report is signed (report.sig.json beside it), which `foresight release` requires."""
     from privacy.audit import AuditError
     from privacy.audit import audit as run_audit
 
@@ -68,7 +74,7 @@ def audit(
         with err.status("auditing") as status, contextlib.redirect_stdout(sys.stderr):
             rep = run_audit(model, data, out, config=config, reference=reference, train_reference=train_reference,
                             db=db, forgotten=forgotten_ids, synthetic_samples=synthetic_samples,
-                            progress=lambda m: status.update(m), device=device)
+                            progress=lambda m: status.update(m), device=device, signing_key=signing_key)
     except (AuditError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     summary = audit_summary(rep)
@@ -108,17 +114,39 @@ def release(
     registry: Annotated[Path, typer.Option("--registry", help="Release registry folder.")],
     name: Annotated[str | None, typer.Option(help="Release name (default: the model folder's name).")] = None,
     report: Annotated[Path | None, typer.Option(help="Audit report (default MODEL/privacy/report.json).")] = None,
+    public_key: Annotated[Path | None, typer.Option(
+        "--public-key", help="The public key the audit must be signed with (pinned in the registry by its first "
+                             "signed release; default: the keys the registry pins).")] = None,
+    signing_key: SigningKeyOption = None,
+    allow_unsigned: Annotated[bool, typer.Option(
+        "--allow-unsigned", help="Release on an unsigned audit report (recorded as unsigned; not for REVIEW).")]
+    = False,
+    approve_review: Annotated[bool, typer.Option(
+        "--approve-review", help="Approve an audit that decided REVIEW (with --reviewer, --reason and "
+                                 "--signing-key); a FAIL can never be approved.")] = False,
+    reviewer: Annotated[str | None, typer.Option(help="Who approves the REVIEW (recorded and signed).")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why the REVIEW findings are acceptable.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Copy the model into the registry, atomically, only if its latest audit is for exactly this model and PASSED."""
+    """Copy the model into the registry, atomically, only if its latest audit is for exactly this model, is signed
+    by a trusted key and PASSED (or decided REVIEW and a reviewer approves it). Exit 3 when refused."""
+    if (reviewer or reason) and not approve_review:
+        fail("--reviewer and --reason go with --approve-review")
+    if approve_review and not (reviewer and reason and signing_key):
+        fail("--approve-review needs --reviewer NAME, --reason TEXT and --signing-key KEY (the approval is signed)")
+    approval = ReviewApproval(reviewer or "", reason or "") if approve_review else None
     try:
-        entry = release_model(model, registry, name=name, report_path=report)
+        entry = release_model(model, registry, name=name, report_path=report, public_key=public_key,
+                              signing_key=signing_key, allow_unsigned=allow_unsigned, approval=approval)
     except ReleaseRefused as exc:
         fail(f"release refused: {exc}", code=3)
-    except OSError as exc:  # a missing model file, a full disk: the registry is left as it was
+    except (KeyFileError, OSError) as exc:  # a missing model file, a full disk: the registry is left as it was
         fail(f"release failed, nothing was released: {exc}")
     relaxed = entry.get("gate_overrides")
+    approved = (entry.get("approval") or {}).get("payload")
     emit(entry, as_json, f"released {model} as {entry['path']}"
                          + (" (already released)" if entry.get("already_released") else "")
+                         + (f"; REVIEW approved by {approved['reviewer']}" if approved else "")
+                         + ("; UNSIGNED audit (--allow-unsigned)" if entry.get("audit_signature") is None else "")
                          + (f"; passed under thresholds changed from the defaults: {', '.join(relaxed)}"
                             if relaxed else ""))

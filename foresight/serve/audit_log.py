@@ -42,9 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from foresight.atomic import write_text
+from foresight.chain import ZERO_HASH, mac
 from foresight.hashing import sha256
-
-ZERO_HASH = "0" * 64  # the ``prev`` of the first record
 
 
 class AuditChainError(ValueError):
@@ -85,11 +84,6 @@ def create_key(path: Path) -> bytes:
         fh.flush()
         os.fsync(fh.fileno())
     return key
-
-
-def mac(key: bytes, data: bytes | str) -> str:
-    """HMAC-SHA256 of ``data`` under ``key``, hex."""
-    return hmac.new(key, data.encode() if isinstance(data, str) else data, "sha256").hexdigest()
 
 
 def _head_mac(key: bytes, lines: int, last: str) -> str:

@@ -2,8 +2,11 @@
 descriptions): an edited or fabricated audit report, another model's report, tampered probe figures, a release,
 an audit report or a model save killed part-way.
 
-One tiny model (120 subjects, 4 steps, seconds on one core) audited twice: under relaxed limits (PASS) and with a
-vocabulary floor no token can meet (an honest FAIL). Each test copies the model and plants the report it needs.
+One tiny model (120 subjects, 4 steps, seconds on one core) audited twice, both reports signed: under relaxed
+limits (PASS) and with a vocabulary floor no token can meet (an honest FAIL). Each test copies the model and
+plants the report it needs. A signed report that was edited is refused by its signature; the checks behind it
+(the decisions re-derived from the report's own figures) are exercised on unsigned reports released with
+``allow_unsigned``, the path a report without a signature takes (issue 21: tests/test_signing.py for the rest).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from foresight.hashing import sha256_file
 from foresight.pipeline import latest_release
 from foresight.train import card
 from privacy import report as R
+from privacy import signing
 from privacy.audit import audit
 from privacy.release import INDEX, ReleaseRefused, model_checksum, release
 
@@ -56,11 +60,15 @@ def built(tmp_path_factory: pytest.TempPathFactory, one_thread) -> dict:
         con.execute("UPDATE codes SET description = ? WHERE code = 'ADMIT//EMERGENCY'", [DESCRIPTION])
     T.tokenize(db, d / "tok", T.TokenizerConfig(min_subjects=5))
     TR.train(d / "tok", d / "model", _config())
-    passed = audit(d / "model", d / "tok", d / "pass", config=LENIENT, synthetic_samples=0)
-    failed = audit(d / "model", d / "tok", d / "fail", config=STRICT, synthetic_samples=0)
+    keys = signing.init_keys(d / "keys")
+    passed = audit(d / "model", d / "tok", d / "pass", config=LENIENT, synthetic_samples=0,
+                   signing_key=keys["private_key"])
+    failed = audit(d / "model", d / "tok", d / "fail", config=STRICT, synthetic_samples=0,
+                   signing_key=keys["private_key"])
     assert passed["decision"] == "PASS", passed["reasons"]
     assert failed["decision"] == "FAIL"
-    return {"dir": d, "tok": d / "tok", "model": d / "model", "pass": d / "pass", "fail": d / "fail"}
+    return {"dir": d, "tok": d / "tok", "model": d / "model", "pass": d / "pass", "fail": d / "fail",
+            "key": Path(keys["private_key"]), "pub": Path(keys["public_key"])}
 
 
 def _model(built: dict, tmp_path: Path, report_from: str | None = "pass", name: str = "model") -> Path:
@@ -70,6 +78,18 @@ def _model(built: dict, tmp_path: Path, report_from: str | None = "pass", name: 
     if report_from:
         shutil.copytree(built[report_from], m / "privacy")
     return m
+
+
+def _unsigned(model: Path) -> Path:
+    """The model with its report's signature removed (what an unsigned audit leaves)."""
+    (model / "privacy" / "report.sig.json").unlink()
+    return model
+
+
+def _releases(registry: Path) -> list[dict]:
+    """The release records of the index (trust records left out)."""
+    recs = [json.loads(x) for x in (registry / INDEX).read_text().splitlines()]
+    return [r for r in recs if r.get("kind", "release") == "release"]
 
 
 def _edit(model: Path, change) -> Path:
@@ -88,7 +108,7 @@ def _nothing_released(registry: Path) -> bool:
 
 def test_an_honest_pass_is_released_with_its_code_descriptions(built, tmp_path):
     model = _model(built, tmp_path)
-    entry = release(model, tmp_path / "reg", name="tiny")
+    entry = release(model, tmp_path / "reg", name="tiny", public_key=built["pub"])
     target = Path(entry["path"])
     assert model_checksum(target)[0] == entry["checksum"] == model_checksum(model)[0]
     # defect 11: the descriptions travel with the model, recorded with their digest
@@ -100,17 +120,22 @@ def test_an_honest_pass_is_released_with_its_code_descriptions(built, tmp_path):
     html = (target / "privacy" / "report.html").read_text()
     assert R.html_describes(html, (target / "privacy" / "report.json").read_text())
     assert not (target / "checkpoints").exists() and not (target / ".incomplete").exists()
-    assert [json.loads(x)["checksum"] for x in (tmp_path / "reg" / INDEX).read_text().splitlines()] == [
-        entry["checksum"]]
+    assert [r["checksum"] for r in _releases(tmp_path / "reg")] == [entry["checksum"]]
+    assert (target / "privacy" / "report.sig.json").exists() and entry["audit_signature"]["key_id"]
 
 
 def test_a_failed_audit_edited_to_pass_is_refused(built, tmp_path):
     model = _model(built, tmp_path, "fail")
     registry = tmp_path / "reg"
     _edit(model, lambda r: r.update(decision="PASS"))  # the one-word edit of the probe
+    with pytest.raises(ReleaseRefused, match="edited after it was signed"):  # the signature no longer covers it
+        release(model, registry, public_key=built["pub"])
+    _unsigned(model)  # and with the signature removed, its own figures give it away
+    with pytest.raises(ReleaseRefused, match="not signed"):
+        release(model, registry, public_key=built["pub"])
     with pytest.raises(ReleaseRefused, match=r"disagree with its own probe results.*decision: recorded PASS, "
                                              r"derived FAIL"):
-        release(model, registry)
+        release(model, registry, allow_unsigned=True)
 
     def thorough(r):  # every recorded decision and reason rewritten, the figures left as the audit found them
         r.update(decision="PASS", reasons=[])
@@ -120,8 +145,9 @@ def test_a_failed_audit_edited_to_pass_is_refused(built, tmp_path):
 
     _edit(model, thorough)
     with pytest.raises(ReleaseRefused, match="vocabulary_floor: recorded PASS, derived FAIL"):
-        release(model, registry)
-    res = CliRunner().invoke(app, ["release", "--model", str(model), "--registry", str(registry)])
+        release(model, registry, allow_unsigned=True)
+    res = CliRunner().invoke(app, ["release", "--model", str(model), "--registry", str(registry),
+                                   "--allow-unsigned"])
     assert res.exit_code == 3 and "release refused" in res.output and "Traceback" not in res.output
     assert _nothing_released(registry)
 
@@ -129,7 +155,7 @@ def test_a_failed_audit_edited_to_pass_is_refused(built, tmp_path):
 @pytest.mark.parametrize("case", ["bare", "no_mia", "rows_not_list", "no_config", "unknown_option", "not_json",
                                   "probe_is_a_string"])
 def test_a_fabricated_or_malformed_report_is_refused(built, tmp_path, case):
-    model = _model(built, tmp_path)
+    model = _unsigned(_model(built, tmp_path))  # unsigned, so the checks behind the signature are what refuses
     path = model / "privacy" / "report.json"
     honest = json.loads(path.read_text())
     checksum = model_checksum(model)[0]
@@ -152,7 +178,7 @@ def test_a_fabricated_or_malformed_report_is_refused(built, tmp_path, case):
         rep["probes"]["extraction"] = "PASS"
     path.write_text("{not json" if case == "not_json" else json.dumps(rep))
     with pytest.raises(ReleaseRefused, match=want):
-        release(model, tmp_path / "reg")
+        release(model, tmp_path / "reg", allow_unsigned=True)
     assert _nothing_released(tmp_path / "reg")
 
 
@@ -170,7 +196,7 @@ def test_the_report_of_another_model_is_refused(built, tmp_path):
 
 @pytest.mark.parametrize("tamper", ["token_below_floor", "mia_auc", "opted_out_in_training"])
 def test_probe_figures_that_disagree_with_the_decision_are_refused(built, tmp_path, tamper):
-    model = _model(built, tmp_path)
+    model = _unsigned(_model(built, tmp_path))
 
     def change(r):
         p = r["probes"]
@@ -187,7 +213,7 @@ def test_probe_figures_that_disagree_with_the_decision_are_refused(built, tmp_pa
     probe = {"token_below_floor": "vocabulary_floor", "mia_auc": "membership_inference",
              "opted_out_in_training": "forgotten_subjects"}[tamper]
     with pytest.raises(ReleaseRefused, match=rf"{probe}: recorded \w+, derived FAIL"):
-        release(model, tmp_path / "reg")
+        release(model, tmp_path / "reg", allow_unsigned=True)
     assert _nothing_released(tmp_path / "reg")
 
 
@@ -203,27 +229,27 @@ def test_a_release_killed_while_copying_leaves_nothing_released(built, tmp_path,
 
     monkeypatch.setattr(shutil, "copy2", copy_then_die)
     with pytest.raises(OSError, match="No space left"):
-        release(model, registry, name="tiny")
+        release(model, registry, name="tiny", public_key=built["pub"])
     monkeypatch.undo()
     assert _nothing_released(registry) and latest_release(registry) is None
     # a kill -9 leaves its temporary folder behind: never indexed, removed by the next release
     stale = registry / ".tmp-killed"
     stale.mkdir()
     (stale / "config.json").write_text("{}")
-    entry = release(model, registry, name="tiny")
+    entry = release(model, registry, name="tiny", public_key=built["pub"])
     assert not stale.exists() and latest_release(registry) == Path(entry["path"])
-    assert len((registry / INDEX).read_text().splitlines()) == 1
+    assert len(_releases(registry)) == 1
 
 
 def test_a_release_killed_before_its_index_line_is_finished_by_the_next(built, tmp_path, monkeypatch):
     model, registry = _model(built, tmp_path), tmp_path / "reg"
-    first = release(model, registry, name="tiny")
+    first = release(model, registry, name="tiny", public_key=built["pub"])
     (registry / INDEX).unlink()  # the state a kill between the folder's rename and the index write leaves
     assert latest_release(registry) is None  # a folder the index does not name is not released
-    again = release(model, registry, name="tiny")
+    again = release(model, registry, name="tiny", public_key=built["pub"])
     assert not again.get("already_released") and again["path"] == first["path"]
-    assert [json.loads(x)["path"] for x in (registry / INDEX).read_text().splitlines()] == [first["path"]]
-    assert release(model, registry, name="tiny")["already_released"]
+    assert [r["path"] for r in _releases(registry)] == [first["path"]]
+    assert release(model, registry, name="tiny")["already_released"]  # the registry pins the key now
     # the index itself is replaced whole: a write that fails leaves the previous index, byte for byte
     before = (registry / INDEX).read_bytes()
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
@@ -249,12 +275,14 @@ def test_an_audit_report_write_that_fails_leaves_no_torn_or_temporary_file(built
     with pytest.raises(OSError, match="No space left"):
         R.write(rep, [out])
     monkeypatch.undo()
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json"]  # no temporary file left
+    # no temporary file left (report.sig.json is the FAIL audit's, which does not cover the new JSON)
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.sig.json"]
     assert (out / "report.json").read_text() != before  # the JSON is the new one, whole; the card is the old one
     json.loads((out / "report.json").read_text())
     # a release from that folder does not ship the stale card: it renders the card of the report it verified
     model = _model(built, tmp_path, None)
-    entry = release(model, tmp_path / "reg", report_path=out / "report.json")
+    signing.sign_report(out / "report.json", signing.load_private_key(built["key"]))  # signed as written
+    entry = release(model, tmp_path / "reg", report_path=out / "report.json", public_key=built["pub"])
     html = (Path(entry["path"]) / "privacy" / "report.html").read_text()
     assert R.html_describes(html, (out / "report.json").read_text()) and 'class="badge PASS"' in html
 
@@ -282,7 +310,7 @@ def test_a_model_save_killed_part_way_is_refused_and_resumes(built, tmp_path, mo
     assert not list(out.glob(".saving-*"))
     shutil.copytree(built["pass"], out / "privacy")  # even next to a passing audit of the same weights
     with pytest.raises(ReleaseRefused, match="save was interrupted"):
-        release(out, tmp_path / "reg")
+        release(out, tmp_path / "reg", public_key=built["pub"])
     (out / ".saving-killed").mkdir()  # what a kill -9 during the staging leaves
     (out / ".saving-killed" / "model.safetensors").write_bytes(b"half")
     TR.train(built["tok"], out, _config(), resume=True)  # training again resumes and finishes the save
