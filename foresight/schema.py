@@ -5,7 +5,7 @@ code-naming rule, the warehouse table names and the MEDS split names. Their SQL 
 the DDL of every warehouse table in ``foresight/sql/common/warehouse.sql`` and the macros sources use to build
 codes and parse times in ``foresight/sql/common/macros.sql``. Nothing else in the project spells these out again.
 
-MEDS (Medical Event Data Standard, v0.4) core data columns::
+MEDS (Medical Event Data Standard, v0.4; the types are the `meds` package's own schemas) core data columns::
 
     subject_id BIGINT      who the event is about
     time TIMESTAMP         when it became known (NULL only for static facts such as GENDER)
@@ -21,15 +21,18 @@ file it came from) and ``load_id`` (the ``etl_runs.run_id`` that wrote it).
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import re
 from typing import TYPE_CHECKING, Final
 
-if TYPE_CHECKING:  # pyarrow costs ~50 MB of RSS at import; only the MEDS reader/writer needs it
+if TYPE_CHECKING:  # pyarrow (and meds) cost ~50 MB of RSS at import; only the MEDS reader/writer needs them
     import pyarrow as pa
 
 # --- MEDS core ---------------------------------------------------------------------------------------------
 
-MEDS_VERSION: Final = "0.4"
+# The MEDS version Foresight writes and reads: that of the `meds` package, whose schemas (meds.DataSchema, ...)
+# the MEDS export and the MEDS source validate against.
+MEDS_VERSION: Final = importlib.metadata.version("meds")
 CORE_COLUMNS: Final = ("subject_id", "time", "code", "numeric_value", "text_value")
 EXTRA_COLUMNS: Final = ("unit", "encounter_id", "source", "source_table", "load_id")
 EVENT_COLUMNS: Final = CORE_COLUMNS + EXTRA_COLUMNS
@@ -46,32 +49,25 @@ SPLIT_BUCKETS: Final = {TRAIN: (0, 80), TUNING: (80, 90), HELD_OUT: (90, 100)}
 
 
 def meds_data_schema() -> pa.Schema:
-    """MEDS v0.4 data parquet types: int64 subject, timestamp[us] time, float32 value, large_string text."""
-    import pyarrow as pa
+    """MEDS data parquet types, the ``meds`` package's own (``meds.DataSchema``): int64 subject, timestamp[us]
+    time, string code, float32 value, large_string text. MEDS allows extra columns after these."""
+    from meds import DataSchema
 
-    return pa.schema(
-        [
-            ("subject_id", pa.int64()),
-            ("time", pa.timestamp("us")),
-            ("code", pa.string()),
-            ("numeric_value", pa.float32()),
-            ("text_value", pa.large_string()),
-        ]
-    )
+    return DataSchema.schema()
 
 
 def meds_codes_schema() -> pa.Schema:
-    """MEDS ``metadata/codes.parquet`` types."""
-    import pyarrow as pa
+    """MEDS ``metadata/codes.parquet`` types (``meds.CodeMetadataSchema``)."""
+    from meds import CodeMetadataSchema
 
-    return pa.schema([("code", pa.string()), ("description", pa.string()), ("parent_codes", pa.list_(pa.string()))])
+    return CodeMetadataSchema.schema()
 
 
 def meds_splits_schema() -> pa.Schema:
-    """MEDS ``metadata/subject_splits.parquet`` types."""
-    import pyarrow as pa
+    """MEDS ``metadata/subject_splits.parquet`` types (``meds.SubjectSplitSchema``)."""
+    from meds import SubjectSplitSchema
 
-    return pa.schema([("subject_id", pa.int64()), ("split", pa.string())])
+    return SubjectSplitSchema.schema()
 
 
 # --- Codes -------------------------------------------------------------------------------------------------
@@ -217,6 +213,7 @@ WAREHOUSE_TABLES: Final = (
     "subject_map",
     "etl_runs",
     "etl_tables",
+    "load_declarations",
     "quarantine",
     "notes",
 )

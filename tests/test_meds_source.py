@@ -141,3 +141,63 @@ def test_reload_replaces_its_ownrows(tmp_path):
     load_into("meds", root, db)
     assert rows(db, "SELECT count(*) FROM events") == [(2,)]
     assert rows(db, "SELECT count(*) FROM etl_runs") == [(2,)]
+
+
+def test_schemas_are_the_meds_packages_own():
+    """The MEDS types, special codes and version come from the `meds` package, not from a copy of it."""
+    import importlib.metadata
+
+    import meds
+
+    from foresight import schema
+
+    assert schema.meds_data_schema().equals(meds.DataSchema.schema())
+    assert schema.meds_codes_schema().equals(meds.CodeMetadataSchema.schema())
+    assert schema.meds_splits_schema().equals(meds.SubjectSplitSchema.schema())
+    assert (meds.birth_code, meds.death_code) == (schema.BIRTH_CODE, schema.DEATH_CODE)
+    assert importlib.metadata.version("meds") == schema.MEDS_VERSION
+
+
+def test_export_validates_with_meds_and_extra_columns_round_trip(tmp_path):
+    """`export_meds(extra_columns=...)`: every file passes the `meds` package's schemas, dataset.json declares the
+    extra columns, and the MEDS source loads them back (unit and encounter_id kept, nothing ignored)."""
+    import json
+
+    import meds
+
+    from .conftest import tiny_warehouse
+
+    src = tiny_warehouse(tmp_path / "src.duckdb", n_subjects=12)
+    with warehouse.connect(src) as con:
+        con.execute("UPDATE events SET unit = 'mg/dL', encounter_id = 'E' || subject_id WHERE code LIKE 'LAB//%'")
+        out = warehouse.export_meds(con, tmp_path / "meds", subjects_per_shard=5,
+                                    extra_columns=["unit", "encounter_id"])
+        with pytest.raises(ValueError, match=r"unknown extra column\(s\) \['site'\]"):
+            warehouse.export_meds(con, tmp_path / "bad", extra_columns=["site"])
+    assert out["shards"] == 3 and out["extra_columns"] == ["unit", "encounter_id"]
+    for shard in sorted((tmp_path / "meds" / "data").glob("*.parquet")):
+        table = pq.read_table(shard)
+        meds.DataSchema.validate(table)  # raises on a wrong type, a missing column or a null subject/code
+        assert table.schema.names == [*meds.DataSchema.columns(), "unit", "encounter_id"]
+    meds.CodeMetadataSchema.validate(pq.read_table(tmp_path / "meds" / "metadata" / "codes.parquet"))
+    meds.SubjectSplitSchema.validate(pq.read_table(tmp_path / "meds" / "metadata" / "subject_splits.parquet"))
+    meta = json.loads((tmp_path / "meds" / "metadata" / "dataset.json").read_text())
+    meds.DatasetMetadataSchema.validate(meta)
+    assert meta["code_modifier_columns"] == ["unit"] and meta["raw_source_id_columns"] == ["encounter_id"]
+    back = tmp_path / "back.duckdb"
+    s = load_into("meds", tmp_path / "meds", back)
+    assert not any("ignored" in w for w in s.warnings), s.warnings
+    cols = f"{CORE}, unit, encounter_id"
+    with warehouse.connect(back) as con:
+        con.execute(f"ATTACH '{src}' AS src (READ_ONLY)")
+        for a, b in (("src.events", "events"), ("events", "src.events")):
+            assert con.execute(f"SELECT count(*) FROM (SELECT {cols} FROM {a} EXCEPT ALL SELECT {cols} FROM {b})"
+                               ).fetchall()[0][0] == 0
+        assert con.execute("SELECT count(*) FROM events WHERE encounter_id IS NOT NULL").fetchall()[0][0] > 0
+
+
+def test_extra_column_of_a_wrong_type_is_rejected(tmp_path):
+    t = _table(subject_id=pa.array([1], pa.int64()), time=pa.array([datetime(2020, 1, 1)], pa.timestamp("us")),
+               code=pa.array(["LAB//K"]), unit=pa.array([1.5]))
+    with pytest.raises(warehouse.SourceError, match="column unit has type double, not compatible with MEDS"):
+        load_into("meds", _dataset(tmp_path / "ds", {"0.parquet": t}), tmp_path / "w.duckdb")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from foresight.evaluate.tasks import EvalTask, task_spec
+from foresight.evaluate.tasks import EvalTask, LabelledTask, task_spec
 from foresight.forecast import like_patterns
 
 
@@ -95,6 +95,8 @@ def observed_labels(con: Any, task: EvalTask, points: Sequence[PredictionPoint])
     timestamp the stop codes come last: an ICU transfer recorded at the minute of discharge happened during the
     stay.
     """
+    if isinstance(task, LabelledTask):  # labels given with the points (an ACES config's), not read by a rule
+        return np.asarray(task.observed(points), dtype=float)
     spec, flip = task_spec(task)
     if not len(points):
         return np.zeros(0)

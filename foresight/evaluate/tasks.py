@@ -7,7 +7,7 @@ outcomes of the stay that begins at the prediction point (:data:`ADMISSION_TASKS
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -36,7 +36,35 @@ class ComplementTask:
         return 1.0 - float(self.of.label(future, start) or 0.0)
 
 
-EvalTask = TaskSpec | ComplementTask
+@dataclass(frozen=True, eq=False)
+class LabelledTask:
+    """A binary task whose labels come with its prediction points instead of from a rule: ``labels[(subject_id,
+    prediction_time)]`` (an ACES config's labels, :mod:`foresight.evaluate.aces`). The model's risk is read out
+    from futures with ``spec``; :func:`~foresight.evaluate.points.observed_labels` returns the given labels."""
+
+    name: str
+    spec: TaskSpec
+    labels: Mapping[tuple[int, datetime], bool]
+    description: str = ""
+    value: str = "binary"
+
+    @property
+    def window_days(self) -> float:
+        return self.spec.window_days
+
+    def label(self, future: Sequence[dict[str, Any]], start: datetime) -> float:
+        return float(self.spec.label(future, start) or 0.0)
+
+    def observed(self, points: Sequence[Any]) -> list[float]:
+        """The given label of each point (``subject_id``, ``time``); ValueError naming a point without one."""
+        missing = [p for p in points if (p.subject_id, p.time) not in self.labels]
+        if missing:
+            raise ValueError(f"task {self.name}: no label for subject {missing[0].subject_id} at {missing[0].time} "
+                             f"({len(missing)} point(s) without a label)")
+        return [float(self.labels[(p.subject_id, p.time)]) for p in points]
+
+
+EvalTask = TaskSpec | ComplementTask | LabelledTask
 
 # Outcomes of the stay that begins at the prediction point, scored at each held-out admission (the prompt ends
 # right after the admission's timestamp). A stay ends at a discharge or a death.
@@ -55,6 +83,8 @@ EVAL_POINTS = ("discharges", "as_of", "admissions")
 
 def task_spec(task: EvalTask) -> tuple[TaskSpec, bool]:
     """The TaskSpec the futures and the record are scored with, and whether the task is its complement."""
+    if isinstance(task, LabelledTask):
+        return task.spec, False
     return (task.of, True) if isinstance(task, ComplementTask) else (task, False)
 
 

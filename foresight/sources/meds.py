@@ -7,10 +7,12 @@ written by ``foresight export meds`` loads back identically. Splits come from ``
 there (subjects it does not name, or names with a split other than train/tuning/held_out, get the stable hash
 split); ``codes.parquet`` fills the ``codes`` table.
 
-Schema: each shard's columns are checked against :func:`foresight.schema.meds_data_schema`, accepting compatible
-types (integer ids of any width, timestamps of any unit, float32/float64 or integer values, string or
-large_string text; a time zone is converted to UTC); a string ``unit`` column, which several MEDS ETLs add, is
-kept in ``events.unit``; other extra columns are ignored (and reported). A folder that is not a MEDS dataset is
+Schema: each shard's columns are checked against the ``meds`` package's own ``meds.DataSchema`` (its required
+columns and types), accepting compatible types where its check finds a different one (integer ids of any width,
+timestamps of any unit, float32/float64 or integer values, string or large_string text; a time zone is converted
+to UTC). Extra columns are allowed, as MEDS allows them: a string ``unit`` column, which several MEDS ETLs add, is
+kept in ``events.unit`` and a string ``encounter_id`` (``warehouse.export_meds(extra_columns=...)``) in
+``events.encounter_id``; other extra columns are ignored (and reported). A folder that is not a MEDS dataset is
 rejected naming the path.
 
 Row checks (quarantined, with shard and row): missing subject_id or code, a numeric_value that is not finite or
@@ -33,8 +35,8 @@ SOURCE_KIND = "meds"
 
 GROUPS: tuple[Group, ...] = (Group("data", ("data",)),)
 
-REQUIRED_COLUMNS = ("subject_id", "time", "code")
-OPTIONAL_COLUMNS = ("numeric_value", "text_value", "unit")
+# Extra (non-MEDS) columns the warehouse keeps, besides the MEDS columns of meds.DataSchema.
+KEPT_EXTRA_COLUMNS = ("unit", "encounter_id")
 
 
 def shards(root: Path) -> list[Path]:
@@ -69,7 +71,8 @@ def _kind(t: object) -> str:
     return "other"
 
 
-# what each MEDS column accepts (MEDS v0.4 types first): anything else is a schema error naming the file
+# The type families accepted where meds.DataSchema's check finds another type than its own (which the staging
+# SQL then casts to); anything else is a schema error naming the file.
 ACCEPTED = {
     "subject_id": {"int", "uint", "null"},
     "time": {"timestamp", "null"},
@@ -77,30 +80,38 @@ ACCEPTED = {
     "numeric_value": {"float", "int", "uint", "null"},
     "text_value": {"string", "null"},
     "unit": {"string", "null"},  # not MEDS core, but written by MEDS ETLs (and the simulator): kept in events.unit
+    "encounter_id": {"string", "int", "null"},  # not MEDS core: Foresight's export with extra_columns
 }
 
 
 def validate_schema(path: Path) -> tuple[list[str], bool]:
-    """Check one shard's schema; return (extra columns, whether its time carries a time zone)."""
+    """Check one shard's schema against ``meds.DataSchema``; return (extra columns ignored, whether its time
+    carries a time zone)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from flexible_schema import SchemaValidationError
+    from meds import DataSchema
 
     try:
         schema = pq.read_schema(path)
     except (OSError, pa.ArrowException) as exc:
         raise SourceError(f"{path}: not a readable parquet file: {exc}") from exc
-    names = set(schema.names)
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
-    if missing:
-        raise SourceError(f"{path}: not MEDS data: missing required column(s) {missing}; it has {schema.names}")
-    for col, accepted in ACCEPTED.items():
-        if col in names:
-            t = schema.field(col).type
-            if t == pa.uint64() or _kind(t) not in accepted:
-                raise SourceError(f"{path}: column {col} has type {t}, not compatible with MEDS "
-                                  f"(expected {sorted(accepted - {'null'})})")
+    mistyped: list[tuple[str, object, object]] = []
+    try:
+        DataSchema.validate(schema)
+    except SchemaValidationError as exc:
+        if exc.missing_req_cols:
+            raise SourceError(f"{path}: not MEDS data: missing required column(s) {exc.missing_req_cols}; it has "
+                              f"{schema.names}") from exc
+        mistyped = list(exc.mistyped_cols or [])
+    mistyped += [(c, "string", schema.field(c).type) for c in KEPT_EXTRA_COLUMNS if c in schema.names]
+    for col, want, got in mistyped:
+        if got == pa.uint64() or _kind(got) not in ACCEPTED[col]:
+            raise SourceError(f"{path}: column {col} has type {got}, not compatible with MEDS ({want} in "
+                              f"meds.DataSchema; accepted: {sorted(ACCEPTED[col] - {'null'})})")
     time_type = schema.field("time").type
-    return [c for c in schema.names if c not in ACCEPTED], bool(getattr(time_type, "tz", None))
+    known = {*DataSchema.columns(), *KEPT_EXTRA_COLUMNS}
+    return [c for c in schema.names if c not in known], bool(getattr(time_type, "tz", None))
 
 
 def _digest(load: Load, files: list[Path]) -> str:
@@ -125,7 +136,7 @@ def stage_group(load: Load, root: Path, group: Group) -> list[str]:
 
     for p in files:
         present.update(pq.read_schema(p).names)
-    cols = {c: c if c in present else "NULL" for c in OPTIONAL_COLUMNS}
+    cols = {c: c if c in present else "NULL" for c in ("numeric_value", "text_value", *KEPT_EXTRA_COLUMNS)}
     time_expr = "timezone('UTC', time)" if tz == {True} else "time::TIMESTAMP"
     # The column expressions are fixed strings chosen above (never input text); the file list is bound.
     load.con.execute(
@@ -134,7 +145,8 @@ def stage_group(load: Load, root: Path, group: Group) -> list[str]:
         SELECT row_number() OVER () AS _line, substr(filename, length($root) + 2) AS _source_file,
                file_row_number + 1 AS _source_row, subject_id::BIGINT AS subject_id, {time_expr} AS time,
                code::VARCHAR AS code, {cols['numeric_value']}::DOUBLE AS numeric_value,
-               {cols['text_value']}::VARCHAR AS text_value, {cols['unit']}::VARCHAR AS unit
+               {cols['text_value']}::VARCHAR AS text_value, {cols['unit']}::VARCHAR AS unit,
+               {cols['encounter_id']}::VARCHAR AS encounter_id
         FROM read_parquet($files, filename = true, file_row_number = true, union_by_name = true)
         """,
         {"files": [str(p) for p in files], "root": str(root)},
