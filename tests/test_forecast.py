@@ -14,7 +14,7 @@ from foresight import tokens as T
 from foresight import warehouse
 from foresight.evaluate import backtest_rates, bootstrap_ci, expected_calibration_error, risk_metrics
 from foresight.forecast import Forecaster
-from foresight.forecast.cohorts import cohort_as_of, like_patterns, weekly_history
+from foresight.forecast.cohorts import cohort_as_of, extract_end, like_patterns, weekly_history
 from foresight.forecast.population import forecast_cohort, population_rates, weekly_counts
 from foresight.forecast.risks import RB_INTERVAL, WILSON_INTERVAL, risk_with_interval, risks_with_intervals
 from foresight.forecast.tasks import BUILTIN_TASKS, TaskSpec, load_task, risk_from_futures, wilson
@@ -153,14 +153,18 @@ def test_population_rates_and_backtest(tiny):
     as_of = max(t.clock for t in tls)
     for t in tls:
         t.as_of = as_of
-    fc_rates = population_rates(fc, tls, as_of, 28, samples=6, codes=("ADMIT//*",), seed=3)
+    fc_rates = population_rates(fc, tls, as_of, 28, samples=6, codes=("ADMIT//*",), seed=3, method="monte_carlo")
     assert fc_rates.cohort_size == 5 and len(fc_rates.weeks) == 4
     for w in fc_rates.weeks:
         assert w["p05"] <= w["p25"] <= w["p50"] <= w["p75"] <= w["p95"]
-    # the weekly means are the per-sample cohort totals averaged: recompute from the futures directly
+    # monte_carlo: the weekly means are the per-sample cohort totals averaged; recompute from the decoded futures
+    # (the same draws: counting tokens without decoding finds the same events in the same weeks)
     futs = fc.sample_futures(tls, 6, 28, seed=3)
     counts = weekly_counts(futs, as_of, 28, ("ADMIT//*",))
     assert [w["mean"] for w in fc_rates.weeks] == pytest.approx(counts.mean(0).tolist())
+    # expected (the default): the same paths, each step's P(admission) summed instead of the sampled 0/1
+    rb = population_rates(fc, tls, as_of, 28, samples=6, codes=("ADMIT//*",), seed=3)
+    assert rb.method == "expected" and rb.total["mean"] == pytest.approx(sum(w["mean"] for w in rb.weeks))
     bt = backtest_rates([{"mean": 10, "p05": 5, "p25": 8, "p75": 12, "p95": 15}] * 2, [12, 20])
     assert bt["mape"] == pytest.approx((2 / 12 + 10 / 20) / 2) and bt["coverage50"] == 0.5
     assert bt["coverage90"] == 0.5
@@ -192,12 +196,13 @@ def test_risks_with_intervals_give_what_predict_and_the_server_computed_by_hand(
 
 
 def _cohort_by_hand(fc, con, as_of, *, samples, max_subjects, history_weeks, seed):
-    """The sequence `foresight forecast` ran before forecast_cohort existed."""
+    """The sequence `foresight forecast` ran before forecast_cohort existed (+ [END] as censoring at the
+    warehouse's last event)."""
     ids = cohort_as_of(con, as_of, limit=max_subjects, seed=seed)
     history = weekly_history(con, ids, as_of, history_weeks, ("ADMIT//*",))
     timelines = fc.timelines_from_warehouse(con, ids, as_of)
     return ids, population_rates(fc, timelines, as_of, 21, samples=samples, codes=("ADMIT//*",), seed=seed,
-                                 history=history)
+                                 history=history, extract_end=extract_end(con))
 
 
 def test_forecast_cohort_is_the_cli_sequence_and_narrows_by_codes(tiny):
@@ -300,13 +305,22 @@ def test_forecast_flow_publishes_the_plot_and_the_json_as_artifacts(sim_small, t
 
     with prefect_test_harness(server_startup_timeout=120):
         state = forecast(db=sim_small["db"], model=sim_small["model"], as_of=datetime(2025, 6, 1), horizon_days=14,
-                         out_dir=tmp_path, samples=2, max_subjects=6, history_weeks=8, return_state=True)
+                         out_dir=tmp_path, samples=2, max_subjects=6, history_weeks=8, oracle_dir=sim_small["sim"],
+                         backtest_origins=2, backtest_weeks=2, return_state=True)
         result = state.result()
         with get_client(sync_client=True) as client:
             artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     by_key = {a.key: a for a in artifacts}
-    assert {"weekly-forecast", "forecast-summary", "forecast-json"} <= set(by_key)
+    assert {"weekly-forecast", "forecast-summary", "forecast-json", "forecast-strata", "forecast-backtest"} <= set(
+        by_key)
+    # the strata table is published: every cell through the small-cell rule
+    strata = json.loads(by_key["forecast-strata"].data)
+    assert {r["stratification"] for r in strata} == {"type", "age"}
+    assert all(r[k] == "<8" or (isinstance(r[k], int) and r[k] % 5 == 0) for r in strata for k in ("mean", "p95"))
+    methods = {r["method"] for r in json.loads(by_key["forecast-backtest"].data)}
+    assert {"model", "seasonal_naive", "glm", "ets", "oracle"} <= methods
+    assert len(result["oracle_expected"]) == 2
     # the plot travels inside the artifact (the UI needs no access to the worker's disk): the PNG file's bytes
     embedded = re.search(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", by_key["forecast-summary"].data)
     assert embedded is not None

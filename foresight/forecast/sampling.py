@@ -11,10 +11,11 @@ probability that a task fires instead of a 0/1 outcome.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Callable, Sequence
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -22,11 +23,22 @@ import torch
 from foresight.forecast.tasks import TaskSpec
 from foresight.forecast.timeline import DAY, Timeline
 from foresight.schema import DEATH_CODE
-from foresight.tokens import PAD, Vocabulary, decode
+from foresight.tokens import END, PAD, Vocabulary, decode
 
 
 class SamplingCancelled(Exception):
     """Sampling stopped early because its ``should_stop`` callback said so (a deadline, a caller that left)."""
+
+
+class SampledBatch(NamedTuple):
+    """What :meth:`FutureSampler.sample_batch` returns, one entry per (prompt, sample) row."""
+
+    tokens: list[list[int]]  # the sampled token ids
+    survival: torch.Tensor  # (rows,) P(no task match along the path); ones without ``match``
+    elapsed_s: list[np.ndarray]  # seconds after the prompt's clock at each sampled token
+    # (rows, weeks, K) with ``tally``: the expected number of tally-k events per week after as_of, summed over
+    # the path's steps (Rao-Blackwellised counts); None without
+    expected: torch.Tensor | None = None
 
 
 class FutureSampler:
@@ -49,8 +61,13 @@ class FutureSampler:
         upper = [*vocab.time_lower_s[1:].tolist(), math.inf]  # upper edge of each bin (the 1Y token: none)
         self.time_upper_s = torch.full((n,), -1.0, dtype=torch.float64)
         self.time_upper_s[torch.tensor(vocab.time_ids)] = torch.tensor(upper, dtype=torch.float64)
+        self.time_lower_s = torch.full((n,), -1.0, dtype=torch.float64)
+        self.time_lower_s[torch.tensor(vocab.time_ids)] = torch.tensor(vocab.time_lower_s, dtype=torch.float64)
+        self.time_lower_s[int(vocab.time_ids[-1])] = float(vocab.time_reps_s[-1])  # 1Y: exactly one year
+        self.time_upper_s_finite = torch.where(torch.isinf(self.time_upper_s), self.time_lower_s, self.time_upper_s)
         self.year_id = int(vocab.time_ids[-1])
         self.death_id = vocab.index.get(DEATH_CODE, -1)
+        self.end_id = vocab.index.get(END, -1)
 
     def cache_bytes_per_token(self) -> int:
         """Bytes of KV cache one token of one row holds (keys and values of every layer)."""
@@ -72,6 +89,7 @@ class FutureSampler:
         max_new_tokens: int = 512,
         batch_rows: int = 512,
         should_stop: Callable[[], bool] | None = None,
+        extract_end: datetime | None = None,
     ) -> list[list[list[dict[str, Any]]]]:
         """``n`` futures per timeline up to ``horizon_days`` after its ``as_of``: futures[i][j] = events.
 
@@ -79,6 +97,15 @@ class FutureSampler:
         the horizon. Reproducible for a given seed. ``should_stop()`` is asked before every decoding step (one
         token for every row of a batch); when it answers True, :class:`SamplingCancelled` is raised and no more
         model work is done. Without it (the default) nothing changes.
+
+        ``extract_end``: when the records the model was trained on end (the warehouse's last event). ``[END]``
+        in training is right-censoring there: it replaced every gap that would have crossed it, so a model asked
+        for the next token near that date puts much of the "long gap" mass on ``[END]``. Banning ``[END]`` and
+        renormalising (what happens without ``extract_end``) draws the gaps as if the next event had to come
+        before the extract's end: too short, too many events (1.8x the admissions 7 months before the end, see
+        tests/test_catchment.py). With ``extract_end``, a sampled ``[END]`` before it means "no event before
+        ``extract_end``": the future stops when its horizon ends before ``extract_end``; otherwise the gap is
+        redrawn among the gaps that end after ``extract_end`` (the model knows nothing past it).
         """
         if n < 1 or horizon_days <= 0:
             raise ValueError("need n >= 1 and horizon_days > 0")
@@ -88,17 +115,59 @@ class FutureSampler:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         for b in range(0, len(live), per_batch):
             group = live[b:b + per_batch]
-            toks, _ = self.sample_batch([timelines[i] for i in group], n, horizon_days, temperature, top_p, gen,
-                                      max_new_tokens, should_stop=should_stop)
+            batch = self.sample_batch([timelines[i] for i in group], n, horizon_days, temperature, top_p, gen,
+                                      max_new_tokens, should_stop=should_stop, extract_end=extract_end)
             for gi, i in enumerate(group):
                 tl = timelines[i]
                 for j in range(n):
-                    results[i][j] = self._decode_future(tl, toks[gi * n + j], horizon_days)
+                    r = gi * n + j
+                    results[i][j] = self._decode_future(tl, batch.tokens[r], batch.elapsed_s[r], horizon_days)
         return results
 
     @torch.no_grad()
+    def weekly_tallies(self, timelines: Sequence[Timeline], n: int, horizon_days: float,
+                       groups: Sequence[Sequence[str]], *, seed: int = 0, extract_end: datetime | None = None,
+                       max_new_tokens: int = 512, batch_rows: int = 512,
+                       should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Weekly event counts of ``n`` futures per timeline, without decoding them: ``(realized, expected)``,
+        both (timelines, n, weeks, groups). ``groups``: lists of globs over event tokens (e.g. ``[["ADMIT//
+        EMERGENCY"], ["ADMIT//ELECTIVE"]]``). ``realized``: events of that group in the sampled future, by
+        week after ``as_of``; ``expected``: the same count Rao-Blackwellised (at every step the probability
+        that the next token is such an event, added to the week the clock stands in; its mean over futures
+        is the expected count, with far less Monte Carlo noise). Dead subjects: zeros. ``extract_end``: see
+        :meth:`sample_futures`."""
+        if n < 1 or horizon_days <= 0:
+            raise ValueError("need n >= 1 and horizon_days > 0")
+        member = np.array([[any(fnmatch.fnmatchcase(t, p) for p in g) for g in groups] for t in self.vocab.tokens])
+        tally = torch.from_numpy(member.astype(np.float64))
+        n_weeks = max(1, math.ceil(horizon_days / 7))
+        realized = np.zeros((len(timelines), n, n_weeks, len(groups)), dtype=np.int32)
+        expected = np.zeros((len(timelines), n, n_weeks, len(groups)), dtype=np.float32)
+        live = [i for i, t in enumerate(timelines) if not t.dead]
+        per_batch = max(1, batch_rows // n)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for b in range(0, len(live), per_batch):
+            group = live[b:b + per_batch]
+            tls = [timelines[i] for i in group]
+            batch = self.sample_batch(tls, n, horizon_days, 1.0, 1.0, gen, max_new_tokens, should_stop=should_stop,
+                                      extract_end=extract_end, tally=tally)
+            exp = batch.expected.numpy().reshape(len(group), n, n_weeks, len(groups))
+            expected[group] = exp
+            for gi, i in enumerate(group):
+                start = max(0.0, (tls[gi].as_of - tls[gi].clock).total_seconds())
+                for j in range(n):
+                    toks = np.asarray(batch.tokens[gi * n + j], dtype=np.int64)
+                    hit = member[toks]
+                    if hit.any():
+                        week = np.clip((batch.elapsed_s[gi * n + j] - start) // (7 * DAY), 0, n_weeks - 1)
+                        rows, cols = np.nonzero(hit)
+                        np.add.at(realized[i, j], (week[rows].astype(np.int64), cols), 1)
+        return realized, expected
+
+    @torch.no_grad()
     def task_risks(self, timelines: Sequence[Timeline], task: TaskSpec, n: int = 10, *, seed: int = 0,
-                   max_new_tokens: int = 512, batch_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
+                   max_new_tokens: int = 512, batch_rows: int = 512,
+                   extract_end: datetime | None = None) -> tuple[np.ndarray, np.ndarray]:
         """P(``task`` fires) per timeline, with its Monte Carlo standard error: (risk, stderr) arrays.
 
         Rao-Blackwellised futures: at every step the probability that the next event matches the task is
@@ -106,6 +175,7 @@ class FutureSampler:
         masked and the rest renormalised), until the window ends, a stop code, or death. ``1 - S`` of one path is
         an unbiased estimate of the risk with far less variance than counting hits, so a handful of paths
         separate a 3% from a 6% risk — what AUROC at low prevalence needs. Dead subjects get NaN.
+        ``extract_end``: see :meth:`sample_futures`.
         """
         if task.value != "binary":
             raise ValueError(f"task {task.name} is not binary")
@@ -118,9 +188,9 @@ class FutureSampler:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         for b in range(0, len(live), per_batch):
             group = live[b:b + per_batch]
-            _, surv = self.sample_batch([timelines[i] for i in group], n, task.window_days, 1.0, 1.0, gen,
-                                         max_new_tokens, match=match, stop=stop)
-            hit = (1.0 - surv.numpy()).reshape(len(group), n)
+            batch = self.sample_batch([timelines[i] for i in group], n, task.window_days, 1.0, 1.0, gen,
+                                      max_new_tokens, match=match, stop=stop, extract_end=extract_end)
+            hit = (1.0 - batch.survival.numpy()).reshape(len(group), n)
             risk[group] = hit.mean(1)
             se[group] = hit.std(1, ddof=1) / np.sqrt(n) if n > 1 else np.nan
         return risk, se
@@ -129,8 +199,17 @@ class FutureSampler:
     def sample_batch(self, tls: Sequence[Timeline], n: int, horizon_days: float, temperature: float,
                      top_p: float, gen: torch.Generator, max_new_tokens: int, *, match: torch.Tensor | None = None,
                      stop: torch.Tensor | None = None, should_stop: Callable[[], bool] | None = None,
-                     ) -> tuple[list[list[int]], torch.Tensor]:
+                     extract_end: datetime | None = None, tally: torch.Tensor | None = None) -> SampledBatch:
         """Decode ``n`` futures per prompt; with ``match`` also the survival of each path (see task_risks).
+
+        The first gap of a future is only known to be longer than the time already elapsed since the last
+        recorded event (``as_of - clock``): a row that is still inside that wait may only draw a gap token, the
+        bin that straddles the wait is weighted by its share above it, and the gap's length is drawn inside the
+        bin, above the wait (log-uniform, the bins being log-spaced) — not the bin's representative length, which
+        would put the first event of every quiet subject at a fixed offset after ``as_of``, most often inside the
+        horizon (this made futures hold about twice the observed admissions: see tests/test_catchment.py). Later
+        gaps advance by the representative length, the clock the model was trained on. ``[END]`` with
+        ``extract_end``: see :meth:`sample_futures`.
 
         ``should_stop()``: asked before the prompt pass and before every decoding step; True raises
         :class:`SamplingCancelled` (see :meth:`sample_futures`).
@@ -159,28 +238,27 @@ class FutureSampler:
                             dtype=torch.float64).repeat_interleave(n)
         elapsed = torch.zeros(rows, dtype=torch.float64)  # clock advance since the prompt
         limit = wait + horizon_days * DAY
+        # seconds from each prompt's clock to the extract's end: [END] (censoring) may be drawn before it only
+        censor = torch.tensor([(extract_end - t.clock).total_seconds() if extract_end else -math.inf for t in tls],
+                              dtype=torch.float64).repeat_interleave(n)
         active = torch.arange(rows)  # original row index of each batch row
         generated = torch.full((rows, max_new_tokens), -1, dtype=torch.long)
         length = torch.zeros(rows, dtype=torch.long)
+        clock_at = torch.zeros((rows, max_new_tokens), dtype=torch.float64)  # elapsed seconds after each token
+        start = wait.clone()  # as_of, in seconds after each prompt's clock
+        n_weeks = max(1, math.ceil(horizon_days / 7))
+        expected = torch.zeros((rows, n_weeks, tally.shape[1]), dtype=torch.float64) if tally is not None else None
         survival = torch.ones(rows, dtype=torch.float64)
         is_time = torch.tensor(self.is_time)
         match_d = match.to(dev) if match is not None else None
         for step_no in range(max_new_tokens):
             if should_stop is not None and should_stop():
                 raise SamplingCancelled(f"sampling stopped after {step_no} decoding steps")
-            logit = logits.float() / max(temperature, 1e-6)
-            logit = logit.masked_fill(self.banned, float("-inf"))
-            # rows still inside the elapsed gap: only gaps that end after as_of (a 1-year step if > 1y remains)
-            waiting = wait[active] - elapsed[active] > 0
-            if waiting.any():
-                remaining = (wait[active] - elapsed[active])[waiting]
-                ok = (self.time_upper_s[None, :] > remaining[:, None]) & is_time[None, :]
-                ok[:, self.year_id] = True
-                block = ~ok.to(dev)
-                logit[waiting.to(dev)] = logit[waiting.to(dev)].masked_fill(block, float("-inf"))
-            probs = torch.softmax(logit, -1)
-            if top_p < 1.0:
-                probs = _top_p(probs, top_p)
+            remaining = (wait[active] - elapsed[active]).clamp(min=0.0)
+            probs = self._probabilities(logits, remaining, censor[active] - elapsed[active], temperature, top_p)
+            if expected is not None:  # P(the next token is a tally-k event), at the week the clock stands in
+                week = ((elapsed[active] - start[active]).clamp(min=0) // (7 * DAY)).long().clamp(max=n_weeks - 1)
+                expected[active, week] += (probs.cpu().double() @ tally.double())
             no_way = torch.zeros(len(active), dtype=torch.bool)
             if match_d is not None:  # accumulate P(match now), then continue down a non-matching path
                 p_match = (probs * match_d).sum(-1).double().cpu().clamp(0, 1)
@@ -188,12 +266,24 @@ class FutureSampler:
                 probs = probs.masked_fill(match_d, 0.0)
                 no_way = probs.sum(-1).cpu() <= 0  # only matches were possible: the path is settled
                 probs = torch.where(no_way.to(dev)[:, None], torch.ones_like(probs), probs)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0]
-            step_s = self.time_rep_s[nxt]
+            probs = probs.cpu()
+            nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            censored = nxt == self.end_id  # no event before the extract's end
+            redraw = censored & (censor[active] < limit[active])  # ... but the horizon goes past it
+            if redraw.any():
+                wait[active[redraw]] = torch.maximum(wait[active[redraw]], censor[active[redraw]])
+                remaining = (wait[active] - elapsed[active]).clamp(min=0.0)
+                p = probs[redraw] * self._share_above(remaining[redraw], end=False)
+                nxt[redraw] = torch.multinomial(p + (p.sum(-1, keepdim=True) <= 0) * self._year_only, 1,
+                                                generator=gen)[:, 0]
+                censored &= ~redraw
+            step_s = self._gap_seconds(nxt, remaining, gen)
             new_elapsed = elapsed[active] + step_s
-            over = (new_elapsed > limit[active]) & is_time[nxt]  # the next event would fall past the horizon
+            # the next event would fall past the horizon, or not before the extract's end (itself past it)
+            over = ((new_elapsed > limit[active]) & is_time[nxt]) | censored
             kept = active[~over]
             generated[kept, length[kept]] = nxt[~over]
+            clock_at[kept, length[kept]] = new_elapsed[~over]
             length[kept] += 1
             elapsed[active] = new_elapsed
             done = over | (nxt == self.death_id) | no_way
@@ -212,16 +302,72 @@ class FutureSampler:
             cache = step.cache
             logits = step.logits[:, -1]
             next_pos = next_pos + 1
-        return [generated[r, : length[r]].tolist() for r in range(rows)], survival
+        return SampledBatch([generated[r, : length[r]].tolist() for r in range(rows)], survival,
+                            [clock_at[r, : length[r]].numpy() for r in range(rows)], expected)
 
-    def _decode_future(self, tl: Timeline, tokens: list[int], horizon_days: float) -> list[dict[str, Any]]:
+    def _probabilities(self, logits: torch.Tensor, remaining: torch.Tensor, to_end: torch.Tensor,
+                       temperature: float, top_p: float) -> torch.Tensor:
+        """Next-token probabilities of the active rows: banned tokens out; ``[END]`` only while the clock is
+        before the extract's end (``to_end`` > 0 seconds); rows still inside the elapsed wait (``remaining`` > 0)
+        only gaps that end after it (or ``[END]``)."""
+        logit = logits.float() / max(temperature, 1e-6)
+        end_logit = logit[:, self.end_id].clone() if self.end_id >= 0 else None
+        logit = logit.masked_fill(self.banned, float("-inf"))
+        if end_logit is not None:
+            logit[:, self.end_id] = torch.where((to_end > 0).to(logit.device), end_logit, float("-inf"))
+        waiting = remaining > 0
+        if waiting.any():
+            share = self._share_above(remaining[waiting])
+            logit[waiting.to(logit.device)] = logit[waiting.to(logit.device)] + share.log().to(logit.device)
+        probs = torch.softmax(logit, -1)
+        return _top_p(probs, top_p) if top_p < 1.0 else probs
+
+    @property
+    def _year_only(self) -> torch.Tensor:
+        """(V,) a one-hot on the 1-year gap token (the draw of last resort while a wait remains)."""
+        out = torch.zeros(len(self.vocab.tokens))
+        out[self.year_id] = 1.0
+        return out
+
+    def _share_above(self, remaining: torch.Tensor, *, end: bool = True) -> torch.Tensor:
+        """(rows, V): for rows still inside the elapsed wait, the share of each gap bin above ``remaining``
+        seconds (log-uniform within the bin; 1 for the 1-year token, 0 for bins below and for every non-gap
+        token: the wait must end before anything else happens). ``[END]`` (no event before the extract's end)
+        is compatible with any wait: share 1 unless ``end`` is False."""
+        lo, hi = self.time_lower_s[None, :], self.time_upper_s_finite[None, :]
+        rem = remaining[:, None]
+        share = (torch.log(hi) - torch.log(torch.maximum(lo, rem))) / (torch.log(hi) - torch.log(lo))
+        share = torch.where(torch.tensor(self.is_time)[None, :], share.clamp(0.0, 1.0), torch.zeros_like(share))
+        share[:, self.year_id] = 1.0
+        if self.end_id >= 0:
+            share[:, self.end_id] = 1.0 if end else 0.0
+        return share.float()
+
+    def _gap_seconds(self, nxt: torch.Tensor, remaining: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Seconds each sampled token moves the clock: a gap's representative length, except for a gap that
+        ends the elapsed wait (``remaining`` > 0): drawn log-uniformly in its bin above ``remaining``."""
+        step = self.time_rep_s[nxt].clone()
+        drawn = (remaining > 0) & torch.from_numpy(self.is_time)[nxt] & (nxt != self.year_id)
+        if drawn.any():
+            lo = torch.maximum(self.time_lower_s[nxt[drawn]], remaining[drawn])
+            hi = torch.maximum(self.time_upper_s_finite[nxt[drawn]], lo)
+            u = torch.rand(int(drawn.sum()), generator=gen, dtype=torch.float64)
+            step[drawn] = torch.exp(torch.log(lo) + u * (torch.log(hi) - torch.log(lo)))
+        return step
+
+    def _decode_future(self, tl: Timeline, tokens: list[int], clock_at: np.ndarray,
+                       horizon_days: float) -> list[dict[str, Any]]:
+        """Events of one future, each at the clock its token was sampled at (``clock_at``: seconds after
+        ``tl.clock``), kept when on or before the horizon."""
         events = decode(self.vocab, tokens, start_time=tl.clock)
+        produces = ~(self.vocab.is_time | self.vocab.is_value | self.vocab.is_marker | self.vocab.is_special)
+        at = [float(clock_at[k]) for k, t in enumerate(tokens) if produces[t]]
         end = tl.as_of + timedelta(days=horizon_days)
         out = []
-        for e in events:
+        for e, s in zip(events, at, strict=True):
             if e["time"] is None:
                 continue
-            e["time"] = max(e["time"], tl.as_of)  # the first gap is only known to end after as_of
+            e["time"] = max(tl.clock + timedelta(seconds=s), tl.as_of)  # rounding only: the wait ends after as_of
             if e["time"] <= end:
                 out.append(e)
         return out

@@ -33,6 +33,7 @@ from pathlib import Path
 from foresight.atomic import write_text
 from foresight.hashing import sha256
 from foresight.schema import SPLITS
+from foresight.suppression import SuppressionRule, suppress_count  # noqa: F401  (re-exported)
 
 ROLES = {"researcher": 1, "analyst": 2}  # a role may do everything a lower one may
 KEY_PREFIX = "fsk_"
@@ -42,40 +43,7 @@ NO_KEY_HASH = "0" * 64  # compared against when the key id is unknown, so timing
 # --- small-cell suppression -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SuppressionRule:
-    """How aggregate counts are released: 0..threshold-1 -> "<threshold"; others rounded to ``rounding``.
-
-    ``threshold`` is also the smallest cohort the service forecasts for, and the smallest difference (in
-    subjects, or in events of one week) it allows between two released cohorts (:mod:`foresight.serve.disclosure`).
-    """
-
-    threshold: int = 8
-    rounding: int = 5
-
-    def __post_init__(self) -> None:
-        if self.threshold < 1 or self.rounding < 1:
-            raise ValueError("the small-cell threshold and the rounding must be >= 1")
-
-
-def suppress_count(value: float, rule: SuppressionRule = SuppressionRule()) -> int | str:
-    """A count (or an expected count, rounded first) as it may be released.
-
-    Zero is suppressed like 1-7: were it shown, a cell of 0 beside the same cell of 1 one request later (a
-    cohort with one subject added) would tell who that subject is and when their event was.
-
-    >>> [suppress_count(x) for x in (0, 0.4, 1, 7, 7.4, 8, 12, 13, 101)]
-    ['<8', '<8', '<8', '<8', '<8', 10, 10, 15, 100]
-    >>> suppress_count(3, SuppressionRule(threshold=3, rounding=1))
-    3
-    """
-    if not math.isfinite(value):
-        raise ValueError(f"not a count: {value}")
-    n = round(float(value))
-    if n < rule.threshold:  # 0 included: an empty cell and a cell of one person look alike
-        return f"<{rule.threshold}"
-    # never round a cell at or above the threshold down to zero
-    return max(rule.rounding, rule.rounding * round(n / rule.rounding))
+# The rule itself is core (foresight.suppression): the CLI's published strata and the flows use it too.
 
 
 # --- API keys -------------------------------------------------------------------------------------------------
