@@ -36,6 +36,8 @@ def serve(
     small_cell_threshold: Annotated[int, typer.Option(min=1, help="Aggregate counts below this show as '<N'.")] = 8,
     rounding: Annotated[int, typer.Option(min=1, help="Other aggregate counts are rounded to this.")] = 5,
     exclude_subjects: ExcludeOption = None,
+    similar_index: Annotated[Path | None, typer.Option(
+        "--similar-index", help="Folder from `foresight embed` (same model): enables POST /v1/similar.")] = None,
 ) -> None:
     """Serve next events, risks, explanations and suppressed cohort rates over HTTP (API keys, audit log).
 
@@ -56,7 +58,8 @@ def serve(
                                   audit_key_file=audit_key, audit_new_segment=audit_new_segment,
                                   exclude_subjects_file=exclude_subjects, max_events=max_events,
                                   max_body_bytes=max_body_bytes, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-                                  suppression=service.SuppressionRule(small_cell_threshold, rounding))
+                                  suppression=service.SuppressionRule(small_cell_threshold, rounding),
+                                  similar_index=similar_index)
         err.print(f"serving {model} on http://{host}:{port} (docs at /docs); audit log {audit_log}")
         service.serve(cfg, host=host, port=port)
     except service.AuditChainError as exc:

@@ -12,6 +12,8 @@
   one packed forward pass (the server's micro-batcher uses them).
 - :meth:`Forecaster.explain_next_events` — leave-one-event-out attribution: the timeline re-encoded without
   each past event, all variants in one batched pass; which events moved P(target) and by how much.
+- :meth:`Forecaster.embed` — patient vectors (last token, mean, or both) for similar-patient search
+  (:mod:`foresight.forecast.embed`).
 - :meth:`Forecaster.time_head_risks` — the time head's closed-form task risk (:func:`foresight.forecast.tasks.
   time_head_risk`) from one forward pass.
 - Futures and Rao-Blackwellised task risks come from its base, :class:`foresight.forecast.sampling.FutureSampler`.
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from foresight import model as M
+from foresight.forecast.embed import embed_tokens
 from foresight.forecast.sampling import FutureSampler
 from foresight.forecast.tasks import TaskSpec, time_head_risk
 from foresight.forecast.timeline import DAY, Timeline, event_time
@@ -473,6 +476,21 @@ class Forecaster(FutureSampler):
                          "total_variation": 0.5 * float((full - d.p_event).abs().sum())})
         rows.sort(key=lambda r: abs(r["delta"]), reverse=True)
         return Explanation("leave-one-event-out", patterns, int(tmask.sum()), p_full, len(candidates), rows)
+
+    # -- embeddings --
+
+    def embed(self, timelines: Sequence[Timeline | Sequence[dict[str, Any]]], as_of: datetime | None = None,
+              pooling: str = "last", batch_tokens: int = 16_384) -> np.ndarray:
+        """(N, width) float32 patient vectors, deterministic (eval mode, no sampling), in the input order.
+
+        Each item is a :class:`Timeline` (already cut at its as_of) or a list of MEDS-shaped events, cut at
+        ``as_of`` and encoded as :meth:`timeline_from_events` does. ``pooling``: ``"last"`` (the last prompt
+        token's final hidden state), ``"mean"`` (over the prompt) or ``"both"`` (concatenated); the width and what
+        a history longer than the context contributes are in :mod:`foresight.forecast.embed`.
+        """
+        tls = [t if isinstance(t, Timeline) else self.timeline_from_events(t, as_of) for t in timelines]
+        return embed_tokens(self.model, [t.tokens for t in tls], pooling, pad_id=self.vocab.index[PAD],
+                            batch_tokens=batch_tokens)
 
     # -- the time head's risks --
 

@@ -13,6 +13,8 @@ Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``)
 ``POST /v1/risk``          any key    a zero-shot task's risk (share of Monte Carlo futures) with a 95% interval
 ``POST /v1/explain``       any key    the past events that most changed the next-event prediction
 ``POST /v1/cohort-rate``   any key    expected weekly events for a warehouse cohort, small cells suppressed
+``POST /v1/similar``       any key    the nearest indexed patients' profile (outcomes, common next events), small
+                                      cells suppressed; their ids only for analyst keys (``--similar-index``)
 =========================  =========  ===========================================================================
 """
 
@@ -45,6 +47,8 @@ from foresight.serve.schemas import (
     NextEventsResponse,
     RiskRequest,
     RiskResponse,
+    SimilarRequest,
+    SimilarResponse,
     TimelineQuery,
 )
 from foresight.serve.security import ROLES, ApiKey
@@ -281,6 +285,11 @@ def create_app(config: ServeConfig, forecaster: Any = None) -> FastAPI:
     async def explain(q: ExplainRequest, request: Request, key: Researcher) -> Any:
         await _note(request, key, q)
         return await _answer(runtime.run(runtime.explain, q))
+
+    @app.post("/v1/similar", response_model=SimilarResponse)
+    async def similar(q: SimilarRequest, request: Request, key: Researcher) -> Any:
+        await _note(request, key, q)
+        return await _answer(runtime.run(runtime.similar, q, key))
 
     @app.post("/v1/cohort-rate", response_model=CohortRateResponse)
     async def cohort_rate(q: CohortRateRequest, request: Request, key: Researcher) -> Any:

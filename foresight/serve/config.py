@@ -37,3 +37,5 @@ class ServeConfig:
     max_batch: int = 32  # next-event requests per forward pass (1 = unbatched)
     batch_wait_ms: float = 5.0
     suppression: SuppressionRule = field(default_factory=SuppressionRule)
+    similar_index: Path | None = None  # folder written by `foresight embed`, for /v1/similar
+    max_similar_k: int = 200  # neighbours per /v1/similar request

@@ -52,10 +52,13 @@ from foresight.serve.schemas import (
     NextEventsResponse,
     RiskRequest,
     RiskResponse,
+    SimilarRequest,
+    SimilarResponse,
     TaskModel,
     TimelineQuery,
 )
 from foresight.serve.security import ApiKey, KeyStore, RateLimiter, file_stamp, suppress_count
+from foresight.serve.similar import SimilarRefused, SimilarService
 from foresight.warehouse import connect
 
 WAREHOUSE_RETRY_S = 5  # Retry-After while an ETL holds the warehouse
@@ -131,6 +134,8 @@ class Runtime:
         if config.exclude_subjects_file is not None:
             self._opt_out_stamp = file_stamp(config.exclude_subjects_file)
             self.opt_out = frozenset(optout.read_subjects_file(config.exclude_subjects_file))
+        # /v1/similar: the index from `foresight embed` (same model), loaded now so a bad one stops the start
+        self.similar_service = SimilarService(config) if config.similar_index is not None else None
         self.batcher = MicroBatcher(self._next_batch_unit, self.executor, config.max_batch,
                                     config.batch_wait_ms / 1000.0)
         self.started = time.time()
@@ -213,9 +218,16 @@ class Runtime:
         lookups, cohorts and histories cannot see the listed subjects: an opted-out id is indistinguishable from
         an id the warehouse never held. A list that cannot be read keeps the previous one in force.
         """
+        self.current_opt_out()
+        if self._con is not None and self._opt_out_hidden != self._opt_out_stamp:
+            optout.hide_subjects(self._con, self.opt_out)
+            self._opt_out_hidden = self._opt_out_stamp
+
+    def current_opt_out(self) -> frozenset[int]:
+        """The opt-out list, re-read first when its file changed (an unreadable file keeps the last list)."""
         path = self.config.exclude_subjects_file
         if path is None:
-            return
+            return self.opt_out
         try:
             stamp = file_stamp(path)
             if stamp != self._opt_out_stamp:
@@ -228,9 +240,7 @@ class Runtime:
             self._opt_out_error = str(exc)
         else:
             self._opt_out_error = None
-        if self._opt_out_hidden != self._opt_out_stamp:
-            optout.hide_subjects(self._con, self.opt_out)
-            self._opt_out_hidden = self._opt_out_stamp
+        return self.opt_out
 
     def check_split_scope(self, key: ApiKey, subject_id: int, as_of: datetime | None) -> None:
         """A scoped key may look up only subjects of its splits: 403 otherwise.
@@ -373,6 +383,17 @@ class Runtime:
         return ExplainResponse(method=ex.method, why=EXPLAIN_WHY, target=ex.target, probability=ex.probability,
                                events_considered=ex.events_considered, events=ex.events, warnings=w + warnings)
 
+    def similar(self, q: SimilarRequest, key: ApiKey) -> SimilarResponse:
+        """The neighbours' suppressed profile (:mod:`foresight.serve.similar`); 400 without an index."""
+        if self.similar_service is None:
+            raise QueryError(400, "this server has no similar-patient index (start it with --similar-index DIR)")
+        try:
+            self.similar_service.check_k(q)  # before any work
+            tl, warnings = self.timeline(q)
+            return self.similar_service.answer(self.fc, tl, q, key, self.current_opt_out(), warnings)
+        except SimilarRefused as exc:
+            raise QueryError(exc.status, exc.message) from exc
+
     # -- cohort rates: the warehouse half on the model thread, sampling on the cohort worker --
 
     def cohort_cost(self, q: CohortRateRequest) -> tuple[int, int, float]:
@@ -470,7 +491,7 @@ class Runtime:
         q = job.query
         return population_rates(self.fc, job.inputs.timelines, job.as_of, q.horizon_days, samples=job.samples,
                                 codes=q.codes, seed=q.seed, history=[(w, len(ev)) for w, ev in job.cells],
-                                should_stop=should_stop)
+                                should_stop=should_stop, extract_end=job.inputs.extract_end)
 
     def cohort_publish(self, job: CohortJob, result: PopulationForecast) -> CohortRateResponse:
         """The answer, every count suppressed or rounded; the release is recorded against later differencing."""

@@ -121,6 +121,11 @@ class ExplainRequest(TimelineQuery):
     max_events: int = Field(32, ge=1, le=10_000, description="Most recent events to try removing (server caps it).")
 
 
+class SimilarRequest(TimelineQuery):
+    k: int = Field(50, ge=1, le=10_000, description="Neighbours to describe (at least the small-cell threshold; "
+                                                     "the server caps it).")
+
+
 class CohortRateRequest(BaseModel):
     """Expected weekly events for the warehouse cohort alive at ``as_of`` (optionally with some past codes)."""
 
@@ -227,4 +232,21 @@ class CohortRateResponse(BaseModel):
     suppression: dict[str, Any]
     weeks: list[CohortWeek]
     history: list[HistoryWeek]
+    warnings: list[str]
+
+
+class SimilarNeighbour(BaseModel):
+    subject_id: int
+    distance: float = Field(description="Cosine distance between centred embeddings (0: same direction).")
+
+
+class SimilarResponse(BaseModel):
+    as_of: datetime
+    k: int
+    index: dict[str, Any] = Field(description="The index searched: its as_of, pooling, metric, kind, horizon_days.")
+    profile: dict[str, Any] = Field(description="The neighbours' outcomes and most common events after their "
+                                                "as_of, every count suppressed or rounded.")
+    neighbours: list[SimilarNeighbour] | None = Field(
+        None, description="Analyst keys only: the neighbours within the key's split scope. Null for researchers.")
+    suppression: dict[str, Any]
     warnings: list[str]
