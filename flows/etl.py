@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.retry import transient
 from foresight import sources, warehouse
 from foresight.optout import read_subjects_file
+from foresight.purposes import read_declaration
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=transient, cache_policy=NO_CACHE)
@@ -42,17 +43,20 @@ def reconcile(db: Path, run_id: str) -> dict[str, int]:
 
 
 @flow(name="etl", log_prints=True)
-def etl(source: str, input: Path, db: Path, name: str | None = None, exclude_subjects: Path | None = None
-        ) -> dict[str, Any]:
+def etl(source: str, input: Path, db: Path, name: str | None = None, exclude_subjects: Path | None = None,
+        declaration: Path | None = None) -> dict[str, Any]:
     """Load ``input`` (a ``source`` such as ``mimic-iv``) into the warehouse ``db``; returns the load summary.
 
     ``exclude_subjects``: the national data opt-out list (one patient id per line); their rows are dropped.
+    ``declaration``: the data's declarations file (provider, allowed purposes; :mod:`foresight.purposes`), read
+    before the warehouse is opened; without one the load is usable only for purpose ``unspecified``.
     """
     module = sources.get_source(source)
     root = module.check_input(Path(input))  # before the warehouse is opened: a bad input creates no file
     excluded = read_subjects_file(exclude_subjects) if exclude_subjects else None
+    decl = read_declaration(declaration) if declaration else None
     with warehouse.connect(db) as con:
-        load = sources.new_load(module, con, root, source=name, exclude_subjects=excluded)
+        load = sources.new_load(module, con, root, source=name, exclude_subjects=excluded, declaration=decl)
         for group in module.GROUPS:
             stage_table_group(module, load, root, group.name)
         summary = publish(module, load, root)

@@ -36,10 +36,12 @@ def _key(*parts: Any) -> str:
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient, persist_result=True,
       cache_key_fn=lambda ctx, p: _key("etl", p["source"], P.files_fingerprint(p["input_path"]), str(p["db"]),
-                                       P.files_fingerprint(p["exclude_subjects"]) if p["exclude_subjects"] else ""))
-def etl_step(source: str, input_path: Path, db: Path, exclude_subjects: Path | None) -> dict[str, Any]:
-    """Load the source into the warehouse (cached on the input files' contents)."""
-    return P.load_stage(source, input_path, db, exclude_subjects)
+                                       P.files_fingerprint(p["exclude_subjects"]) if p["exclude_subjects"] else "",
+                                       P.files_fingerprint(p["declaration"]) if p.get("declaration") else ""))
+def etl_step(source: str, input_path: Path, db: Path, exclude_subjects: Path | None,
+             declaration: Path | None = None) -> dict[str, Any]:
+    """Load the source into the warehouse (cached on the input files' contents and the declaration's)."""
+    return P.load_stage(source, input_path, db, exclude_subjects, declaration)
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient, cache_policy=NO_CACHE)
@@ -51,10 +53,20 @@ def warehouse_step(db: Path) -> dict[str, Any]:
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=transient, persist_result=True,
       cache_key_fn=lambda ctx, p: _key("tokenize", P.warehouse_fingerprint(p["db"]), p["min_subjects"],
                                        str(p["data"]),
-                                       P.files_fingerprint(p["exclude_subjects"]) if p["exclude_subjects"] else ""))
-def tokenize_step(db: Path, data: Path, min_subjects: int, exclude_subjects: Path | None) -> dict[str, Any]:
-    """Vocabulary + shards (cached on what the warehouse holds and the opt-out list)."""
-    return P.tokenize_stage(db, data, min_subjects, exclude_subjects)
+                                       P.files_fingerprint(p["exclude_subjects"]) if p["exclude_subjects"] else "",
+                                       p.get("purpose", "unspecified"), p.get("provenance", "")))
+def tokenize_step(db: Path, data: Path, min_subjects: int, exclude_subjects: Path | None,
+                  purpose: str = "unspecified", provenance: str = "") -> dict[str, Any]:
+    """Vocabulary + shards (cached on what the warehouse holds, the opt-out list, the purpose and the loads'
+    declarations: ``provenance``, the purpose step's fingerprint)."""
+    return P.tokenize_stage(db, data, min_subjects, exclude_subjects, purpose)
+
+
+@task(cache_policy=NO_CACHE)
+def purpose_step(db: Path, purpose: str, exclude_subjects: Path | None) -> dict[str, Any]:
+    """Refuse the run when a load whose rows would reach the tokens does not cover its purpose (never cached:
+    a declaration that expired since the last run stops it even when every later step is cached)."""
+    return P.purpose_stage(db, purpose, exclude_subjects)
 
 
 @task(persist_result=True,
@@ -87,12 +99,14 @@ def evaluate_step(model: Path, data: Path, db: Path, out: Path, tasks: list[str]
 @task(persist_result=True,
       cache_key_fn=lambda ctx, p: _key("audit", P.model_fingerprint(p["model"]), P.data_fingerprint(p["data"]),
                                        P.canary_fingerprint(p["data"]), str(p["out"]),
-                                       P.files_fingerprint(p["config"]) if p["config"] else ""))
-def audit_step(model: Path, data: Path, out: Path, config: Path | None) -> dict[str, Any]:
-    """Privacy audit and gate decision (cached on the model checksum, the data with its canaries and their
-    references, and the gate config's contents)."""
+                                       P.files_fingerprint(p["config"]) if p["config"] else "",
+                                       str(p.get("signing_key") or "")))
+def audit_step(model: Path, data: Path, out: Path, config: Path | None,
+               signing_key: Path | None = None) -> dict[str, Any]:
+    """Privacy audit and gate decision, the report signed with ``signing_key`` (cached on the model checksum, the
+    data with its canaries and their references, the gate config's contents and the key)."""
     logger = get_run_logger()
-    return P.audit_stage(model, data, out, progress=logger.info, config=config)
+    return P.audit_stage(model, data, out, progress=logger.info, config=config, signing_key=signing_key)
 
 
 def _fresh(step: Any, output_missing: bool) -> Any:
@@ -101,9 +115,9 @@ def _fresh(step: Any, output_missing: bool) -> Any:
 
 
 @task(cache_policy=NO_CACHE)
-def release_step(model: Path, registry: Path) -> dict[str, Any]:
-    """Copy the audited model into the registry (the library refuses unless the audit passed)."""
-    return P.release_stage(model, registry)
+def release_step(model: Path, registry: Path, signing_key: Path | None = None) -> dict[str, Any]:
+    """Copy the audited model into the registry (the library refuses unless the signed audit passed)."""
+    return P.release_stage(model, registry, signing_key)
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient, cache_policy=NO_CACHE)
@@ -114,13 +128,14 @@ def forecast_step(model: Path, db: Path, out: Path, as_of: datetime, horizon_day
                             max_subjects=max_subjects, oracle_dir=oracle_dir)
 
 
-def _warehouse(source: str, input: Path, paths: P.PipelinePaths, exclude_subjects: Path | None
-               ) -> tuple[Path, dict[str, Any]]:
+def _warehouse(source: str, input: Path, paths: P.PipelinePaths, exclude_subjects: Path | None,
+               declaration: Path | None = None) -> tuple[Path, dict[str, Any]]:
     """The warehouse the run reads and its step's summary: ``input`` itself for ``source="warehouse"``, else the
-    run's own, loaded from ``input``."""
+    run's own, loaded from ``input`` (with its ``declaration``)."""
     if source == "warehouse":
         return input, warehouse_step(input)
-    return paths.db, _fresh(etl_step, not paths.db.exists())(source, input, paths.db, exclude_subjects)
+    return paths.db, _fresh(etl_step, not paths.db.exists())(source, input, paths.db, exclude_subjects,
+                                                             declaration)
 
 
 def _plant_canaries(paths: P.PipelinePaths, canaries: int, repeats: list[int] | None, references: int
@@ -160,6 +175,9 @@ def pipeline(
     registry: Path | None = None,
     forecast_unreleased: bool = False,
     privacy_config: Path | None = None,
+    signing_key: Path | None = None,
+    purpose: str = "unspecified",
+    declaration: Path | None = None,
 ) -> dict[str, Any]:
     """The whole chain for one source; returns every stage's summary (and its seconds).
 
@@ -175,6 +193,13 @@ def pipeline(
     30-day risks are high enough to measure on a small cohort) or for everyone alive at ``as_of`` ("as_of").
     ``forecast_unreleased``: when no model has been released, forecast with the candidate model anyway and label
     the result as unreleased (for synthetic data such as the demo; never for real records in operation).
+    ``signing_key``: the operator's Ed25519 key (``foresight keys init``) that signs the audit report and the
+    release record; default: the run's own, ``<workdir>/keys/signing.key``, created on first use (the registry pins
+    the key of its first signed release, so releases into a shared registry need the operator's key).
+    ``purpose``: the run's data-use purpose (e.g. ``research``, ``planning``); every load reaching the tokens must
+    list it in its declaration, else the run stops before tokenizing (``unspecified``, the default, is covered only
+    by undeclared loads). ``declaration``: the declarations file (JSON/YAML: provider, purposes, optional
+    controller and expires) recorded with this run's ETL load; see :mod:`foresight.purposes`.
     """
     logger = get_run_logger()
     if eval_at not in ("discharges", "as_of"):
@@ -184,10 +209,12 @@ def pipeline(
     paths = P.PipelinePaths(Path(workdir))
     registry = Path(registry) if registry else paths.registry
     out: dict[str, Any] = {"workdir": str(paths.workdir)}
-    db, out["etl"] = _warehouse(source, Path(input), paths, exclude_subjects)
+    db, out["etl"] = _warehouse(source, Path(input), paths, exclude_subjects,
+                                Path(declaration) if declaration else None)
     as_of = P.resolve_as_of(db, as_of)  # after the ETL: "latest" means what the warehouse holds now
+    out["purpose"] = purpose_step(db, purpose, exclude_subjects)
     out["tokenize"] = _fresh(tokenize_step, P.data_fingerprint(paths.data) == "missing")(
-        db, paths.data, min_subjects, exclude_subjects)
+        db, paths.data, min_subjects, exclude_subjects, purpose, out["purpose"]["fingerprint"])
     train_data, out["canaries"] = _plant_canaries(paths, canaries, canary_repeats, canary_references)
     train_cfg = TrainConfig.from_dict(train_options or {"preset": "tiny", "max_steps": 300})
     out["train"] = _fresh(train_step, P.model_fingerprint(paths.model) == "missing")(
@@ -195,10 +222,11 @@ def pipeline(
     out["evaluate"] = _fresh(evaluate_step, not (paths.evaluation / "report.json").exists())(
         paths.model, paths.data, db, paths.evaluation, tasks or ["admission_30d"],
         as_of if eval_at == "as_of" else None, eval_samples, eval_points, oracle_dir)
-    out["privacy"] = _fresh(audit_step, not (paths.model / "privacy" / "report.json").exists())(
-        paths.model, train_data, paths.privacy, Path(privacy_config) if privacy_config else None)
+    key = P.run_signing_key(paths, Path(signing_key) if signing_key else None)
+    out["privacy"] = _fresh(audit_step, not (paths.model / "privacy" / "report.sig.json").exists())(
+        paths.model, train_data, paths.privacy, Path(privacy_config) if privacy_config else None, key)
     if out["privacy"]["decision"] == "PASS":
-        out["release"] = release_step(paths.model, registry)
+        out["release"] = release_step(paths.model, registry, key)
     else:
         out["release"] = {"skipped": True, "reason": f"privacy gate decided {out['privacy']['decision']}",
                           "reasons": out["privacy"]["reasons"]}

@@ -24,13 +24,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from foresight import sources, tokens, warehouse
+from foresight import purposes, sources, tokens, warehouse
 from foresight.evaluate import backtest_rates, evaluate_model
 from foresight.forecast import Forecaster, forecast_cohort, load_task, plot_population, weekly_history
 from foresight.hashing import sha256_file, sha256_json
-from foresight.optout import read_subjects_file
+from foresight.optout import hide_subjects, read_subjects_file
 from foresight.simulate import Oracle, read_history
 from foresight.train import TrainConfig, train
+from privacy import signing
 from privacy.audit import audit
 from privacy.canaries import insert, load_manifest
 from privacy.release import model_checksum, release
@@ -49,6 +50,7 @@ class PipelinePaths:
     privacy: Path = field(init=False)
     registry: Path = field(init=False)
     forecast: Path = field(init=False)
+    signing_key: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -60,6 +62,7 @@ class PipelinePaths:
         self.privacy = self.workdir / "privacy"
         self.registry = self.workdir / "registry"
         self.forecast = self.workdir / "forecast"
+        self.signing_key = self.workdir / "keys" / signing.PRIVATE_KEY  # the run's own, unless one is given
 
 
 # --- fingerprints ---------------------------------------------------------------------------------------------
@@ -176,14 +179,17 @@ def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def load_stage(source: str, input_path: Path, db: Path, exclude_subjects: Path | None = None) -> dict[str, Any]:
+def load_stage(source: str, input_path: Path, db: Path, exclude_subjects: Path | None = None,
+               declaration: Path | None = None) -> dict[str, Any]:
     """ETL: ``input_path`` (a ``source``: mimic-iv, synthea, fhir, meds, notes) into the warehouse ``db``, without
-    the subjects of the opt-out list ``exclude_subjects``."""
+    the subjects of the opt-out list ``exclude_subjects``; ``declaration``: the data's declarations file (provider
+    and allowed purposes, :mod:`foresight.purposes`; None: an undeclared load)."""
 
     def run() -> dict[str, Any]:
         excluded = read_subjects_file(exclude_subjects) if exclude_subjects else None
+        decl = purposes.read_declaration(declaration) if declaration else None
         with warehouse.connect(db) as con:
-            summary = sources.load(source, con, input_path, exclude_subjects=excluded).to_json()
+            summary = sources.load(source, con, input_path, exclude_subjects=excluded, declaration=decl).to_json()
         return {k: summary[k] for k in ("run_id", "subjects", "events", "rows_read", "rows_loaded",
                                          "rows_quarantined", "rows_dropped")}
 
@@ -212,16 +218,36 @@ def warehouse_stage(db: Path) -> dict[str, Any]:
     return _timed(run)
 
 
-def tokenize_stage(db: Path, data: Path, min_subjects: int = 10, exclude_subjects: Path | None = None
-                   ) -> dict[str, Any]:
-    """Vocabulary (train only) and packed shards; ``exclude_subjects`` (the opt-out list) is hidden here too, for
-    a warehouse this run did not load itself."""
+def purpose_stage(db: Path, purpose: str, exclude_subjects: Path | None = None) -> dict[str, Any]:
+    """Check that every load whose rows would reach the tokens covers ``purpose`` (``PurposeError`` naming the
+    first that does not); nothing is written. Returns the loads and a fingerprint of what decides the provenance
+    (declarations, not run ids): cheap, so a flow runs it every time, even when later steps are cached, and an
+    expired declaration stops a cached run too."""
+
+    def run() -> dict[str, Any]:
+        excluded = read_subjects_file(exclude_subjects) if exclude_subjects else None
+        with warehouse.connect(db, read_only=True) as con:
+            if excluded:
+                hide_subjects(con, excluded)
+            loads = purposes.loads_reaching(con)
+        purposes.check_covered(loads, purpose)
+        return {"purpose": purpose, "fingerprint": purposes.fingerprint(loads, purpose),
+                "loads": [{k: lp.to_json()[k] for k in ("run_id", "source", "provider", "purposes", "expires")}
+                          for lp in loads]}
+
+    return _timed(run)
+
+
+def tokenize_stage(db: Path, data: Path, min_subjects: int = 10, exclude_subjects: Path | None = None,
+                   purpose: str = purposes.UNSPECIFIED) -> dict[str, Any]:
+    """Vocabulary (train only) and packed shards for ``purpose`` (refused unless every load covers it);
+    ``exclude_subjects`` (the opt-out list) is hidden here too, for a warehouse this run did not load itself."""
 
     def run() -> dict[str, Any]:
         excluded = read_subjects_file(exclude_subjects) if exclude_subjects else None
         s = tokens.tokenize(db, data, tokens.TokenizerConfig(min_subjects=min_subjects),
-                               exclude_subjects=excluded)
-        return {"vocab_size": s["vocab_size"], "tokens": s["tokens"], "subjects": s["subjects"]}
+                               exclude_subjects=excluded, purpose=purpose)
+        return {"vocab_size": s["vocab_size"], "tokens": s["tokens"], "subjects": s["subjects"], "purpose": purpose}
 
     return _timed(run)
 
@@ -310,15 +336,16 @@ def simulator_oracle(sim_dir: Path, extra_events: dict[str, str] | None = None) 
 
 
 def audit_stage(model: Path, data: Path, out: Path, progress: Callable[[str], None] | None = None,
-                config: Path | None = None) -> dict[str, Any]:
+                config: Path | None = None, signing_key: Path | None = None) -> dict[str, Any]:
     """The privacy audit and the gate's decision, with each canary repeat group's exposure when ``data`` (the data
-    the model was trained on) holds canaries. ``config``: a gate TOML merged over ``privacy/gate_defaults.toml``."""
+    the model was trained on) holds canaries. ``config``: a gate TOML merged over ``privacy/gate_defaults.toml``.
+    ``signing_key``: signs the report (``report.sig.json``), which the release requires."""
 
     def run() -> dict[str, Any]:
-        report = audit(model, data, out, config=config, progress=progress)
+        report = audit(model, data, out, config=config, progress=progress, signing_key=signing_key)
         can = report["probes"]["canaries"]
         return {"decision": report["decision"], "valid": report["valid"], "reasons": report["reasons"],
-                "report": report["written"],
+                "report": report["written"], "signed": report.get("signed") or None,
                 "canaries": None if can is None else [
                     {k: g[k] for k in ("repeats", "canaries", "exposed", "detected", "median_exposure_rank",
                                        "median_exposure_extrapolated")} for g in can["groups"]]}
@@ -326,9 +353,20 @@ def audit_stage(model: Path, data: Path, out: Path, progress: Callable[[str], No
     return _timed(run)
 
 
-def release_stage(model: Path, registry: Path) -> dict[str, Any]:
-    """Copy the audited model into the registry (refused unless its latest audit passed)."""
-    return _timed(lambda: release(model, registry))
+def release_stage(model: Path, registry: Path, signing_key: Path | None = None) -> dict[str, Any]:
+    """Copy the audited model into the registry (refused unless its latest audit is signed by a key the registry
+    trusts and passed); ``signing_key`` signs the release record, and a new registry pins its public key."""
+    return _timed(lambda: release(model, registry, signing_key=signing_key))
+
+
+def run_signing_key(paths: PipelinePaths, signing_key: Path | None) -> Path:
+    """The key a run signs its audit and release with: ``signing_key`` (the operator's), else the run's own
+    (``<workdir>/keys/signing.key``, created with mode 0600 on first use, its public half beside it)."""
+    if signing_key is not None:
+        return Path(signing_key)
+    if not paths.signing_key.exists():
+        signing.create_key(paths.signing_key)
+    return paths.signing_key
 
 
 def latest_release(registry: Path) -> Path | None:
@@ -338,7 +376,7 @@ def latest_release(registry: Path) -> Path | None:
         return None
     lines = [json.loads(x) for x in index.read_text().splitlines() if x.strip()]
     for entry in reversed(lines):
-        if Path(entry["path"]).exists():
+        if entry.get("kind", "release") == "release" and Path(entry["path"]).exists():  # not a trusted-key record
             return Path(entry["path"])
     return None
 

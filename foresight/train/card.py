@@ -8,7 +8,10 @@ weights beside an old card — is refused by every reader (:func:`check_complete
 ``Forecaster.from_pretrained`` and the release call); training again with the same options resumes and saves it.
 
 ``foresight.json`` holds the tokenizer, data fingerprint, training and DeepSpeed config, metrics, the time-head
-flag and every rank's weight checksum; the model itself loads with ``AutoModelForCausalLM.from_pretrained(out)``.
+flag, every rank's weight checksum and the data's provenance (``provenance``: the data-use purpose the tokens were
+made for and every load that reached the model, with its provider, allowed purposes, input checksums, opt-out list
+digest and date; see :mod:`foresight.purposes`); the model itself loads with
+``AutoModelForCausalLM.from_pretrained(out)``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 from foresight import model as M
 from foresight.atomic import fsync_dir, fsync_file
 from foresight.hashing import sha256_chunks
+from foresight.purposes import PurposeError, check_recorded
 from foresight.train.engine import Run
 from foresight.train.errors import TrainingError
 from foresight.train.log import plot_loss_curve
@@ -41,6 +45,17 @@ def check_complete(model_dir: str | Path) -> None:
     if (Path(model_dir) / INCOMPLETE).exists():
         raise FileNotFoundError(f"{model_dir}: not a complete model: its save was interrupted ({INCOMPLETE} is "
                                 "still there); run `foresight train` again with the same options to resume and save")
+
+
+def check_provenance(data_dir: str | Path) -> dict[str, Any]:
+    """The token folder's recorded purpose and loads, re-checked today (:func:`foresight.purposes.check_recorded`):
+    :class:`TrainingError` naming the folder when there is no record or its loads no longer cover its purpose."""
+    vocab = Path(data_dir) / "vocab.json"
+    try:
+        record = (json.loads(vocab.read_text()).get("report") or {}).get("provenance")
+        return check_recorded(record, str(data_dir))
+    except (OSError, ValueError) as exc:  # PurposeError is a ValueError
+        raise TrainingError(str(exc) if isinstance(exc, PurposeError) else f"{vocab}: unreadable: {exc}") from exc
 
 
 def gather_weights(run: Run) -> tuple[dict[str, Any] | None, list[str | None]]:
@@ -85,7 +100,17 @@ def model_card(run: Run, metrics: dict[str, Any], checksums: list[str | None]) -
                       "loss": "joint per-token NLL: (sum CE + weight * sum exponential gap NLL) / tokens"},
         "metrics": metrics,
         "rank_weight_checksums": checksums,
+        "provenance": provenance(vocab.report.get("provenance")),
     }
+
+
+def provenance(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The model card's provenance block: the token folder's record (purpose, when it was checked, every load
+    with provider, purposes, input checksums, opt-out list digest and load date)."""
+    if record is None:
+        return None
+    return {"purpose": record.get("purpose"), "checked_on": record.get("checked_on"), "rule": record.get("rule"),
+            "loads": [dict(lp) for lp in record.get("loads", [])]}
 
 
 def write_model_dir(run: Run, state_dict: dict[str, Any] | None, checksums: list[str | None],

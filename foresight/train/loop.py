@@ -25,7 +25,7 @@ from typing import Any
 
 from foresight.dataset import collate
 from foresight.tokens import IncompleteTokensError, check_complete
-from foresight.train.card import gather_weights, write_model_dir
+from foresight.train.card import check_provenance, gather_weights, write_model_dir
 from foresight.train.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from foresight.train.config import TrainConfig
 from foresight.train.engine import Run, setup
@@ -57,6 +57,7 @@ def train(
         check_complete(data_dir, "train")
     except IncompleteTokensError as exc:
         raise TrainingError(str(exc)) from exc
+    check_provenance(data_dir)  # the tokens' data-use purpose is still covered by every load (foresight.purposes)
     run = setup(data_dir, out, cfg, Path(deepspeed_config_path) if deepspeed_config_path else None,
                 resume=resume, log=log)
 

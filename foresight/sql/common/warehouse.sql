@@ -65,6 +65,21 @@ CREATE TABLE IF NOT EXISTS etl_tables (
     events           BIGINT  NOT NULL
 );
 
+-- Who provided each load and what it may be used for (foresight.purposes), written in the load's transaction.
+-- A load without a declaration has provider 'undeclared' and purposes ['unspecified']; so does a run_id with no
+-- row here (loads made before this table existed).
+CREATE TABLE IF NOT EXISTS load_declarations (
+    run_id             VARCHAR   PRIMARY KEY,  -- etl_runs.run_id
+    provider           VARCHAR   NOT NULL,
+    controller         VARCHAR,
+    purposes           VARCHAR[] NOT NULL,     -- lower-case slugs; a run's purpose must be one of them exactly
+    expires            DATE,                   -- last day the declaration covers anything (NULL: no end)
+    declaration_file   VARCHAR,
+    declaration_sha256 VARCHAR,                -- of the declarations file's bytes
+    opt_out_sha256     VARCHAR,                -- foresight.optout.digest of the opt-out list honoured (NULL: none)
+    declared_at        TIMESTAMP NOT NULL
+);
+
 -- Free-text clinical notes (FHIR DocumentReference text, decoded), for the notes source to annotate. ``time`` is
 -- when the note became available (leak-free, like events); rows are replaced per source on re-load.
 CREATE TABLE IF NOT EXISTS notes (
