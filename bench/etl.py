@@ -7,13 +7,18 @@ written once under bench/out/, which git ignores), so the growth of cost with si
 MIMIC demo warehouse (copies offset the subject ids).
 
 Each size runs ``foresight etl mimic-iv --json`` in a fresh process ``--runs`` times (median reported); peak
-RSS is the child's own ``ru_maxrss`` from ``os.wait4``. With ``--baseline VENV`` the reference MIMIC-IV MEDS
-ETL (PyPI mimic-iv-meds on MEDS-Extract, installed in that separate venv; never a project dependency) runs on
+RSS is the child's own ``ru_maxrss`` from ``os.wait4`` (the largest of the runs). ``--memory 1GB`` runs
+``foresight --memory 1GB etl ...`` (the DuckDB budget; default: the machine's, see ``foresight --help``), and
+``--checkout DIR`` runs another source tree's CLI (DIR first on the path, e.g. a ``git archive`` of HEAD) for a
+before/after comparison in the same session. With ``--baseline VENV`` the reference MIMIC-IV MEDS ETL (PyPI
+mimic-iv-meds on MEDS-Extract, installed in that separate venv; never a project dependency) runs on
 the demo in the same session, so the ratio compares like with like on this machine.
 
     python bench/etl.py                      # demo, 10x, 100x; 3 runs each
     python bench/etl.py --sizes 1 --runs 5 --baseline /tmp/refbench/venv
     python bench/etl.py --sources synthea fhir meds --sizes 1 10
+    python bench/etl.py --sizes 100 --runs 1 --memory 1GB    # flat memory: peak RSS within the budget
+    git archive HEAD | tar -x -C /tmp/head && python bench/etl.py --sizes 10 --checkout /tmp/head
 """
 
 from __future__ import annotations
@@ -86,17 +91,36 @@ def run_once(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, 
     return wall, usage.ru_maxrss / 1024, out
 
 
-def bench_foresight(inp: Path, runs: int, kind: str = "mimic-iv") -> dict:
-    foresight = Path(sys.executable).with_name("foresight")
+def foresight_cmd(memory: str | None = None, checkout: Path | None = None) -> tuple[list[str], dict | None]:
+    """The ``foresight`` command line (with ``--memory``) and its environment: this tree's console script, or
+    the CLI of the source tree ``checkout`` (first on the path)."""
+    env = None
+    if checkout is not None:
+        env = dict(os.environ)
+        cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(checkout.resolve())!r}); "
+                                     "from foresight.cli import main; main()"]
+    else:
+        cmd = [str(Path(sys.executable).with_name("foresight"))]
+    if memory:
+        if checkout is not None:  # an older tree may not know --memory: its env var
+            env = {**env, "FORESIGHT_MEMORY": memory, "FORESIGHT_DUCKDB_MEMORY": memory}
+        else:
+            cmd += ["--memory", memory]
+    return cmd, env
+
+
+def bench_foresight(inp: Path, runs: int, kind: str = "mimic-iv", memory: str | None = None,
+                    checkout: Path | None = None) -> dict:
+    cmd, env = foresight_cmd(memory, checkout)
     walls, rss, events = [], [], 0
     for _ in range(runs):
-        with tempfile.TemporaryDirectory() as tmp:
-            wall, peak, out = run_once([str(foresight), "etl", kind, "--input", str(inp),
-                                        "--db", f"{tmp}/w.duckdb", "--json"])
+        with tempfile.TemporaryDirectory(dir=OUT) as tmp:  # beside the inputs: the staging file is on that disk
+            wall, peak, out = run_once([*cmd, "etl", kind, "--input", str(inp), "--db", f"{tmp}/w.duckdb", "--json"],
+                                       env)
         events = json.loads(out.strip().splitlines()[-1])["events"]
         walls.append(wall)
         rss.append(peak)
-    return {"wall_s": statistics.median(walls), "walls": walls, "rss_mib": statistics.median(rss), "events": events}
+    return {"wall_s": statistics.median(walls), "walls": walls, "rss_mib": max(rss), "events": events}
 
 
 def reference_input() -> Path:
@@ -233,7 +257,12 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="venv with mimic-iv-meds installed (reference ETL)")
     ap.add_argument("--sources", nargs="+", default=["mimic-iv"], choices=["mimic-iv", *INPUTS],
                     help="which loads to time (default: mimic-iv only)")
+    ap.add_argument("--memory", help="memory budget (foresight --memory), e.g. 1GB; default: the machine's")
+    ap.add_argument("--checkout", type=Path, help="run this source tree's CLI instead (before/after comparisons)")
     args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    opts = {"memory": args.memory, "checkout": args.checkout}
+    tag = "".join([f", memory {args.memory}" if args.memory else "", f", {args.checkout}" if args.checkout else ""])
     if not DEMO.exists():
         sys.exit(f"MIMIC-IV demo not found at {DEMO}")
     if set(args.sources) & {"synthea", "fhir"} and not SYNTHEA.exists():
@@ -245,18 +274,18 @@ def main() -> None:
         rows.append(("reference mimic-iv-meds 0.2.0, demo", ref))
     for k in args.sizes if "mimic-iv" in args.sources else ():
         inp = DEMO if k == 1 else replicate(DEMO, OUT / f"mimic-x{k}", k)
-        r = bench_foresight(inp, args.runs)
-        rows.append((f"foresight etl mimic-iv, demo x{k}", r))
+        r = bench_foresight(inp, args.runs, **opts)
+        rows.append((f"foresight etl mimic-iv, demo x{k}{tag}", r))
         print(f"x{k}: {r}", file=sys.stderr)
     for kind in (s for s in args.sources if s in INPUTS):
         make, label = INPUTS[kind]
         for k in args.sizes:
-            r = bench_foresight(make(k), args.runs, kind)
-            rows.append((f"foresight etl {kind}, {label} x{k}", r))
+            r = bench_foresight(make(k), args.runs, kind, **opts)
+            rows.append((f"foresight etl {kind}, {label} x{k}{tag}", r))
             print(f"{kind} x{k}: {r}", file=sys.stderr)
 
     print(f"\n### {date.today()} - ETL, {platform.node()} ({os.cpu_count()} cores), median of {args.runs}\n")
-    print("| input | events | wall s (median) | events/s | peak RSS MiB | runs (s) |")
+    print("| input | events | wall s (median) | events/s | peak RSS MiB (max) | runs (s) |")
     print("|---|---:|---:|---:|---:|---|")
     for name, r in rows:
         print(f"| {name} | {r['events']:,} | {r['wall_s']:.2f} | {r['events'] / r['wall_s']:,.0f} | "

@@ -3,10 +3,13 @@
 Inputs: the MIMIC-IV demo warehouse (built once under bench/out/) and, with ``--simulate N ...``, simulated
 cohorts of N subjects (``foresight simulate`` then ``foresight etl meds``, built once under bench/out/).
 Each input is tokenized ``--runs`` times in a fresh process; the median wall time is reported with the
-child's own peak RSS (``os.wait4``), so flat memory as the cohort grows is visible.
+child's own peak RSS (``os.wait4``, the largest of the runs), so flat memory as the cohort grows is visible.
+``--memory 512MB`` runs ``foresight --memory 512MB tokenize`` (the DuckDB budget); ``--checkout DIR`` runs another
+source tree's CLI (e.g. a ``git archive`` of HEAD) for a before/after comparison in the same session.
 
     python bench/tokenize_bench.py                         # demo only
     python bench/tokenize_bench.py --simulate 10000 100000 1000000
+    python bench/tokenize_bench.py --no-demo --simulate 100000 300000 --runs 1 --memory 512MB
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ OUT = REPO / "bench" / "out"
 FORESIGHT = str(Path(sys.executable).with_name("foresight"))
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, str]:
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     out, errs = proc.stdout.read().decode(), proc.stderr.read().decode()
@@ -93,11 +96,15 @@ def events_in(db: Path) -> int:
         return con.execute("SELECT count(*) FROM events").fetchall()[0][0]
 
 
-def bench(db: Path, runs: int) -> dict:
+def bench(db: Path, runs: int, memory: str | None = None, checkout: Path | None = None) -> dict:
+    sys.path.insert(0, str(REPO / "bench"))
+    from etl import foresight_cmd  # the same command line (budget, other source tree) as the ETL benchmark
+
+    cmd, env = foresight_cmd(memory, checkout)
     walls, rss, tokens = [], [], 0
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as tmp:
-            wall, peak, out = run_measured([FORESIGHT, "tokenize", "--db", str(db), "--out", tmp, "--json"])
+            wall, peak, out = run_measured([*cmd, "tokenize", "--db", str(db), "--out", tmp, "--json"], env)
         tokens = sum(json.loads(out.strip().splitlines()[-1])["tokens"].values())
         walls.append(wall)
         rss.append(peak)
@@ -110,15 +117,19 @@ def main() -> None:
     ap.add_argument("--simulate", type=int, nargs="*", default=[], help="simulated cohort sizes")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-demo", action="store_true")
+    ap.add_argument("--memory", help="memory budget (foresight --memory), e.g. 512MB; default: the machine's")
+    ap.add_argument("--checkout", type=Path, help="run this source tree's CLI instead (before/after comparisons)")
     args = ap.parse_args()
+    opts = {"memory": args.memory, "checkout": args.checkout}
+    tag = "".join([f", memory {args.memory}" if args.memory else "", f", {args.checkout}" if args.checkout else ""])
     rows = []
     if not args.no_demo:
-        rows.append(("MIMIC-IV demo warehouse", bench(demo_warehouse(), args.runs)))
+        rows.append((f"MIMIC-IV demo warehouse{tag}", bench(demo_warehouse(), args.runs, **opts)))
     for n in args.simulate:
-        rows.append((f"simulated, {n:,} subjects", bench(simulated_warehouse(n), args.runs)))
+        rows.append((f"simulated, {n:,} subjects{tag}", bench(simulated_warehouse(n), args.runs, **opts)))
         print(rows[-1], file=sys.stderr)
     print(f"\n### {date.today()} - tokenize, {platform.node()} ({os.cpu_count()} cores), median of {args.runs}\n")
-    print("| input | events | tokens | wall s (median) | events/s | peak RSS MiB | runs (s) |")
+    print("| input | events | tokens | wall s (median) | events/s | peak RSS MiB (max) | runs (s) |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for name, r in rows:
         print(f"| {name} | {r['events']:,} | {r['tokens']:,} | {r['wall_s']:.2f} | {r['events'] / r['wall_s']:,.0f} | "

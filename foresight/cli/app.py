@@ -8,6 +8,7 @@ The command modules (etl, data, model, serve, privacy, concepts, demo) register 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -46,6 +47,22 @@ app.add_typer(privacy_app, name="privacy")
 
 # soft_wrap: never break a path or an error message across lines (users copy them).
 err = Console(stderr=True, soft_wrap=True)
+
+
+@app.callback()
+def root_options(memory: Annotated[str | None, typer.Option(
+        "--memory", help="Memory budget of every stage's DuckDB (e.g. 1.5GB, 512MB, 50%); beyond it DuckDB spills "
+                         "to disk. Default: $FORESIGHT_MEMORY, else 1 GB per core, at most half the free RAM.")]
+                 = None) -> None:
+    """Options every command shares (given before the command: ``foresight --memory 1.5GB etl ...``)."""
+    if memory is not None:
+        from foresight.warehouse.connection import MEMORY_ENV, MemoryBudgetError, parse_memory
+
+        try:
+            parse_memory(memory, what="--memory")
+        except MemoryBudgetError as exc:
+            fail(str(exc))
+        os.environ[MEMORY_ENV] = memory  # warehouse.connect reads it, here and in child processes
 
 DbOption = Annotated[Path, typer.Option("--db", help="Warehouse file (DuckDB); created if missing.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line of stdout.")]

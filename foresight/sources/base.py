@@ -24,6 +24,7 @@ import duckdb
 
 from foresight import sql
 from foresight.hashing import sha256
+from foresight.purposes import Declaration
 from foresight.warehouse import Load, LoadSummary
 
 
@@ -46,17 +47,22 @@ class Group:
 
 
 def open_load(module: ModuleType, con: duckdb.DuckDBPyConnection, input_path: str | Path, *,
-              source: str | None = None, exclude_subjects: Iterable[int] | None = None) -> tuple[Load, Path]:
+              source: str | None = None, exclude_subjects: Iterable[int] | None = None,
+              declaration: Declaration | None = None, shard: tuple[int, int] | None = None) -> tuple[Load, Path]:
     """Check the input (``SourceError`` naming the path) and open a load session; returns (session, root)."""
     root = module.check_input(Path(input_path))
-    return new_load(module, con, root, source=source, exclude_subjects=exclude_subjects), root
+    return new_load(module, con, root, source=source, exclude_subjects=exclude_subjects,
+                    declaration=declaration, shard=shard), root
 
 
 def new_load(module: ModuleType, con: duckdb.DuckDBPyConnection, root: Path, *, source: str | None = None,
-             exclude_subjects: Iterable[int] | None = None) -> Load:
-    """A load session of the adapter ``module`` for an input already checked (``root`` from ``check_input``)."""
+             exclude_subjects: Iterable[int] | None = None, declaration: Declaration | None = None,
+             shard: tuple[int, int] | None = None) -> Load:
+    """A load session of the adapter ``module`` for an input already checked (``root`` from ``check_input``);
+    ``declaration``: who provided the data and what for (:mod:`foresight.purposes`; None: undeclared);
+    ``shard=(k, n)``: keep only shard k of n (:mod:`foresight.warehouse.shard_filter`; None: every subject)."""
     return Load(con, source=source or module.SOURCE_KIND, source_kind=module.SOURCE_KIND, input_path=root,
-                exclude_subjects=exclude_subjects)
+                exclude_subjects=exclude_subjects, declaration=declaration, shard=shard)
 
 
 def find_group(module: ModuleType, name: str) -> Group:
@@ -105,16 +111,21 @@ def finish_load(module: ModuleType, load: Load, root: Path, *, check: bool = Tru
 
 def run_load(module: ModuleType, con: duckdb.DuckDBPyConnection, input_path: str | Path, *,
              source: str | None = None, exclude_subjects: Iterable[int] | None = None,
-             on_group_done: Callable[[str], None] | None = None, **options: Any) -> LoadSummary:
+             declaration: Declaration | None = None, on_group_done: Callable[[str], None] | None = None,
+             shard: tuple[int, int] | None = None, **options: Any) -> LoadSummary:
     """Load ``input_path`` with the adapter ``module``, replacing any earlier load of the same ``source``
     (default: the adapter's kind).
 
-    ``exclude_subjects``: national data opt-out, subject ids whose rows are dropped. ``on_group_done(name)`` is
-    called after each table group is staged (progress display; tests use it to inject a crash mid-load).
+    ``exclude_subjects``: national data opt-out, subject ids whose rows are dropped. ``declaration``: the data's
+    provider and allowed purposes (:mod:`foresight.purposes`), recorded in the load's transaction; None records
+    the load as undeclared. ``shard=(k, n)``: load only the subjects of shard k of n, accounted so that the n
+    shards add up to the whole (:mod:`foresight.warehouse.sharded`). ``on_group_done(name)`` is called after each
+    table group is staged (progress display; tests use it to inject a crash mid-load).
     ``options`` go to the adapter's ``stage_group`` (e.g. the notes source's ``model_pack``). Nothing is visible
     in the warehouse until every group is staged and the final transaction commits.
     """
-    load, root = open_load(module, con, input_path, source=source, exclude_subjects=exclude_subjects)
+    load, root = open_load(module, con, input_path, source=source, exclude_subjects=exclude_subjects,
+                           declaration=declaration, shard=shard)
     stage_groups(module, load, root, on_group_done=on_group_done, **options)
     return finish_load(module, load, root)
 

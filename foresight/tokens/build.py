@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from foresight import optout, warehouse
+from foresight import optout, purposes, warehouse
 from foresight.schema import SPLITS
 from foresight.tokens.fit import TokenizeError, data_fingerprint, fit_vocabulary
 from foresight.tokens.folder import TokenFolderError, building, refuse_foreign
@@ -26,6 +26,7 @@ def tokenize(
     *,
     progress: Any = None,
     exclude_subjects: Iterable[int] | None = None,
+    purpose: str = purposes.UNSPECIFIED,
 ) -> dict[str, Any]:
     """Fit the vocabulary on train and write packed token shards for every split.
 
@@ -47,40 +48,68 @@ def tokenize(
     every step (vocabulary counts, code map, value deciles, shards), as if the warehouse did not hold them. Only
     their number and the list's sha256 are recorded (``vocab.report["opt_out"]``), and the list's digest is folded
     into the data fingerprint so a model trained before the opt-out cannot be resumed on data after it.
+
+    ``purpose`` (:mod:`foresight.purposes`): what the tokens are for. Every load with events of a subject to be
+    tokenized must cover it, else :class:`~foresight.purposes.PurposeError` names the first load that does not,
+    before anything is written. The purpose and every load (provider, purposes, input checksums, opt-out list
+    digest, date) are recorded in ``vocab.report["provenance"]`` (sealed with the folder, shipped with models)
+    and in the summary's ``provenance``.
     """
     t_start = time.perf_counter()
     config = config or TokenizerConfig()
+    purposes.check_purpose(purpose)
     out = Path(out_dir)
     db = Path(db)
     if not db.exists():
         raise TokenizeError(f"{db}: warehouse not found")
     try:
+        warehouse.memory_budget()  # a malformed $FORESIGHT_MEMORY: one clear error, before anything is opened
+    except warehouse.MemoryBudgetError as exc:
+        raise TokenizeError(str(exc)) from exc
+    try:
         refuse_foreign(out)
     except TokenFolderError as exc:
         raise TokenizeError(str(exc)) from exc
-    # built in a sibling folder and swapped in whole once sealed (tokens/folder.py): a tokenize killed at any
-    # point leaves the previous folder, never an old vocabulary beside new shards
-    with building(out) as tmp, warehouse.connect(db, read_only=True) as con:
-        vocab, markers_coarsened = _fit_without(con, config, set(exclude_subjects or ()))
-        register_code_map(con, vocab)
-        descriptions = _code_descriptions(con, vocab)
-        summary: dict[str, Any] = {"out": str(out), "vocab_size": len(vocab.tokens), "rare_mapping": vocab.report,
-                                   "markers_coarsened": markers_coarsened, "tokens": {}, "subjects": {},
-                                   "static_only_subjects": {}, "unseen_codes": {}}
-        _write_splits(con, vocab, tmp, progress, summary)
-        vocab.save(tmp / "vocab.json")
-        (tmp / "code_descriptions.json").write_text(json.dumps(descriptions, indent=0, sort_keys=True))
-        summary["messages"] = summary_messages(summary)
-        summary["seconds"] = round(time.perf_counter() - t_start, 3)
-        summary["db"] = str(db.resolve())  # where the tokens came from: `foresight evaluate` finds the warehouse
-        (tmp / "tokenize_summary.json").write_text(json.dumps(summary, indent=1))
+    excluded = set(exclude_subjects or ())
+    with warehouse.connect(db, read_only=True) as con:
+        n_hidden = optout.hide_subjects(con, excluded) if excluded else 0
+        loads = purposes.loads_reaching(con)
+        purposes.check_covered(loads, purpose)  # refused before the first file is written
+        provenance = purposes.provenance_record(loads, purpose)
+        # built in a sibling folder and swapped in whole once sealed (tokens/folder.py): a tokenize killed at any
+        # point leaves the previous folder, never an old vocabulary beside new shards
+        with building(out) as tmp:
+            summary = _write_folder(con, tmp, config, (excluded, n_hidden), progress, provenance)
+            summary["out"] = str(out)
+            summary["seconds"] = round(time.perf_counter() - t_start, 3)
+            summary["db"] = str(db.resolve())  # where the tokens came from: `foresight evaluate` finds the warehouse
+            (tmp / "tokenize_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def _fit_without(con: Any, config: TokenizerConfig, excluded: set[int]) -> tuple[Vocabulary, dict[str, Any]]:
-    """Hide the opted-out subjects, fit the vocabulary and record the opt-out in it: (vocabulary, the per-kind
-    counts of train subjects whose markers the floor coarsened)."""
-    n_hidden = optout.hide_subjects(con, excluded) if excluded else 0
+def _write_folder(con: Any, tmp: Path, config: TokenizerConfig, optout_hidden: tuple[set[int], int], progress: Any,
+                  provenance: dict[str, Any]) -> dict[str, Any]:
+    """Fit the vocabulary (recording ``provenance`` in its report) and write the vocabulary, the code
+    descriptions and every split into ``tmp``; returns the summary so far."""
+    vocab, markers_coarsened = _fit_without(con, config, *optout_hidden)
+    vocab.report["provenance"] = provenance
+    register_code_map(con, vocab)
+    descriptions = _code_descriptions(con, vocab)
+    summary: dict[str, Any] = {"vocab_size": len(vocab.tokens),
+                               "rare_mapping": {k: v for k, v in vocab.report.items() if k != "provenance"},
+                               "provenance": provenance, "markers_coarsened": markers_coarsened, "tokens": {},
+                               "subjects": {}, "static_only_subjects": {}, "unseen_codes": {}}
+    _write_splits(con, vocab, tmp, progress, summary)
+    vocab.save(tmp / "vocab.json")
+    (tmp / "code_descriptions.json").write_text(json.dumps(descriptions, indent=0, sort_keys=True))
+    summary["messages"] = summary_messages(summary)
+    return summary
+
+
+def _fit_without(con: Any, config: TokenizerConfig, excluded: set[int], n_hidden: int
+                 ) -> tuple[Vocabulary, dict[str, Any]]:
+    """Fit the vocabulary on ``con`` (where the opted-out subjects are already hidden) and record the opt-out in
+    it: (vocabulary, the per-kind counts of train subjects whose markers the floor coarsened)."""
     vocab = fit_vocabulary(con, config)
     # per-kind counts of train subjects whose markers the floor coarsened go to the summary, which stays with
     # the shards, and not into vocab.json, which ships with every model: small counts of people stay inside
@@ -109,9 +138,9 @@ def _write_splits(con: Any, vocab: Vocabulary, out: Path, progress: Any, summary
                                    "USING (subject_id)").fetchall():
         split_codes.setdefault(split, set()).add(code)
     for split in SPLITS:
-        ids = np.array([r[0] for r in con.execute(
-            "SELECT DISTINCT e.subject_id FROM events e JOIN subject_splits s USING (subject_id) "
-            "WHERE s.split = ? ORDER BY 1", [split]).fetchall()], dtype=np.int64)
+        ids = con.execute(  # an int64 array (8 bytes a subject), not a list of Python ints
+            "SELECT e.subject_id FROM (SELECT DISTINCT subject_id FROM events) e JOIN subject_splits s "
+            "USING (subject_id) WHERE s.split = ? ORDER BY 1", [split]).fetchnumpy()["subject_id"].astype(np.int64)
         n_tokens, errors, n_static_only = write_split(con, vocab, split, ids, out, progress)
         if len(errors):
             summary.setdefault("clock_error_hours", {})[split] = {

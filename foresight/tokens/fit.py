@@ -4,12 +4,21 @@ Every statistic is a DuckDB aggregate over a view of the train split (``train_ev
 through a cohort far larger than memory. A code is a token only if at least ``min_subjects`` distinct train
 subjects have it (:func:`floor_map`); age, year and birth markers use the finest aligned band that reaches the
 same floor (:func:`fit_markers`); numeric values get per-code deciles of which only the inner edges are kept.
+
+**Subject chunks.** Every distinct-subject count is computed per chunk of train subjects (:func:`train_chunks`,
+``FIT_CHUNK_SUBJECTS`` consecutive ids each) and the chunks' counts are summed (:func:`summed`). Chunks never
+share a subject, so the sums are the exact distinct counts and the fit (vocabulary, markers, floor) is the same
+for every chunk size; each aggregate holds one chunk's subjects, so memory does not grow with the cohort and the
+fit runs under a small DuckDB budget. It is a map (per chunk) and a reduce (the sum): a sharded run can compute
+the same per-shard counts elsewhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +26,7 @@ import pyarrow as pa
 
 from foresight.schema import BIRTH_CODE, DEATH_CODE, SEP, code_kind
 from foresight.tokens.codec import marker_values
-from foresight.tokens.from_warehouse import register_code_map, subject_events
+from foresight.tokens.from_warehouse import register_code_map, subject_chunks, subject_events
 from foresight.tokens.vocab import (
     AGE_PREFIX,
     BIRTH_PREFIX,
@@ -31,6 +40,10 @@ from foresight.tokens.vocab import (
 )
 
 QUANTILE_BATCH_VALUES = 8_000_000  # numeric values per exact-quantile query (~64 MB of doubles)
+FIT_CHUNK_SUBJECTS = 100_000  # train subjects per chunk of the distinct-subject counts (see the module docstring)
+
+# A chunk of train subjects: the ids [lo, hi] of consecutive train subjects, or None for all of them.
+Chunk = tuple[int, int] | None
 
 # The train values behind each marker kind, per (subject, value, events) row. BIRTH is the birth code's year
 # ($birth: the birth code). YEAR and AGE are what the encoder writes: the year and age at the TOKEN CLOCK of
@@ -49,20 +62,27 @@ class TokenizeError(Exception):
     """The warehouse cannot be tokenized (empty, no train subjects, ...); the message says why."""
 
 
-def fit_vocabulary(con: Any, config: TokenizerConfig | None = None) -> Vocabulary:
-    """Fit the vocabulary on the TRAIN split of the warehouse behind ``con`` (see :func:`floor_map`)."""
+def fit_vocabulary(con: Any, config: TokenizerConfig | None = None, *, chunk_subjects: int | None = None
+                   ) -> Vocabulary:
+    """Fit the vocabulary on the TRAIN split of the warehouse behind ``con`` (see :func:`floor_map`).
+
+    Distinct-subject counts are summed over chunks of ``chunk_subjects`` train subjects (default
+    ``FIT_CHUNK_SUBJECTS``; the result is the same for any size, see the module docstring)."""
     config = config or TokenizerConfig()
     k = config.min_subjects
-    n_train = _count_train_subjects(con)
-    _create_train_views(con, config)
-    code_map, n_events = _fit_code_map(con, k)
+    ids = _train_subject_ids(con)
+    n_train = len(ids)
+    chunks = train_chunks(ids, chunk_subjects or FIT_CHUNK_SUBJECTS)
+    del ids
+    _create_train_views(con, config, chunks)
+    code_map, n_events = _fit_code_map(con, k, chunks)
     report = {"train_subjects": n_train, "min_subjects": k, **_code_map_report(code_map, n_events)}
     code_map = {c: t for c, t in code_map.items() if c in n_events or t == c}  # drop pure ancestors
     _map_unseen_codes(con, code_map)
     quantile_edges = _fit_quantile_edges(con, config, code_map)
     # markers are counted on what the encoder writes, which needs the code tokens (dedup, static facts)
     marker_map, report["markers"] = fit_markers(
-        con, config, Vocabulary(config, _token_list(config, {}, code_map), code_map, quantile_edges))
+        con, config, Vocabulary(config, _token_list(config, {}, code_map), code_map, quantile_edges), chunks)
     tokens = _token_list(config, marker_map, code_map)
     report["vocab_size"] = len(tokens)
     report["codes_with_value_tokens"] = len(quantile_edges)
@@ -73,22 +93,54 @@ def fit_vocabulary(con: Any, config: TokenizerConfig | None = None) -> Vocabular
     return Vocabulary(config, tokens, code_map, quantile_edges, marker_map, report, data_fingerprint(con))
 
 
-def _count_train_subjects(con: Any) -> int:
-    """Distinct train subjects with events; a :class:`TokenizeError` when there are none."""
-    n_train = con.execute(
-        "SELECT count(DISTINCT e.subject_id) FROM events e JOIN subject_splits s USING (subject_id) "
-        "WHERE s.split = 'train'"
-    ).fetchall()[0][0]
-    if n_train == 0:
+def _train_subject_ids(con: Any) -> np.ndarray:
+    """The train subjects with events, sorted (an int64 array); a :class:`TokenizeError` when there are none."""
+    ids = train_subject_ids(con)
+    if len(ids) == 0:
         n_all = con.execute("SELECT count(*) FROM events").fetchall()[0][0]
         raise TokenizeError(
             "the warehouse has no events" if n_all == 0 else
             "no subject with events is in the train split: the vocabulary is fitted on train only")
-    return n_train
+    return ids
 
 
-def _create_train_views(con: Any, config: TokenizerConfig) -> None:
-    """TEMP ``drop_kinds(kind)``, view ``train_events`` and table ``code_pairs(node, subject_id)`` of train."""
+def train_subject_ids(con: Any) -> np.ndarray:
+    """The sorted ids of the train subjects that have events (int64; 8 bytes a subject, no Python objects)."""
+    return con.execute(
+        "SELECT e.subject_id FROM (SELECT DISTINCT subject_id FROM events) e JOIN subject_splits s USING (subject_id) "
+        "WHERE s.split = 'train' ORDER BY 1").fetchnumpy()["subject_id"].astype(np.int64)
+
+
+def train_chunks(ids: np.ndarray, per: int) -> list[Chunk]:
+    """Chunks of ``per`` consecutive subjects of the sorted ``ids``, as (first id, last id); ``[None]`` (one chunk,
+    no filter) when they all fit in one.
+
+    >>> train_chunks(np.array([1, 4, 6, 9, 12]), 2)
+    [(1, 4), (6, 9), (12, 12)]
+    """
+    if per < 1:
+        raise ValueError(f"chunk size must be >= 1, not {per}")
+    if len(ids) <= per:
+        return [None]
+    return [(int(ids[i]), int(ids[min(i + per, len(ids)) - 1])) for i in range(0, len(ids), per)]
+
+
+def summed(con: Any, sql: str, params: dict[str, Any] | None, chunks: Sequence[Chunk]) -> Counter:
+    """Run ``sql`` (a query of (key, count) rows whose text has ``{chunk}`` where a condition on ``subject_id``
+    goes) once per chunk of subjects and sum the counts per key: the reduce of a chunked fit. Exact for counts
+    of distinct subjects because chunks never share a subject."""
+    total: Counter = Counter()
+    for chunk in chunks:
+        cond, bounds = ("subject_id BETWEEN $chunk_lo AND $chunk_hi", {"chunk_lo": chunk[0], "chunk_hi": chunk[1]}) \
+            if chunk is not None else ("true", {})
+        for key, n in con.execute(sql.format(chunk=cond), {**(params or {}), **bounds}).fetchall():
+            total[key] += n
+    return total
+
+
+def _create_train_views(con: Any, config: TokenizerConfig, chunks: Sequence[Chunk] = (None,)) -> None:
+    """TEMP ``drop_kinds(kind)``, view ``train_events`` and table ``code_pairs(node, subject_id)`` of train (the
+    distinct pairs, written chunk by chunk in subject order, so later per-chunk queries read only their chunk)."""
     con.execute(
         """
         CREATE OR REPLACE TEMP TABLE drop_kinds AS SELECT unnest(?::VARCHAR[]) AS kind
@@ -104,24 +156,26 @@ def _create_train_views(con: Any, config: TokenizerConfig) -> None:
         WHERE s.split = 'train' AND fs_kind(e.code) NOT IN (SELECT kind FROM drop_kinds)
         """
     )
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE code_pairs AS SELECT DISTINCT code AS node, subject_id FROM train_events "
-        "WHERE code <> ?", [BIRTH_CODE])
+    con.execute("CREATE OR REPLACE TEMP TABLE code_pairs (node VARCHAR, subject_id BIGINT)")
+    for chunk in chunks:
+        cond, bounds = ("subject_id BETWEEN ? AND ?", list(chunk)) if chunk is not None else ("true", [])
+        con.execute(f"INSERT INTO code_pairs SELECT DISTINCT code, subject_id FROM train_events "
+                    f"WHERE code <> ? AND {cond}", [BIRTH_CODE, *bounds])
 
 
-def _fit_code_map(con: Any, k: int) -> tuple[dict[str, str], dict[str, int]]:
+def _fit_code_map(con: Any, k: int, chunks: Sequence[Chunk] = (None,)) -> tuple[dict[str, str], dict[str, int]]:
     """(code -> token for train codes and the ancestors that became tokens, train events per code)."""
     chains = {c: list(p) for c, p in con.execute(
         "SELECT code, coalesce(parent_codes, []::VARCHAR[]) FROM codes WHERE code IN (SELECT node FROM code_pairs)"
     ).fetchall()}
-    code_map = floor_map(con, "code_pairs", chains, k)
+    code_map = floor_map(con, "code_pairs", chains, k, chunks)
     n_events = dict(con.execute("SELECT code, count(*) FROM train_events GROUP BY code").fetchall())
     # What is left goes to KIND//RARE, or RARE when the kind's rare pool is itself below the floor.
     leftover = [c for c in n_events if c != BIRTH_CODE and c not in code_map]
     if leftover:
-        kind_pools = dict(con.execute(
-            "SELECT fs_kind(node) AS kind, count(DISTINCT subject_id) FROM code_pairs "
-            "WHERE node IN (SELECT unnest(?::VARCHAR[])) GROUP BY kind", [leftover]).fetchall())
+        kind_pools = summed(con, "SELECT fs_kind(node) AS kind, count(DISTINCT subject_id) FROM code_pairs "
+                                 "WHERE node IN (SELECT unnest($left::VARCHAR[])) AND {chunk} GROUP BY kind",
+                            {"left": leftover}, chunks)
         for c in leftover:
             kind = code_kind(c)
             code_map[c] = f"{kind}{SEP}RARE" if kind_pools.get(kind, 0) >= k else RARE
@@ -206,17 +260,19 @@ def _token_list(config: TokenizerConfig, marker_map: dict[str, dict[str, str]], 
     return tokens
 
 
-def floor_map(con: Any, pairs_table: str, chains: dict[str, list[str]], k: int) -> dict[str, str]:
+def floor_map(con: Any, pairs_table: str, chains: dict[str, list[str]], k: int,
+              chunks: Sequence[Chunk] = (None,)) -> dict[str, str]:
     """Map every node of ``pairs_table(node, subject_id)`` to a token that covers >= ``k`` distinct subjects.
 
     A node with >= k subjects of its own is its own token. Rarer nodes climb their ancestor ``chains``
     (nearest first) level by level, deepest first: at each level the rare nodes sharing a parent pool their
     subjects with the parent's own; a pool reaching ``k`` makes the parent a token for all of them (and for
     the parent's own rows), otherwise they move up together. Counts are exact distinct-subject counts
-    computed in DuckDB, so this scales to millions of subjects. Nodes still unmapped at the top are absent
-    from the result (the caller sends them to a RARE token).
+    computed in DuckDB per chunk of subjects (``chunks``, see :func:`summed`), so this scales to millions of
+    subjects. Nodes still unmapped at the top are absent from the result (the caller sends them to a RARE token).
     """
-    own = dict(con.execute(f"SELECT node, count(DISTINCT subject_id) FROM {pairs_table} GROUP BY node").fetchall())
+    own = summed(con, f"SELECT node, count(DISTINCT subject_id) FROM {pairs_table} WHERE {{chunk}} GROUP BY node",
+                 None, chunks)
     mapping = {n: n for n, c in own.items() if c >= k}
     parent, depth = _ancestry(chains)
     cur = {n: n for n in own if n not in mapping}  # pending node -> the node it currently pools under
@@ -224,7 +280,7 @@ def floor_map(con: Any, pairs_table: str, chains: dict[str, list[str]], k: int) 
         moving = {n: parent[c] for n, c in cur.items() if depth.get(c, 0) == level and c in parent}
         if not moving:
             continue
-        pools = _pool_sizes(con, pairs_table, moving)
+        pools = _pool_sizes(con, pairs_table, moving, chunks)
         for n, cand in moving.items():
             target = mapping.get(cand)
             if target is None and pools.get(cand, 0) >= k:
@@ -254,18 +310,19 @@ def _ancestry(chains: dict[str, list[str]]) -> tuple[dict[str, str], dict[str, i
     return parent, depth
 
 
-def _pool_sizes(con: Any, pairs_table: str, moving: dict[str, str]) -> dict[str, int]:
+def _pool_sizes(con: Any, pairs_table: str, moving: dict[str, str], chunks: Sequence[Chunk] = (None,)
+                ) -> dict[str, int]:
     """Distinct subjects of each candidate: the nodes moving to it (``moving``: node -> candidate) + its own."""
     con.execute("CREATE OR REPLACE TEMP TABLE floor_moving (node VARCHAR, cand VARCHAR)")
     con.execute("INSERT INTO floor_moving SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[])",
                 [list(moving), list(moving.values())])
-    return dict(con.execute(
-        f"""SELECT cand, count(DISTINCT subject_id) FROM (
-                SELECT m.cand, p.subject_id FROM {pairs_table} p JOIN floor_moving m USING (node)
-                UNION ALL
-                SELECT p.node, p.subject_id FROM {pairs_table} p
-                WHERE p.node IN (SELECT cand FROM floor_moving)
-            ) GROUP BY cand""").fetchall())
+    return summed(con, f"""
+        SELECT cand, count(DISTINCT subject_id) FROM (
+            SELECT m.cand, p.subject_id FROM {pairs_table} p JOIN floor_moving m USING (node) WHERE {{chunk}}
+            UNION ALL
+            SELECT p.node, p.subject_id FROM {pairs_table} p
+            WHERE p.node IN (SELECT cand FROM floor_moving) AND {{chunk}}
+        ) GROUP BY cand""", None, chunks)
 
 
 def data_fingerprint(con: Any, opt_out_sha256: str | None = None) -> str:
@@ -282,7 +339,7 @@ def data_fingerprint(con: Any, opt_out_sha256: str | None = None) -> str:
 
 
 def fit_markers(
-    con: Any, config: TokenizerConfig, code_vocab: Vocabulary
+    con: Any, config: TokenizerConfig, code_vocab: Vocabulary, chunks: Sequence[Chunk] = (None,)
 ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, int]]]:
     """AGE/YEAR/BIRTH value -> token: an ordered partition of the values into aligned bands.
 
@@ -297,6 +354,7 @@ def fit_markers(
     (``*_to_rare``). An event counts once per marker kind (its calendar year, its age); a birth is one event.
     YEAR and AGE values are those the encoder writes (:func:`clock_marker_table`, with ``code_vocab``: the fitted
     code tokens, markers not yet), so every marker token is written for >= ``min_subjects`` train subjects.
+    Subject counts are summed over ``chunks`` of train subjects (:func:`summed`).
     """
     enabled = {"BIRTH": True, "YEAR": config.year_tokens, "AGE": config.age_tokens}
     if config.year_tokens or config.age_tokens:
@@ -306,36 +364,39 @@ def fit_markers(
     for kind, sql in MARKER_SOURCES.items():
         out[kind] = {}
         if enabled[kind]:
-            out[kind], stats[kind] = _fit_marker_kind(con, config, kind, sql)
+            out[kind], stats[kind] = _fit_marker_kind(con, config, kind, sql, chunks)
     return out, stats
 
 
-def _fit_marker_kind(con: Any, config: TokenizerConfig, kind: str, sql: str) -> tuple[dict[str, str], dict[str, int]]:
+def _fit_marker_kind(con: Any, config: TokenizerConfig, kind: str, sql: str, chunks: Sequence[Chunk] = (None,)
+                     ) -> tuple[dict[str, str], dict[str, int]]:
     """One marker kind of :func:`fit_markers`: (value -> band token, what the floor cost on train)."""
     widths = sorted((w for w in config.marker_bands if kind != "BIRTH" or w >= config.birth_min_band),
                     reverse=True) or [config.birth_min_band]
     if any(a % b for a, b in itertools.pairwise(widths)):
         raise ValueError(f"marker_bands {config.marker_bands} must divide each other (e.g. 20, 10, 5, 1)")
     # GROUP BY with a count costs what DISTINCT did (both are one hash aggregate) and keeps the events per
-    # (value, subject), so the coarsening report below needs no second pass over train events
-    con.execute(
-        f"CREATE OR REPLACE TEMP TABLE marker_pairs AS SELECT v, subject_id, sum(n) AS n FROM ({sql}) "
-        "WHERE v >= 0 GROUP BY v, subject_id",
-        {"birth": BIRTH_CODE} if "$birth" in sql else None)
+    # (value, subject), so the coarsening report below needs no second pass over train events. One chunk of
+    # subjects at a time: each grouping holds one chunk, and the table is written in subject order.
+    con.execute("CREATE OR REPLACE TEMP TABLE marker_pairs (v BIGINT, subject_id BIGINT, n HUGEINT)")
+    for chunk in chunks:
+        cond, bounds = ("subject_id BETWEEN $lo AND $hi", {"lo": chunk[0], "hi": chunk[1]}) if chunk else ("true", {})
+        con.execute(f"INSERT INTO marker_pairs SELECT v, subject_id, sum(n) FROM ({sql}) WHERE v >= 0 AND {cond} "
+                    "GROUP BY v, subject_id", {"birth": BIRTH_CODE, **bounds} if "$birth" in sql else bounds or None)
     values = sorted(int(v) for (v,) in con.execute("SELECT DISTINCT v FROM marker_pairs").fetchall())
-    # DISTINCT as a grouping (which DuckDB can spill to disk) rather than count(DISTINCT ...) (which it
-    # cannot): tens of millions of (value, subject) pairs at 1M subjects must fit any memory limit
-    counts = {w: dict(con.execute(
-        "SELECT band, count(*) FROM (SELECT DISTINCT v - v % $w AS band, subject_id FROM marker_pairs) "
-        "GROUP BY band", {"w": w}).fetchall()) for w in widths}
+    # distinct (band, subject) pairs per chunk, as a grouping (which DuckDB can spill), summed over the chunks
+    counts = {w: dict(summed(
+        con, "SELECT band, count(*) FROM (SELECT DISTINCT v - v % $w AS band, subject_id FROM marker_pairs "
+             "WHERE {chunk}) GROUP BY band", {"w": w}, chunks)) for w in widths}
     part = _partition(values, widths, counts, config.min_subjects)
     stats = {"finest_band_years": widths[-1]}
     for label, vals in (("coarsened", [v for v, (_, w) in part.items() if w > widths[-1]]),
                         ("to_rare", [v for v in values if v not in part])):
-        n_subj, n_ev = con.execute(
-            "SELECT count(*), coalesce(sum(n), 0) FROM (SELECT subject_id, sum(n) AS n FROM marker_pairs "
-            "WHERE v IN (SELECT unnest(?::BIGINT[])) GROUP BY subject_id)", [vals]).fetchall()[0]
-        stats |= {f"values_{label}": len(vals), f"subjects_{label}": int(n_subj), f"events_{label}": int(n_ev)}
+        got = summed(con, "SELECT unnest(['subjects', 'events']), unnest([count(*), coalesce(sum(n), 0)]) FROM "
+                          "(SELECT subject_id, sum(n) AS n FROM marker_pairs WHERE {chunk} "
+                          "AND v IN (SELECT unnest($vals::BIGINT[])) GROUP BY subject_id)", {"vals": vals}, chunks)
+        stats |= {f"values_{label}": len(vals), f"subjects_{label}": int(got["subjects"]),
+                  f"events_{label}": int(got["events"])}
     con.execute("DROP TABLE marker_pairs")
 
     prefix = f"{kind}{SEP}"
@@ -350,16 +411,13 @@ def _fit_marker_kind(con: Any, config: TokenizerConfig, kind: str, sql: str) -> 
 
 def clock_marker_table(con: Any, code_vocab: Vocabulary) -> None:
     """TEMP ``clock_markers(kind, v, subject_id, n)``: per train subject, the YEAR and AGE values of its timestamp
-    groups at the token clock and the events behind each, computed chunk by chunk with the encoder's own steps
-    (:func:`foresight.tokens.codec.marker_values`). Ages are -1 without a birth (the encoder writes AGE//UNK)."""
+    groups at the token clock and the events behind each, computed chunk by chunk (:func:`subject_chunks`) with
+    the encoder's own steps (:func:`foresight.tokens.codec.marker_values`). Ages are -1 without a birth (the
+    encoder writes AGE//UNK)."""
     register_code_map(con, code_vocab)
     con.execute("CREATE OR REPLACE TEMP TABLE clock_markers (kind VARCHAR, v BIGINT, subject_id BIGINT, n BIGINT)")
-    ids = [r[0] for r in con.execute(
-        "SELECT DISTINCT e.subject_id FROM events e JOIN subject_splits s USING (subject_id) "
-        "WHERE s.split = 'train' ORDER BY 1").fetchall()]
-    per = code_vocab.config.subjects_per_chunk
-    for i in range(0, len(ids), per):
-        data, births = subject_events(con, code_vocab, ids[i], ids[min(i + per, len(ids)) - 1], "train")
+    for lo, hi, _ in subject_chunks(con, train_subject_ids(con), "train", code_vocab.config.subjects_per_chunk):
+        data, births = subject_events(con, code_vocab, lo, hi, "train")
         sub, year, age, n = marker_values(code_vocab, data["subject_id"], data["t"], data["tok"], data["v"],
                                           dict(births))
         for kind, v in (("YEAR", year), ("AGE", age)):

@@ -2,7 +2,9 @@
 
 ``register_code_map`` puts every warehouse code's token id into a TEMP table once per connection; then
 ``encode_subjects`` selects a range of subjects' events (optionally of one split, of a cohort table, up to a
-point in time) and hands them to :func:`foresight.tokens.codec.encode_arrays`.
+point in time) and hands them to :func:`foresight.tokens.codec.encode_arrays`. :func:`subject_chunks` cuts a
+sorted list of subjects into the ranges encoded at a time, bounded in subjects and in events, so the encoder's
+arrays take about the same memory whatever the cohort (and whatever the length of its records).
 """
 
 from __future__ import annotations
@@ -15,6 +17,48 @@ import numpy as np
 from foresight.schema import BIRTH_CODE
 from foresight.tokens.codec import NO_TIME, EncodedChunk, encode_arrays, merge_static_only
 from foresight.tokens.vocab import Vocabulary
+from foresight.warehouse import MemoryBudgetError, parse_memory
+
+# The encoder's arrays peak at roughly 300 bytes an event; a chunk of (budget / BYTES_PER_EVENT) events then holds
+# about a third of the memory budget on top of DuckDB's share. Never fewer than MIN_CHUNK_EVENTS.
+BYTES_PER_EVENT = 1024
+MIN_CHUNK_EVENTS = 100_000
+
+
+def events_per_chunk(con: Any) -> int:
+    """The most events a chunk of subjects should hold on this connection, from its DuckDB memory budget."""
+    setting = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+    try:
+        budget = parse_memory(str(setting).replace(" ", ""))
+    except MemoryBudgetError:  # DuckDB's own wording of an unlimited budget, say
+        budget = 1 << 30
+    return max(MIN_CHUNK_EVENTS, budget // BYTES_PER_EVENT)
+
+
+def subject_chunks(con: Any, ids: np.ndarray, split: str | None, per: int, max_events: int | None = None
+                   ) -> list[tuple[int, int, int]]:
+    """Cut the sorted subject ids ``ids`` (of ``split``) into chunks of consecutive subjects, each at most ``per``
+    subjects and ``max_events`` events (default :func:`events_per_chunk`; a subject with more is a chunk of its
+    own): ``(first id, last id, subjects)`` per chunk. Chunks only bound memory: encoding is per subject, so any
+    chunking writes the same tokens."""
+    if len(ids) == 0:
+        return []
+    max_events = max_events or events_per_chunk(con)
+    cond = "subject_id IN (SELECT subject_id FROM subject_splits WHERE split = ?)" if split is not None else "true"
+    counts = con.execute(f"SELECT subject_id, count(*) AS n FROM events WHERE {cond} GROUP BY 1",
+                         [split] if split is not None else []).fetchnumpy()
+    order = np.argsort(counts["subject_id"])
+    known, n = counts["subject_id"][order], counts["n"][order]
+    pos = np.clip(np.searchsorted(known, ids), 0, max(len(known) - 1, 0))
+    per_subject = np.where((len(known) > 0) & (known[pos] == ids), n[pos], 0) if len(known) else np.zeros(len(ids))
+    chunks, start, in_chunk = [], 0, 0
+    for i, k in enumerate(per_subject.tolist()):
+        if i > start and (i - start >= per or in_chunk + k > max_events):
+            chunks.append((int(ids[start]), int(ids[i - 1]), i - start))
+            start, in_chunk = i, 0
+        in_chunk += k
+    chunks.append((int(ids[start]), int(ids[-1]), len(ids) - start))
+    return chunks
 
 
 def map_codes(con: Any, vocab: Vocabulary) -> dict[str, str]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from foresight.tokens.codec import NO_TIME, EncodedChunk
 from foresight.tokens.folder import seal
-from foresight.tokens.from_warehouse import encode_subjects
+from foresight.tokens.from_warehouse import encode_subjects, subject_chunks
 from foresight.tokens.vocab import MINUTE, Vocabulary
 
 # One row per subject: where its tokens are, how long its static prefix is (with and without the markers of
@@ -27,27 +27,44 @@ INDEX_DTYPE = np.dtype([("subject_id", "<i8"), ("offset", "<i8"), ("length", "<i
 def write_split(
     con: Any, vocab: Vocabulary, split: str, ids: np.ndarray, out: Path, progress: Any
 ) -> tuple[int, np.ndarray, int]:
-    """Encode and append one split's subjects chunk by chunk: (tokens written, clock-error sample, subjects
-    with only static facts). ``register_code_map`` must have run on ``con``; ``progress(split, done, total)``
-    is called after each chunk."""
-    per = vocab.config.subjects_per_chunk
-    index_parts, written, errors, static_only = [], 0, [], 0
-    with open(out / f"{split}.bin", "wb") as ftok, open(out / f"{split}.clock.bin", "wb") as fclk:
-        for i in range(0, len(ids), per):
-            part = ids[i:i + per]
-            chunk = encode_subjects(con, vocab, int(part[0]), int(part[-1]), split)
+    """Encode and append one split's subjects chunk by chunk (:func:`~.from_warehouse.subject_chunks`: at most
+    ``subjects_per_chunk`` subjects and a memory-budget's worth of events each): (tokens written, clock-error
+    sample, subjects with only static facts). ``register_code_map`` must have run on ``con``;
+    ``progress(split, done, total)`` is called after each chunk."""
+    written, errors, static_only, n_index, done = 0, [], 0, 0, 0
+    index_tmp = out / f"{split}.index.part"  # index rows streamed to disk: memory stays flat with the cohort
+    with (open(out / f"{split}.bin", "wb") as ftok, open(out / f"{split}.clock.bin", "wb") as fclk,
+          open(index_tmp, "wb") as fidx):
+        for lo, hi, n_subjects in subject_chunks(con, ids, split, vocab.config.subjects_per_chunk):
+            chunk = encode_subjects(con, vocab, lo, hi, split)
             ftok.write(chunk.tokens.astype(vocab.dtype).tobytes())
             fclk.write(clock_minutes(chunk).tobytes())
-            index_parts.append(index_rows(vocab, chunk, written))
+            rows = index_rows(vocab, chunk, written)
+            fidx.write(rows.tobytes())
+            n_index += len(rows)
             errors.append(chunk.clock_error_s[::max(1, len(chunk.clock_error_s) // 10_000)])  # a sample
             # no timed event at all (static facts and/or a birth only): a valid but empty-looking record that
             # the summary names, so a cohort full of them (a broken extract) does not pass unnoticed
             static_only += int((chunk.t0_s == NO_TIME).sum())
             written += len(chunk.tokens)
+            done += n_subjects
             if progress is not None:
-                progress(split, min(i + per, len(ids)), len(ids))
-    np.save(out / f"{split}.index.npy", np.concatenate(index_parts) if index_parts else np.zeros(0, INDEX_DTYPE))
+                progress(split, done, len(ids))
+    save_index(index_tmp, out / f"{split}.index.npy", n_index)
     return written, np.concatenate(errors) if errors else np.zeros(0), static_only
+
+
+def save_index(raw: Path, dest: Path, n: int, block: int = 1 << 20) -> None:
+    """Turn ``raw`` (``n`` :data:`INDEX_DTYPE` rows, back to back) into the ``.npy`` file ``dest``, ``block`` rows at
+    a time, and delete it: the same file ``np.save`` writes, without the whole index in memory."""
+    arr = np.lib.format.open_memmap(dest, mode="w+", dtype=INDEX_DTYPE, shape=(n,))
+    with open(raw, "rb") as fh:
+        for start in range(0, n, block):
+            rows = np.fromfile(fh, dtype=INDEX_DTYPE, count=min(block, n - start))
+            arr[start:start + len(rows)] = rows
+    arr.flush()
+    del arr
+    raw.unlink()
 
 
 def write_shard(vocab: Vocabulary, chunk: EncodedChunk, out: Path, name: str) -> None:

@@ -17,8 +17,11 @@ themselves and account for it with ``register_scan(CsvScan(...))``; their ``v_<t
 may also produce free-text notes (view ``n_<table>``), and a source may stage ``subject_map`` rows
 (:meth:`Load.stage_subject_map`) and given splits (:meth:`Load.stage_splits`); all are written by ``publish``.
 
-Staging lives in TEMP tables, outside any transaction, so a failing table can be retried and a crash at any
-point before the commit leaves the warehouse exactly as it was.
+Staging lives outside any transaction, on disk: raw scans and staged rows in the load's staging database file
+(``<warehouse>.staging``, attached as ``fs_stage`` and deleted after the commit; a crashed load's file is deleted
+by the next load), per-table validation in TEMP tables that DuckDB spills to its temp folder. Memory therefore
+stays within the budget (:func:`~foresight.warehouse.connection.memory_budget`) however big the input; a failing
+table can be retried, and a crash at any point before the commit leaves the warehouse exactly as it was.
 
 **National data opt-out.** ``Load(..., exclude_subjects=ids)`` (``foresight.sources.load(..., exclude_subjects=ids)``
 passes it down) drops every row of a listed subject in
@@ -35,7 +38,7 @@ reading), :mod:`~foresight.warehouse.accounting` and :mod:`~foresight.warehouse.
 
 from __future__ import annotations
 
-from foresight.warehouse.connection import connect, ident, sql_literal
+from foresight.warehouse.connection import MemoryBudgetError, connect, ident, memory_budget, parse_memory, sql_literal
 from foresight.warehouse.csv_scan import read_header
 from foresight.warehouse.export import export_meds
 from foresight.warehouse.inputs import find_file, list_files, probe, readable_dir, readable_file
@@ -47,6 +50,7 @@ __all__ = [
     "CsvScan",
     "Load",
     "LoadSummary",
+    "MemoryBudgetError",
     "ReconciliationError",
     "SourceError",
     "TableResult",
@@ -55,6 +59,8 @@ __all__ = [
     "find_file",
     "ident",
     "list_files",
+    "memory_budget",
+    "parse_memory",
     "probe",
     "read_header",
     "readable_dir",

@@ -1,33 +1,118 @@
-"""Opening the warehouse, and the two helpers for the few names and values pasted into SQL text."""
+"""Opening the warehouse (with the memory budget every stage honours), and the two helpers for the few names and
+values pasted into SQL text.
+
+**Memory budget.** Every DuckDB connection the project opens goes through :func:`connect`, which sets DuckDB's
+``memory_limit`` to the budget (:func:`memory_budget`: the ``memory_limit`` argument, else ``$FORESIGHT_MEMORY``
+(``foresight --memory``), else the older ``$FORESIGHT_DUCKDB_MEMORY``, else 1 GB per CPU core, at most half of
+the RAM available when the connection opens and at least 256 MB) and its ``temp_directory``
+(:func:`temp_directory`), where DuckDB spills what does not fit: loads and fits then run in a flat footprint
+whatever the input size. The budget
+bounds DuckDB's buffer manager; the process's peak RSS sits a few hundred MB above it (Python, the allocator's
+caches, the arrays a tokenizer chunk holds).
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import duckdb
+import psutil
 
 from foresight import sql
+
+MEMORY_ENV = "FORESIGHT_MEMORY"
+LEGACY_MEMORY_ENV = "FORESIGHT_DUCKDB_MEMORY"
+TEMP_ENV = "FORESIGHT_TEMP_DIR"
+MIN_DEFAULT, PER_CORE = 256 << 20, 1 << 30  # the default budget: 1 GB per core, <= half the available RAM
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*|%)\s*$", re.IGNORECASE)
+
+
+class MemoryBudgetError(ValueError):
+    """A memory budget that is not a size; the message names where it came from and shows valid examples."""
+
+
+def parse_memory(text: str, *, what: str = "memory budget") -> int:
+    """Bytes of a memory size: ``1.5GB``, ``512MB``, ``2GiB``, ``800M``, a plain byte count, or ``50%`` (of the RAM
+    available now). ``MemoryBudgetError`` naming ``what`` for anything else, or for less than 16 MB.
+
+    >>> parse_memory("1.5GB"), parse_memory("512 MiB")
+    (1500000000, 536870912)
+    """
+    m = _SIZE.match(str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or (unit != "%" and unit not in _UNITS):
+        raise MemoryBudgetError(f"{what}: {text!r} is not a memory size (examples: 1.5GB, 512MB, 2GiB, 50%)")
+    value = float(m.group(1))
+    if unit == "%":
+        if not 0 < value <= 100:
+            raise MemoryBudgetError(f"{what}: {text!r} must be a percentage between 0 and 100")
+        return int(psutil.virtual_memory().available * value / 100)
+    n = int(value * _UNITS[unit])
+    if n < 16 << 20:
+        raise MemoryBudgetError(f"{what}: {text!r} is below 16MB, too little for DuckDB to run a load")
+    return n
+
+
+def memory_budget(memory_limit: str | None = None) -> int:
+    """The memory budget in bytes: ``memory_limit``, else ``$FORESIGHT_MEMORY``, else ``$FORESIGHT_DUCKDB_MEMORY``,
+    else 1 GB per CPU core (DuckDB's rule of thumb for joins and aggregates), at most half of the RAM available
+    now, at least 256 MB. A malformed value is ``MemoryBudgetError``."""
+    for value, what in ((memory_limit, "memory budget"), (os.environ.get(MEMORY_ENV), MEMORY_ENV),
+                        (os.environ.get(LEGACY_MEMORY_ENV), LEGACY_MEMORY_ENV)):
+        if value not in (None, ""):
+            return parse_memory(value, what=what)
+    cores = os.cpu_count() or 1
+    return int(max(min(PER_CORE * cores, psutil.virtual_memory().available // 2), MIN_DEFAULT))
+
+
+def temp_directory(path: Path) -> Path:
+    """Where DuckDB spills for the warehouse ``path``: ``$FORESIGHT_TEMP_DIR``, else ``<warehouse>.tmp`` beside it
+    (DuckDB's own default), else, when that folder is not writable (a read-only warehouse), a per-user folder in the
+    system temp directory. DuckDB creates it only when it spills and removes its files on close."""
+    if os.environ.get(TEMP_ENV):
+        return Path(os.environ[TEMP_ENV])
+    if os.access(path.parent, os.W_OK):
+        return path.with_name(path.name + ".tmp")
+    return Path(tempfile.gettempdir()) / f"foresight-duckdb-{os.getuid()}"
+
+
+def configure(con: duckdb.DuckDBPyConnection, temp_dir: Path, memory_limit: str | None = None) -> int:
+    """Apply the memory budget (``memory_limit`` or :func:`memory_budget`'s default) and the spill folder to a
+    DuckDB connection; returns the budget in bytes."""
+    budget = memory_budget(memory_limit)
+    con.execute(f"SET memory_limit = '{budget // 1024}KiB'")
+    con.execute(f"SET temp_directory = {sql_literal(str(temp_dir))}")
+    return budget
 
 
 def connect(path: str | Path, *, read_only: bool = False, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
     """Open (creating if needed) a warehouse file and make sure every table and macro exists.
 
-    ``memory_limit`` defaults to ``$FORESIGHT_DUCKDB_MEMORY`` or 2GB; DuckDB spills to a temp folder beyond it,
-    so large loads stay within a predictable footprint. The connection is a context manager that closes on exit.
+    ``memory_limit`` (e.g. ``"1.5GB"``) overrides the memory budget (see the module docstring); DuckDB spills to
+    :func:`temp_directory` beyond it. A malformed budget is ``MemoryBudgetError`` before anything is opened. The
+    connection is a context manager that closes on exit.
     """
     path = Path(path)
+    memory_budget(memory_limit)  # a malformed budget fails before the file is created
     if read_only and not path.exists():
         raise FileNotFoundError(f"warehouse {path} does not exist")
     path.parent.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(path), read_only=read_only)
-    con.execute(f"SET memory_limit = '{memory_limit or os.environ.get('FORESIGHT_DUCKDB_MEMORY', '2GB')}'")
-    con.execute("SET preserve_insertion_order = true")  # row numbers of CSV scans follow the file
-    con.execute("SET enable_progress_bar = false")  # our CLI shows its own progress on stderr
-    if not read_only:
-        con.execute(sql.load("common", "warehouse"))
-    con.execute(sql.load("common", "macros"))
+    try:
+        configure(con, temp_directory(path.resolve()), memory_limit)
+        con.execute("SET preserve_insertion_order = true")  # row numbers of CSV scans follow the file
+        con.execute("SET enable_progress_bar = false")  # our CLI shows its own progress on stderr
+        if not read_only:
+            con.execute(sql.load("common", "warehouse"))
+        con.execute(sql.load("common", "macros"))
+    except BaseException:
+        con.close()
+        raise
     return con
 
 

@@ -19,12 +19,15 @@ import duckdb
 from foresight import sql
 from foresight.hashing import sha256_file
 from foresight.optout import OPT_OUT_REASON
+from foresight.optout import digest as optout_digest
+from foresight.purposes import Declaration, record_load
 from foresight.warehouse import accounting
 from foresight.warehouse import publish as commit
 from foresight.warehouse.connection import ident
 from foresight.warehouse.csv_scan import physical_lines, scan_csv
 from foresight.warehouse.reconciliation import reconcile
 from foresight.warehouse.results import CsvScan, LoadSummary, SourceError, TableResult
+from foresight.warehouse.shard_filter import check_shard, set_aside_other_shards
 
 
 class Load:
@@ -38,6 +41,8 @@ class Load:
         source_kind: str,
         input_path: str | Path,
         exclude_subjects: Iterable[int] | None = None,
+        declaration: Declaration | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self.con = con
         self.source = source
@@ -51,13 +56,18 @@ class Load:
         self.csv_paths: dict[str, Path] = {}  # table -> CSV file read, for physical line numbers in quarantine
         self.missing_tables: list[str] = []
         self.warnings: list[str] = []
-        # Raw scans live in an attached in-memory database, visible to every cursor of this connection,
-        # so files can be scanned on a second thread; the rest of the staging is connection-local TEMP.
-        con.execute("ATTACH IF NOT EXISTS ':memory:' AS fs_stage")
+        # Raw scans and staged rows live in the load's staging database file (``fs_stage``, beside the warehouse;
+        # see commit.attach_staging): on disk, so memory stays flat however big the load, and visible to every
+        # cursor of this connection, so files can be scanned on a second thread. Per-table validation is TEMP.
+        self.staging_file = commit.attach_staging(con)
         con.execute("SET search_path = 'main,fs_stage.main'")
         con.execute(sql.load("common", "staging"))
         # national data opt-out: subject ids whose rows are dropped (see the module docstring)
         self.excluded_subjects: frozenset[int] = frozenset(int(s) for s in exclude_subjects or ())
+        # who provided the data and what for (foresight.purposes); None: recorded as undeclared
+        self.declaration = declaration
+        # one shard (k, n) of a sharded load: only rows of subjects whose shard hash is k (warehouse.shard_filter)
+        self.shard = check_shard(shard) if shard is not None else None
         if self.excluded_subjects:
             con.execute("INSERT INTO fs_optout SELECT unnest(?::BIGINT[])", [sorted(self.excluded_subjects)])
 
@@ -184,6 +194,8 @@ class Load:
         con, run = self.con, {"run_id": self.run_id, "source": self.source}
         v_cols, has_notes = accounting.table_shape(con, table)
         n_optout, keep = accounting.optout_lines(con, table, v_cols, has_notes, bool(self.excluded_subjects))
+        if self.shard is not None:
+            n_optout, keep = set_aside_other_shards(con, table, v_cols, has_notes, self.shard, res, n_optout, keep)
         lines = self.physical_lines(table, v_cols)
         accounting.stage_quarantine(con, table, v_cols, keep, file=res.file, lines=lines, **run)
         n_q = accounting.check_validation(con, table, keep, res.file)
@@ -299,6 +311,8 @@ class Load:
                 **counts, "dropped_reasons": dropped_reasons, "subjects": subjects,
                 "missing_tables": self.missing_tables,
             }, self.tables.values())
+            record_load(con, self.run_id, self.declaration,
+                        optout_digest(self.excluded_subjects) if self.excluded_subjects else None)
             con.execute("COMMIT")
         except BaseException as exc:
             rollback(con, exc)

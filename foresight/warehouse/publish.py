@@ -1,8 +1,9 @@
 """The steps of :meth:`foresight.warehouse.Load.publish`: staged rows replace a source's rows in one transaction.
 
-Every step but :func:`drop_staging_area` runs inside the caller's transaction and reads the TEMP staging tables
-(``staged_events``, ``staged_quarantine``, ``staged_notes``, ``staged_codes``, ``staged_subject_map``,
-``staged_splits``) and ``fs_optout`` (the load's opt-out list).
+Every step but :func:`attach_staging` and :func:`drop_staging_area` runs inside the caller's transaction and reads
+the staging tables (``staged_events``, ``staged_quarantine``, ``staged_notes``, ``staged_codes``,
+``staged_subject_map``, ``staged_splits``, in the load's staging database file ``fs_stage``) and the TEMP
+``fs_optout`` (the load's opt-out list). The transaction writes only the warehouse; the staging file is read.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import duckdb
 
 from foresight.version import __version__
+from foresight.warehouse.connection import sql_literal
 from foresight.warehouse.results import TableResult
 
 TOTALS = ("rows_read", "rows_loaded", "rows_quarantined", "rows_dropped", "events")
@@ -124,13 +127,41 @@ def record_run(con: duckdb.DuckDBPyConnection, run: dict[str, Any], tables: Iter
     )
 
 
+def staging_path(con: duckdb.DuckDBPyConnection) -> Path | None:
+    """The staging database file of the warehouse behind ``con`` (``<warehouse>.staging``), or None for an
+    in-memory warehouse."""
+    db = database_path(con)
+    return None if db in ("", ":memory:") or db.startswith(":memory:") else Path(db + ".staging")
+
+
+def attach_staging(con: duckdb.DuckDBPyConnection) -> Path | None:
+    """Attach the load's staging database as ``fs_stage`` (a file beside the warehouse; in memory for an in-memory
+    warehouse) and return its path. Already attached (a load retried on the same connection): kept. Not attached:
+    a file left by a crashed load is deleted first (it held only staged rows; the warehouse never saw them).
+    The file is a whole DuckDB database, so a load's staging could as well be written elsewhere (a worker)."""
+    attached = {r[0] for r in con.execute("SELECT database_name FROM duckdb_databases()").fetchall()}
+    path = staging_path(con)
+    if "fs_stage" not in attached:
+        if path is not None:
+            remove_staging_file(path)
+        con.execute(f"ATTACH {sql_literal(str(path) if path else ':memory:')} AS fs_stage")
+    return path
+
+
+def remove_staging_file(path: Path | None) -> None:
+    """Delete a staging database file and its write-ahead log (nothing when ``path`` is None)."""
+    if path is not None:
+        for p in (path, path.with_name(path.name + ".wal")):
+            p.unlink(missing_ok=True)
+
+
 def drop_staging_area(con: duckdb.DuckDBPyConnection) -> None:
-    """After the commit: drop the staging tables and detach the in-memory raw-scan database."""
+    """After the commit: drop the TEMP opt-out tables, detach the staging database and delete its file."""
     con.execute("DROP TABLE IF EXISTS fs_optout; DROP TABLE IF EXISTS optout_lines")
-    con.execute("DROP TABLE staged_events; DROP TABLE staged_quarantine; DROP TABLE staged_codes; "
-                "DROP TABLE staged_notes; DROP TABLE staged_subject_map; DROP TABLE staged_splits")
+    path = staging_path(con)
     con.execute("SET search_path = 'main'")
     con.execute("DETACH fs_stage")
+    remove_staging_file(path)
 
 
 def database_path(con: duckdb.DuckDBPyConnection) -> str:

@@ -1,0 +1,202 @@
+"""Flat memory (issue 19): the memory budget every stage honours, loads staged on disk (same rows under a small
+budget, nothing left behind, a crash leaves the previous run) and the vocabulary fit chunked by subject (exactly the
+one-shot fit)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from foresight import sources, warehouse
+from foresight import tokens as T
+from foresight.tokens import fit as fit_module
+from foresight.warehouse import connection
+
+from .conftest import SHARED_DATA, load_into, rows, run_cli, simulated_warehouse
+
+SMALL = "256MB"  # below what the loads would hold in memory: DuckDB must spill
+EVENT_COLUMNS = "subject_id, time, code, numeric_value, text_value, unit, encounter_id, source, source_table"
+FHIR = SHARED_DATA / "synthea-ca-59pt" / "fhir"
+
+
+def _setting(db: Path, name: str) -> str:
+    with warehouse.connect(db, read_only=True) as con:
+        return con.execute(f"SELECT current_setting('{name}')").fetchall()[0][0]
+
+
+def test_the_budget_is_applied_from_the_argument_the_environment_and_the_machine(tmp_path, monkeypatch):
+    db = tmp_path / "w.duckdb"
+    monkeypatch.delenv(connection.MEMORY_ENV, raising=False)
+    monkeypatch.delenv(connection.LEGACY_MEMORY_ENV, raising=False)
+    with warehouse.connect(db, memory_limit="300MB") as con:
+        assert con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0] == "286.1 MiB"
+        assert con.execute("SELECT current_setting('temp_directory')").fetchall()[0][0] == str(db.resolve()) + ".tmp"
+    monkeypatch.setenv(connection.MEMORY_ENV, "1.5GiB")
+    assert _setting(db, "memory_limit") == "1.5 GiB"
+    monkeypatch.delenv(connection.MEMORY_ENV)
+    default = connection.memory_budget()  # derived from the machine: 1 GB a core, <= half the free RAM
+    assert connection.MIN_DEFAULT <= default <= connection.PER_CORE * (os.cpu_count() or 1)
+    shown = connection.parse_memory(_setting(db, "memory_limit").replace(" ", ""))
+    assert abs(shown - default) < 0.01 * default
+
+
+@pytest.mark.parametrize("bad", ["1.5 gigs", "lots", "-2GB", "0%", "1KB"])
+def test_a_malformed_budget_is_a_clear_error(tmp_path, monkeypatch, bad):
+    with pytest.raises(warehouse.MemoryBudgetError, match="FORESIGHT_MEMORY: "):
+        monkeypatch.setenv(connection.MEMORY_ENV, bad)
+        warehouse.connect(tmp_path / "w.duckdb")
+    assert not (tmp_path / "w.duckdb").exists()  # refused before the file was created
+
+
+def test_cli_memory_option_validates_and_tokenize_names_a_bad_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(connection.MEMORY_ENV, raising=False)
+    bad = run_cli("--memory", "1.5 gigs", "tokenize", "--db", str(tmp_path / "w.duckdb"), "--out", str(tmp_path))
+    assert bad.returncode == 2 and "--memory: '1.5 gigs' is not a memory size" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    db = tmp_path / "w.duckdb"
+    warehouse.connect(db).close()
+    monkeypatch.setenv(connection.MEMORY_ENV, "nonsense")
+    with pytest.raises(T.TokenizeError, match="FORESIGHT_MEMORY: 'nonsense' is not a memory size"):
+        T.tokenize(db, tmp_path / "tok")  # the CLI prints TokenizeError as one line with exit 2
+
+
+def _events(db: Path) -> list[tuple]:
+    return rows(db, f"SELECT {EVENT_COLUMNS} FROM events ORDER BY ALL")
+
+
+def _quarantine(db: Path) -> list[tuple]:
+    return rows(db, "SELECT source, source_file, row_number, reason, raw FROM quarantine ORDER BY ALL")
+
+
+def test_mimic_demo_under_a_small_budget_loads_the_same_rows(demo_db, mimic_demo, tmp_path, monkeypatch):
+    db = tmp_path / "small.duckdb"
+    monkeypatch.setenv(connection.MEMORY_ENV, SMALL)
+    with warehouse.connect(db) as con:
+        assert con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0] == "244.1 MiB"
+        s = sources.load("mimic-iv", con, mimic_demo)
+    assert s.rows_read == s.rows_loaded + s.rows_quarantined + s.rows_dropped
+    assert _events(db) == _events(demo_db)
+    assert _quarantine(db) == _quarantine(demo_db)
+    splits = "SELECT * FROM subject_splits ORDER BY 1"
+    assert rows(db, splits) == rows(demo_db, splits)
+    assert not Path(str(db) + ".staging").exists()  # the staging file goes with the commit
+
+
+def test_a_crash_leaves_the_previous_run_and_the_next_load_clears_its_staging(tiny_mimic, tmp_path, monkeypatch):
+    monkeypatch.setenv(connection.MEMORY_ENV, SMALL)
+    db = tmp_path / "w.duckdb"
+    first = load_into("mimic-iv", tiny_mimic, db)
+    before = rows(db, "SELECT count(*), max(load_id) FROM events")[0]
+
+    def crash(group: str) -> None:
+        if group == "labs":
+            raise RuntimeError("killed mid-load")
+
+    with warehouse.connect(db) as con, pytest.raises(RuntimeError, match="killed"):
+        sources.load("mimic-iv", con, tiny_mimic, on_group_done=crash)
+    staging = Path(str(db) + ".staging")
+    assert staging.exists()  # staged rows were on disk, not in the warehouse
+    assert rows(db, "SELECT count(*), max(load_id) FROM events")[0] == before == (first.events, first.run_id)
+    again = load_into("mimic-iv", tiny_mimic, db)  # idempotent re-run: same rows, nothing duplicated
+    assert again.events == first.events and rows(db, "SELECT count(*) FROM events")[0][0] == first.events
+    assert rows(db, "SELECT count(*) FROM quarantine")[0][0] == first.rows_quarantined > 0
+    assert not staging.exists()
+
+
+@pytest.mark.skipif(not FHIR.is_dir(), reason=f"Synthea FHIR export not found at {FHIR}")
+def test_fhir_under_a_small_budget_loads_the_same_rows(tmp_path, monkeypatch):
+    monkeypatch.delenv(connection.MEMORY_ENV, raising=False)
+    big = tmp_path / "default.duckdb"
+    small = tmp_path / "small.duckdb"
+    a = load_into("fhir", FHIR, big)
+    monkeypatch.setenv(connection.MEMORY_ENV, SMALL)
+    b = load_into("fhir", FHIR, small)
+    assert (a.events, a.rows_read, a.rows_quarantined, a.notes) == (b.events, b.rows_read, b.rows_quarantined, b.notes)
+    assert _events(big) == _events(small)
+    assert _quarantine(big) == _quarantine(small)
+    notes = "SELECT subject_id, time, note_id, note_type, text FROM notes ORDER BY ALL"
+    assert rows(big, notes) == rows(small, notes)
+
+
+@pytest.fixture(scope="module")
+def sim_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return simulated_warehouse(tmp_path_factory.mktemp("memsim"), 400, seed=3)
+
+
+def _fit(db: Path, config: T.TokenizerConfig, chunk: int, memory: str | None = None) -> T.Vocabulary:
+    with warehouse.connect(db, read_only=True, memory_limit=memory) as con:
+        return T.fit_vocabulary(con, config, chunk_subjects=chunk)
+
+
+@pytest.mark.parametrize("k", [10, 40])
+def test_chunked_fit_is_exactly_the_one_shot_fit(sim_db, k):
+    config = T.TokenizerConfig(min_subjects=k, subjects_per_chunk=50)
+    one_shot = _fit(sim_db, config, 10**9)
+    n_train = one_shot.report["train_subjects"]
+    assert n_train > 200
+    for chunk in (7, 64):
+        chunked = _fit(sim_db, config, chunk)
+        assert chunked.tokens == one_shot.tokens
+        assert chunked.code_map == one_shot.code_map
+        assert chunked.marker_map == one_shot.marker_map
+        assert chunked.quantile_edges == one_shot.quantile_edges
+        assert chunked.report == one_shot.report  # the floor's report, marker coarsening counts included
+    # the floor is a real constraint here: some codes and marker values were pooled or sent to RARE
+    assert one_shot.report["codes_to_rare"] + one_shot.report["codes_to_parent"] > 0
+    assert any(s["subjects_coarsened"] or s["subjects_to_rare"] for s in one_shot.report["markers"].values())
+
+
+def test_chunked_fit_runs_under_a_tiny_budget(sim_db):
+    config = T.TokenizerConfig(min_subjects=10)
+    assert _fit(sim_db, config, 25, memory="64MB").tokens == _fit(sim_db, config, 10**9).tokens
+
+
+def test_train_chunks_cover_every_subject_once():
+    import numpy as np
+
+    ids = np.array([3, 5, 8, 13, 21, 34, 55])
+    chunks = fit_module.train_chunks(ids, 3)
+    assert chunks == [(3, 8), (13, 34), (55, 55)]
+    assert fit_module.train_chunks(ids, 7) == [None]
+    with pytest.raises(ValueError):
+        fit_module.train_chunks(ids, 0)
+
+
+def test_duckdb_rejects_what_the_budget_forbids(tmp_path):
+    """The budget is a real limit (so the loads above really ran within it): an aggregate that cannot spill and
+    needs more fails under it."""
+    with warehouse.connect(tmp_path / "w.duckdb", memory_limit="32MB") as con, pytest.raises(duckdb.Error):
+        con.execute("SELECT list(range) FROM range(20000000)").fetchall()
+
+
+def test_event_bounded_chunks_write_the_same_tokens(sim_db, tmp_path, monkeypatch):
+    from foresight.tokens import from_warehouse
+
+    with warehouse.connect(sim_db, read_only=True) as con:
+        ids = fit_module.train_subject_ids(con)
+        chunks = from_warehouse.subject_chunks(con, ids, "train", per=10**6, max_events=2_000)
+        sizes = dict(con.execute("SELECT subject_id, count(*) FROM events JOIN subject_splits USING (subject_id) "
+                                 "WHERE split = 'train' GROUP BY 1").fetchall())
+    assert sum(n for _, _, n in chunks) == len(ids) and len(chunks) > 5
+    for lo, hi, n in chunks:
+        events = sum(c for s, c in sizes.items() if lo <= s <= hi)
+        assert events <= 2_000 or n == 1  # a subject with more events is a chunk of its own
+    config = T.TokenizerConfig(min_subjects=10)
+    T.tokenize(sim_db, tmp_path / "default", config)
+    monkeypatch.setattr(from_warehouse, "MIN_CHUNK_EVENTS", 500)
+    monkeypatch.setattr(from_warehouse, "BYTES_PER_EVENT", 10**9)  # every chunk: a few subjects
+    T.tokenize(sim_db, tmp_path / "small", config)
+    for name in ("train.bin", "train.clock.bin", "held_out.bin"):
+        assert (tmp_path / "default" / name).read_bytes() == (tmp_path / "small" / name).read_bytes(), name
+    # (vocab.json's quantile_edges keys come in DuckDB's aggregation order: compare the content)
+    vocab_a, vocab_b = (json.loads((tmp_path / d / "vocab.json").read_text()) for d in ("default", "small"))
+    assert vocab_a == vocab_b
+    import numpy as np
+
+    for split in ("train", "tuning", "held_out"):
+        a, b = (np.load(tmp_path / d / f"{split}.index.npy") for d in ("default", "small"))
+        assert a.dtype == b.dtype and (a == b).all()
