@@ -9,15 +9,18 @@ imported inside the commands that need them, so ``foresight --help`` and the qui
 
 from __future__ import annotations
 
-from foresight.cli import concepts, data, demo, etl, model, privacy, serve
+from foresight.cli import concepts, data, demo, embed, etl, forecast, keys, model, privacy, serve
 from foresight.cli.app import app, concepts_app, etl_app, export_app, privacy_app, serve_app
 from foresight.sources import SOURCES
 
 app.command("tokenize")(data.tokenize)
 app.command("predict")(model.predict)
 app.command("forecast")(model.forecast)
+app.command("backtest")(forecast.backtest)
 app.command("evaluate")(model.evaluate)
 app.command("train")(model.train)
+app.command("embed")(embed.embed)
+app.command("similar")(embed.similar)
 app.command("simulate")(data.simulate)
 app.command("demo")(demo.demo)
 app.command("release")(privacy.release)
@@ -33,6 +36,11 @@ concepts_app.command("build")(concepts.build)
 concepts_app.command("annotate")(concepts.annotate)
 privacy_app.command("audit")(privacy.audit)
 privacy_app.command("insert-canaries")(privacy.insert_canaries)
+app.add_typer(keys.keys_app, name="keys")
+app.add_typer(keys.registry_app, name="registry")
+keys.keys_app.command("init")(keys.keys_init)
+keys.registry_app.command("verify")(keys.verify)
+keys.registry_app.command("trust")(keys.trust)
 
 
 def main() -> None:  # pragma: no cover - console entry point

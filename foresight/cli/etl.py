@@ -9,6 +9,7 @@ evaluates string annotations in the module's globals, where those names do not e
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,8 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from foresight import sources, warehouse
+from foresight import purposes, sources, warehouse
 from foresight.cli.app import DbOption, ExcludeOption, JsonOption, emit, err, fail, opt_out_list
+from foresight.cli.sharded import SchedulerOption, WorkersOption, run_sharded_etl
 from foresight.sources import notes
 
 # kind -> (help of --input, the command's help)
@@ -37,6 +39,10 @@ ETL_HELP: dict[str, tuple[str, str]] = {
               "Annotate free-text notes with MedCAT and load their concepts as NOTE//<VOCAB>//<CODE> events."),
 }
 SourceOption = Annotated[str, typer.Option(help="Name of this load; re-running with it replaces its rows.")]
+DeclarationOption = Annotated[Path | None, typer.Option(
+    "--declaration", help="Who provided the data and the purposes it may serve: a JSON or YAML file with provider, "
+                          "purposes (list), optional controller and expires (ISO date). Without it the load is "
+                          "usable only for purpose 'unspecified'.")]
 
 ModelPackOption = Annotated[Path, typer.Option("--model-pack", help="MedCAT v2 model pack (folder or .zip), e.g. "
                                                                      "from `foresight concepts build`.")]
@@ -56,13 +62,17 @@ def etl_command(kind: str) -> Callable[..., None]:
     if kind == "notes":
         def command(input: InputOption, db: DbOption, model_pack: ModelPackOption, source: SourceOption = kind,
                     n_process: NProcessOption = 1, history_days: HistoryDaysOption = 1.0, vocab: VocabOption = None,
-                    exclude_subjects: ExcludeOption = None, as_json: JsonOption = False) -> None:
-            run_etl(kind, input, db, source, exclude_subjects, as_json, model_pack=model_pack, n_process=n_process,
-                    history_days=history_days, vocab=vocab)
+                    exclude_subjects: ExcludeOption = None, declaration: DeclarationOption = None,
+                    as_json: JsonOption = False) -> None:
+            run_etl(kind, input, db, source, exclude_subjects, as_json, declaration=declaration,
+                    model_pack=model_pack, n_process=n_process, history_days=history_days, vocab=vocab)
     else:
         def command(input: InputOption, db: DbOption, source: SourceOption = kind,
-                    exclude_subjects: ExcludeOption = None, as_json: JsonOption = False) -> None:
-            run_etl(kind, input, db, source, exclude_subjects, as_json)
+                    exclude_subjects: ExcludeOption = None, declaration: DeclarationOption = None,
+                    workers: WorkersOption = None, scheduler: SchedulerOption = None,
+                    as_json: JsonOption = False) -> None:
+            run_etl(kind, input, db, source, exclude_subjects, as_json, declaration=declaration, workers=workers,
+                    scheduler=scheduler)
 
     command.__doc__ = doc
     command.__name__ = command.__qualname__ = "etl_" + kind.replace("-", "_")
@@ -70,12 +80,19 @@ def etl_command(kind: str) -> Callable[..., None]:
 
 
 def run_etl(kind: str, input: Path, db: Path, source: str, exclude_subjects: Path | None, as_json: bool,
+            declaration: Path | None = None, workers: int | None = None, scheduler: str | None = None,
             **options: Any) -> None:
     """Load ``input`` with the adapter ``kind`` into ``db`` (:func:`foresight.sources.load`) and report the load.
 
-    Exit codes: 2 bad input, 3 the load's accounting did not reconcile, 4 a DuckDB or I/O error such as a full disk
-    (nothing was written)."""
+    ``declaration``: the data's declarations file (:mod:`foresight.purposes`), read before the warehouse is
+    opened, so a malformed one loads nothing. ``workers``/``scheduler``: the sharded path on Dask instead
+    (:mod:`foresight.cli.sharded`). Exit codes: 2 bad input (or declaration), 3 the load's accounting
+    did not reconcile, 4 a DuckDB or I/O error such as a full disk (nothing was written)."""
     excluded = opt_out_list(exclude_subjects)
+    decl = read_declaration(declaration)
+    if workers is not None or scheduler is not None:  # the sharded path on Dask (foresight.cli.sharded)
+        return run_sharded_etl(kind, input, db, source, exclude_subjects, declaration, decl, as_json,
+                               workers=workers, scheduler=scheduler, report=print_load_summary)
     t0 = time.perf_counter()
     try:
         con = warehouse.connect(db)
@@ -84,8 +101,8 @@ def run_etl(kind: str, input: Path, db: Path, source: str, exclude_subjects: Pat
     with con:
         try:
             with load_progress(kind) as callbacks:
-                summary = sources.load(kind, con, input, source=source, exclude_subjects=excluded, **callbacks,
-                                       **options)
+                summary = sources.load(kind, con, input, source=source, exclude_subjects=excluded,
+                                       declaration=decl, **callbacks, **options)
             mentions = notes.mention_counts(con) if kind == "notes" else None
         except warehouse.SourceError as exc:
             fail(str(exc))
@@ -99,11 +116,27 @@ def run_etl(kind: str, input: Path, db: Path, source: str, exclude_subjects: Pat
     payload["seconds"] = round(time.perf_counter() - t0, 3)
     if mentions is not None:
         payload["mentions_by_status"] = mentions
+    payload["declaration"] = (decl or purposes.UNDECLARED).to_json()
     emit(payload, as_json)
     if not as_json:
         print_load_summary(payload)
         if mentions is not None:
             err.print("concept mentions by context: " + ", ".join(f"{k} {v:,}" for k, v in mentions.items()))
+
+
+def read_declaration(path: Path | None) -> purposes.Declaration | None:
+    """The ``--declaration`` file (None without one); a malformed file is one error line naming file and field.
+    A declaration that has already expired is loaded with a warning: the load then serves no purpose."""
+    if path is None:
+        return None
+    try:
+        decl = purposes.read_declaration(path)
+    except purposes.DeclarationError as exc:
+        fail(str(exc))
+    if decl.expires is not None and decl.expires < date.today():
+        err.print(Text.assemble(("warning: ", "yellow"), f"{path}: the declaration expired on {decl.expires}: "
+                                "this load will cover no purpose"))
+    return decl
 
 
 @contextlib.contextmanager
