@@ -207,6 +207,13 @@ def test_cli_tokenize_json(demo_db, tmp_path):
     assert set(payload["tokens"]) == set(SPLITS) and payload["seconds"] > 0
     for key in ("codes_kept", "codes_to_parent", "codes_to_rare", "events_to_parent", "events_to_rare"):
         assert key in payload["rare_mapping"]
+    # the command writes what the library writes by default: no option left at a saved vocabulary's old rule
+    assert T.Vocabulary.load(tmp_path / "tok" / "vocab.json").config == T.TokenizerConfig(min_subjects=10)
+
+
+def test_user_options_take_todays_defaults_and_saved_configs_their_own():
+    assert T.TokenizerConfig.from_options({"min_subjects": 3}) == T.TokenizerConfig(min_subjects=3)
+    assert T.TokenizerConfig.from_dict({"min_subjects": 3}).clock_correction == float("inf")  # a pre-option save
 
 
 # --- small hand-built warehouses (no shared data needed) ----------------------------------------------------

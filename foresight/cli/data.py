@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import Progress
 
-from foresight import tokens, warehouse
+from foresight import purposes, tokens, warehouse
 from foresight.cli.app import DbOption, ExcludeOption, JsonOption, emit, err, fail, opt_out_list
 
 
@@ -39,14 +39,21 @@ def tokenize(
         float, typer.Option(help="Drop repeats of the same code within this many minutes (0 keeps all).")] = 0.0,
     config: Annotated[Path | None, typer.Option(help="JSON file with any TokenizerConfig fields.")] = None,
     exclude_subjects: ExcludeOption = None,
+    purpose: Annotated[str, typer.Option(
+        help="What the tokens are for (e.g. research, planning, covid-19-research). Every load reaching the tokens "
+             "must list it in its declaration (`etl --declaration`), else nothing is written; the default "
+             "'unspecified' is covered only by loads made without a declaration.")] = purposes.UNSPECIFIED,
     as_json: JsonOption = False,
 ) -> None:
-    """Fit the vocabulary on the train split and write packed token shards for train/tuning/held_out."""
+    """Fit the vocabulary on the train split and write packed token shards for train/tuning/held_out.
+
+    Refused (exit 2, one line naming the load, its provider and its allowed purposes) when a load whose rows
+    would reach the tokens does not cover --purpose; the purpose and every load are recorded in vocab.json."""
     fields: dict[str, Any] = json.loads(config.read_text()) if config else {}
     fields.setdefault("min_subjects", min_subjects)
     fields.setdefault("dedup_window_minutes", dedup_window_minutes)
     try:
-        cfg = tokens.TokenizerConfig.from_dict(fields)
+        cfg = tokens.TokenizerConfig.from_options(fields)
     except TypeError as exc:
         fail(f"{config}: {exc}")
     try:
@@ -58,12 +65,16 @@ def tokenize(
                     bars[split] = progress.add_task(f"encoding {split}", total=total)
                 progress.update(bars[split], completed=done)
 
-            summary = tokens.tokenize(db, out, cfg, progress=report, exclude_subjects=opt_out_list(exclude_subjects))
-    except tokens.TokenizeError as exc:
+            summary = tokens.tokenize(db, out, cfg, progress=report, exclude_subjects=opt_out_list(exclude_subjects),
+                                      purpose=purpose)
+    except (tokens.TokenizeError, purposes.PurposeError) as exc:
         fail(str(exc))
+    loads = summary["provenance"]["loads"]
     emit(summary, as_json, "\n".join([
         f"vocabulary of {summary['vocab_size']:,} tokens; tokens per split {summary['tokens']}; "
-        f"rare-code rules {summary['rare_mapping']}; written to {out}", *summary["messages"]]))
+        f"rare-code rules {summary['rare_mapping']}; written to {out}", *summary["messages"],
+        f"purpose {purpose!r}, covered by {len(loads)} load(s): "
+        + "; ".join(f"{lp['source']} from {lp['provider']} ({', '.join(lp['purposes'])})" for lp in loads)]))
 
 
 def simulate(

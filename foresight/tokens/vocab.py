@@ -62,6 +62,12 @@ class TokenizerConfig:
     clock_correction: float = 0.5
 
     @classmethod
+    def from_options(cls, d: dict[str, Any]) -> TokenizerConfig:
+        """A config from a user's options (a JSON file, CLI flags): fields left out take today's defaults — unlike
+        :meth:`from_dict`, which reads a SAVED config with the rules its tokens were made with."""
+        return cls.from_dict({"clock_correction": cls.clock_correction, **d})
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
         """The config saved in a ``vocab.json`` (lists back to tuples; options added since get their old rule)."""
         d = dict(d)
