@@ -105,6 +105,9 @@ def auth(key: str) -> dict[str, str]:
 
 
 BASE = {"as_of": AS_OF.isoformat(), "horizon_days": 7, "samples": 2, "history_weeks": 8, "codes": [DEMENTIA]}
+# a request that really samples: codes the vocabulary has (no token matches DEMENTIA at this floor, and a forecast
+# of codes the model cannot write is zero without sampling a single future)
+HEAVY = {"codes": ["ADMIT//*"]}
 
 
 def published(r: Any) -> dict[str, Any]:
@@ -293,7 +296,7 @@ def test_issue_request_is_refused_with_its_cost_before_any_work(served, tmp_path
 
 def test_deadline_stops_the_sampling(served, tmp_path, slow_cohorts):
     with make_client(served, tmp_path, cohort_deadline_s=0.5) as c:
-        body = {**BASE, "cohort_codes": [I10], "horizon_days": 28, "samples": 8, "history_weeks": 0}
+        body = {**BASE, **HEAVY, "cohort_codes": [I10], "horizon_days": 28, "samples": 8, "history_weeks": 0}
         t0 = time.monotonic()
         r = c.post("/v1/cohort-rate", json=body, headers=auth(served["attacker"]))
         assert r.status_code == 503 and "deadline of 0.5 s" in r.json()["detail"], r.text
@@ -311,7 +314,7 @@ def test_a_client_that_disconnects_stops_the_sampling(served, tmp_path, slow_coh
     cfg = ServeConfig(model_dir=served["model"], keys_file=served["keys"], audit_log=tmp_path / "audit.jsonl",
                       db=served["db"], cohort_deadline_s=60)
     app = create_app(cfg, forecaster=served["fc"])
-    body = json.dumps({**BASE, "cohort_codes": [I10], "horizon_days": 28, "samples": 8,
+    body = json.dumps({**BASE, **HEAVY, "cohort_codes": [I10], "horizon_days": 28, "samples": 8,
                        "history_weeks": 0}).encode()
     sent: list[dict[str, Any]] = []
 
@@ -357,7 +360,7 @@ def test_interactive_endpoints_answer_while_a_heavy_cohort_runs(served, tmp_path
               {"time": "2021-03-01T08:00:00", "code": "ADMIT//EMERGENCY"}]
     with make_client(served, tmp_path, cohort_deadline_s=12) as c:
         result: dict[str, Any] = {}
-        heavy = {**BASE, "cohort_codes": [I10], "horizon_days": 28, "samples": 8, "history_weeks": 0}
+        heavy = {**BASE, **HEAVY, "cohort_codes": [I10], "horizon_days": 28, "samples": 8, "history_weeks": 0}
 
         def run_heavy() -> None:
             result["r"] = c.post("/v1/cohort-rate", json=heavy, headers=auth(served["attacker"]))
