@@ -188,24 +188,46 @@ def forecast(
     plot: Annotated[Path | None, typer.Option(help="Write the PNG plot here.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON forecast here.")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    strata: Annotated[str, typer.Option(help="Also forecast by stratum: comma-separated type (admission type), "
+                                             "age (band at as-of). Published with small cells suppressed.")] = "",
+    method: Annotated[str, typer.Option(help="expected (Rao-Blackwellised counts) or monte_carlo (events "
+                                             "counted in the sampled futures).")] = "expected",
+    open_cohort: Annotated[bool, typer.Option("--open-cohort/--closed-cohort", help="Add the admissions of people "
+                                              "not in the warehouse at as-of (estimated from last year's "
+                                              "arrivals), or forecast the people there only.")] = True,
+    weighted: Annotated[bool, typer.Option(help="With --max-subjects: a stratified subset weighted to stand for "
+                                                "the whole cohort (the forecast is the cohort's).")] = False,
+    unsuppressed: Annotated[bool, typer.Option(help="Print the strata unsuppressed (not for publication).")
+                            ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Expected weekly admissions (or other events) for the cohort alive at --as-of, with 50%/90% intervals."""
+    """Expected weekly admissions (or other events) for the cohort alive at --as-of, with 50%/90% predictive
+    intervals (Monte Carlo and outcome noise), optionally by stratum."""
     from foresight.forecast import Forecaster, forecast_cohort, plot_population
+    from foresight.forecast.counts import METHODS, STRATA, published
 
     when = parse_time(as_of, "--as-of")
     patterns = tuple(c.strip() for c in codes.split(",") if c.strip())
+    kinds = tuple(k.strip() for k in strata.split(",") if k.strip())
+    if bad := [k for k in kinds if k not in STRATA]:
+        fail(f"--strata: unknown stratum {bad[0]!r} (choose from {', '.join(STRATA)})")
+    if method not in METHODS:
+        fail(f"--method: {method!r} is not one of {', '.join(METHODS)}")
     try:
         fc = Forecaster.from_pretrained(model)
     except FileNotFoundError as exc:
         fail(str(exc))
     with warehouse.connect(db, read_only=True) as con:
         run = forecast_cohort(fc, con, when, horizon_days, samples=samples, codes=patterns, split=split,
-                              max_subjects=max_subjects, history_weeks=history_weeks, seed=seed, status=err.status)
+                              max_subjects=max_subjects, history_weeks=history_weeks, seed=seed, status=err.status,
+                              method=method, strata=kinds, open_cohort=open_cohort, weighted=weighted)
     if run.forecast is None:
         fail(f"no living subject with events before {when} in {db}")
     result = run.forecast
     payload = result.to_json()
+    if not unsuppressed:  # anything printed may be published: the service's small-cell rule
+        payload["strata"] = published(result.strata)
+    payload["strata_suppressed"] = not unsuppressed
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=1))
@@ -244,6 +266,10 @@ def evaluate(
     calibration: Annotated[str, typer.Option(
         help="Also report the model recalibrated by a map fitted on TUNING points: platt, isotonic or none.")
     ] = "platt",
+    task_config: Annotated[Path | None, typer.Option(
+        "--task-config", help="An ACES task config (e.g. tasks/readmission/30d.yaml): score the model zero-shot on "
+                              "ACES's labels from the warehouse's MEDS export instead of the built-in tasks; "
+                              "writes predictions.parquet (meds-evaluation schema).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Strict next-event accuracy vs baselines; risk tasks (AUROC, AUPRC, Brier, ECE, 95% CIs) vs baselines.
@@ -254,6 +280,17 @@ def evaluate(
     from foresight.evaluate import evaluate_model, resolve_tasks, skipped_notes
     from foresight.pipeline import simulator_oracle
 
+    if task_config is not None:
+        from foresight.evaluate.aces import aces_summary, evaluate_aces_task
+
+        try:
+            report = evaluate_aces_task(model, task_config, data_dir=data, db=db, samples=samples,
+                                        max_points=max_points, out_dir=out, seed=seed,
+                                        calibration=None if calibration == "none" else calibration)
+        except (FileNotFoundError, ValueError) as exc:
+            fail(str(exc))
+        emit(report, as_json, aces_summary(report))
+        return
     try:
         tasks, admission_tasks = resolve_tasks(task)
         true_risk = simulator_oracle(oracle) if oracle is not None else None

@@ -31,6 +31,7 @@ folder came from) and :mod:`~foresight.evaluate.report` (the whole report).
 
 from __future__ import annotations
 
+from foresight.evaluate.aces import AcesConfigError, aces_labels, evaluate_aces_task, load_task_config, readout_spec
 from foresight.evaluate.baselines import COUNT_KINDS, baseline_predictions, count_features, gradient_boosting
 from foresight.evaluate.calibrate import Calibrator, fit_calibrator
 from foresight.evaluate.locate import locate_warehouse, warehouse_fingerprint
@@ -62,6 +63,7 @@ from foresight.evaluate.tasks import (
     STAY_END,
     ComplementTask,
     EvalTask,
+    LabelledTask,
     plan_tasks,
     point_kinds,
     resolve_tasks,
@@ -70,11 +72,12 @@ from foresight.evaluate.tasks import (
 
 __all__ = [
     "ADMISSION_ALIASES", "ADMISSION_TASKS", "COUNT_KINDS", "DEFAULT_DISCHARGE_TASKS", "EVAL_POINTS", "PAIRED_AGAINST",
-    "STAY_END", "Calibrator", "ComplementTask", "EvalTask", "NextEventReport", "PredictionPoint", "RiskScoring",
-    "backtest_rates", "baseline_predictions", "bootstrap_ci", "calibrated_risks", "calibration_table",
-    "count_features", "evaluate_model", "evaluate_task", "expected_calibration_error", "fit_calibrator",
-    "gradient_boosting", "locate_warehouse", "next_event_accuracy", "observed_labels", "paired_block",
-    "paired_difference", "patient_resamples", "percentile_interval", "plan_tasks", "plot_calibration", "point_kinds",
-    "points_of_kind", "points_table", "prediction_points", "resolve_tasks", "risk_metrics", "score_predictor",
-    "skipped_notes", "task_spec", "warehouse_fingerprint",
+    "STAY_END", "AcesConfigError", "Calibrator", "ComplementTask", "EvalTask", "LabelledTask", "NextEventReport",
+    "PredictionPoint", "RiskScoring", "aces_labels", "backtest_rates", "baseline_predictions", "bootstrap_ci",
+    "calibrated_risks", "calibration_table", "count_features", "evaluate_aces_task", "evaluate_model", "evaluate_task",
+    "expected_calibration_error", "fit_calibrator", "gradient_boosting", "load_task_config", "locate_warehouse",
+    "next_event_accuracy", "observed_labels", "paired_block", "paired_difference", "patient_resamples",
+    "percentile_interval", "plan_tasks", "plot_calibration", "point_kinds", "points_of_kind", "points_table",
+    "prediction_points", "readout_spec", "resolve_tasks", "risk_metrics", "score_predictor", "skipped_notes",
+    "task_spec", "warehouse_fingerprint",
 ]

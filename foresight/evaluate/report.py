@@ -15,6 +15,7 @@ import numpy as np
 
 from foresight import warehouse
 from foresight.evaluate.calibrate import METHODS
+from foresight.evaluate.crosssource import tokens_for_model
 from foresight.evaluate.locate import locate_warehouse
 from foresight.evaluate.next_event import next_event_accuracy
 from foresight.evaluate.points import PredictionPoint, points_of_kind
@@ -71,7 +72,11 @@ def evaluate_model(
     out_dir = Path(out_dir or Path(model_dir) / "evaluation")
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"model": str(model_dir), "data": str(data_dir), "created": datetime.now().isoformat()}
-    report["next_event"] = next_event_accuracy(forecaster, data_dir, max_rows=max_rows).to_json()
+    # tokens of another source: re-read in the model's vocabulary, with the share of events that lost their code
+    tokens_dir, report["cross_source"] = tokens_for_model(data_dir, forecaster.vocab, Path(model_dir) / "vocab.json",
+                                                          out_dir)
+    report["lost_code_share"] = report["cross_source"]["lost_code_share"]
+    report["next_event"] = next_event_accuracy(forecaster, tokens_dir, max_rows=max_rows).to_json()
     found, report["warehouse"] = _warehouse_for(data_dir, db)
     scoring = RiskScoring(forecaster, as_of=as_of, samples=samples, max_points=max_points, oracle=oracle, seed=seed,
                           calibration=calibration)

@@ -17,6 +17,7 @@ from foresight.evaluate.metrics import bootstrap_ci, calibration_table, paired_d
 from foresight.evaluate.points import PredictionPoint, observed_labels
 from foresight.evaluate.tasks import EvalTask, task_spec
 from foresight.forecast import Forecaster, Timeline
+from foresight.forecast.cohorts import extract_end
 
 
 def evaluate_task(forecaster: Forecaster, con: Any, task: EvalTask, points: Sequence[PredictionPoint], *,
@@ -73,7 +74,9 @@ def _model_risks(forecaster: Forecaster, con: Any, spec: Any, flip: bool, points
                  samples: int, seed: int) -> tuple[list[Timeline], np.ndarray]:
     """The points' timelines and the model's risk at each (Rao-Blackwellised futures); NaN where dead."""
     timelines = _timelines_at(forecaster, con, points)
-    p, _ = forecaster.task_risks(timelines, spec, samples, seed=seed)
+    # [END] in a sampled future means "no event before the warehouse's last record" (what it meant in training),
+    # not a token to ban and renormalise away, which drew every gap too short (see FutureSampler.sample_futures)
+    p, _ = forecaster.task_risks(timelines, spec, samples, seed=seed, extract_end=extract_end(con))
     return timelines, (1.0 - p if flip else p)  # NaN (dead) stays NaN
 
 
