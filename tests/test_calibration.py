@@ -47,6 +47,12 @@ def test_too_few_positives_gives_no_calibrator_and_says_why():
     assert cal is None and "3 positive" in why
 
 
+def test_a_map_that_would_reverse_the_ranking_is_refused():
+    p, y = _overconfident(2000, seed=5)
+    cal, why = fit_calibrator(1 - p, y)  # risks that rank the outcomes backwards
+    assert cal is None and "slope" in why
+
+
 def test_nan_risks_stay_nan_and_an_unknown_method_is_refused():
     p, y = _overconfident(500, seed=3)
     cal, _ = fit_calibrator(p, y)
@@ -59,35 +65,39 @@ def test_nan_risks_stay_nan_and_an_unknown_method_is_refused():
 YEAR_ADMISSION = TaskSpec("admission_365d", ("ADMIT//*",), 365.0, description="any admission within a year")
 
 
-def _points(db: Path, split: str) -> list:
+def _points(db: Path, split: str, per_subject: int = 2) -> list:
     with warehouse.connect(db, read_only=True) as con:
         ids = [r[0] for r in con.execute("SELECT subject_id FROM subject_splits WHERE split = ?", [split]).fetchall()]
-        return prediction_points(con, ids, mode="events", min_follow_up_days=365, max_per_subject=2)
+        return prediction_points(con, ids, mode="events", min_follow_up_days=365, max_per_subject=per_subject)
 
 
-def test_the_calibrator_is_fitted_on_tuning_only_perturbing_held_out_labels_leaves_it_unchanged(tmp_path):
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+def test_the_calibrator_is_fitted_on_tuning_only_perturbing_held_out_labels_leaves_it_unchanged(tmp_path, method):
     db = tiny_warehouse(tmp_path / "w.duckdb", n_subjects=500, seed=4)
     T.tokenize(db, tmp_path / "tok", T.TokenizerConfig(min_subjects=3))
     vocab = T.Vocabulary.load(tmp_path / "tok" / "vocab.json")
     fc = Forecaster(tiny_llama(vocab), vocab)
-    held, tuning, train = _points(db, "held_out"), _points(db, "tuning"), _points(db, "train")[:300]
-    # the same warehouse with every held-out subject's admissions after the first removed: held-out labels change,
-    # tuning subjects' records do not
+    held, tuning, train = _points(db, "held_out", 1), _points(db, "tuning"), _points(db, "train")[:300]
+    # the same warehouse with every held-out subject's admissions after its prediction point removed: the held-out
+    # labels change, their prompts (the record up to the point) and every tuning subject's record do not
     flipped = tmp_path / "flipped.duckdb"
     shutil.copy(db, flipped)
     with warehouse.connect(flipped) as con:
-        con.execute("""DELETE FROM events WHERE code LIKE 'ADMIT//%' AND subject_id IN
-                       (SELECT subject_id FROM subject_splits WHERE split = 'held_out')
-                       AND time > (SELECT min(time) FROM events x WHERE x.subject_id = events.subject_id
-                                   AND x.code LIKE 'ADMIT//%')""")
+        for pt in held:
+            con.execute("DELETE FROM events WHERE subject_id = ? AND code LIKE 'ADMIT//%' AND time > ?",
+                        [pt.subject_id, pt.time])
     results = []
     for path in (db, flipped):
         with warehouse.connect(path, read_only=True) as con:
             results.append(evaluate_task(fc, con, YEAR_ADMISSION, held, samples=2, tuning_points=tuning,
-                                        train_points=train, n_boot=20))
+                                         train_points=train, n_boot=20, calibration=method))
     a, b = results
-    assert "calibrator" in a, a.get("calibration_note")
     assert a["_y"] != b["_y"] and sum(b["_y"]) == 0  # the held-out labels really changed
-    assert a["calibrator"] == b["calibrator"]  # ...and the fit did not move
-    assert a["calibrator"]["fitted_on"] == "tuning" and a["calibrator"]["points"] > 0
-    assert {"model_calibrated-logistic_counts", "model-logistic_counts"} <= set(a["paired"])
+    assert a["_p"]["model"] == b["_p"]["model"]  # ...the model's held-out risks did not
+    if method == "isotonic":  # always fitted here (Platt is refused when the untrained model ranks backwards)
+        assert "calibrator" in a, a.get("calibration_note")
+    assert a.get("calibrator") == b.get("calibrator") and a.get("calibration_note") == b.get("calibration_note")
+    if "calibrator" in a:
+        assert a["calibrator"]["fitted_on"] == "tuning" and a["calibrator"]["points"] > 0
+        assert np.allclose(a["_p"]["model_calibrated"], b["_p"]["model_calibrated"])  # ...nor the map
+        assert {"model_calibrated-logistic_counts", "model-logistic_counts"} <= set(a["paired"])

@@ -11,7 +11,9 @@ on — corrects that without touching the ranking much:
   hundreds of positives, and its steps can tie risks (the AUROC can move a little).
 
 A calibrator is only fitted when the tuning points hold both outcomes and at least ``min_positives`` positives
-and negatives; otherwise :func:`fit_calibrator` says why and the model is reported uncalibrated.
+and negatives, and (Platt) only when its slope is positive — a map that reverses the model's ranking on the tuning
+points is noise, not calibration; otherwise :func:`fit_calibrator` says why and the model is reported
+uncalibrated.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def fit_calibrator(p: np.ndarray, y: np.ndarray, method: str = "platt",
         # a very weak penalty: two parameters on hundreds of points need no shrinkage, but separable data must
         # still give a finite slope
         fitted = LogisticRegression(C=1e4).fit(_logit(p).reshape(-1, 1), y)
+        if fitted.coef_[0][0] <= 0:  # a map that reverses the ranking would turn noise into a worse model
+            return None, (f"not calibrated: the model's risks do not rank the tuning outcomes (Platt slope "
+                          f"{fitted.coef_[0][0]:.3f} <= 0 on {len(y)} points, {pos} positive)")
     else:
         fitted = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, y)
     return Calibrator(method, fitted, points=len(y), positives=pos), None
