@@ -18,7 +18,7 @@ from foresight.cli.app import JsonOption, emit, err
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its warehouse, model and reports.")] = Path(
         "work/demo"),
-    subjects: Annotated[int, typer.Option(help="Simulated cohort size.")] = 3000,
+    subjects: Annotated[int, typer.Option(help="Simulated cohort size (foresight.demo.DEMO_SUBJECTS).")] = 10_000,
     seed: Annotated[int, typer.Option(help="Simulation seed.")] = 1,
     as_json: JsonOption = False,
 ) -> None:
