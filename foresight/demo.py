@@ -30,7 +30,7 @@ from typing import Any
 
 from rich.console import Console
 
-from foresight.cli.model import paired_summary
+from foresight.cli.model import calibration_change, paired_summary
 from foresight.simulate import default_config, simulate
 from privacy import signing
 
@@ -150,9 +150,7 @@ def headline(result: dict[str, Any]) -> list[tuple[str, str]]:
         if t.get("paired"):  # the same points and patient resamples for both sides of each difference
             rows.append(("  paired differences (95% CI)", paired_summary(t["paired"])))
         if "model_calibrated" in t:  # recalibrated on tuning points, scored on the same held-out points
-            m, c = t["model"]["metrics"], t["model_calibrated"]["metrics"]
-            rows.append(("  calibrated on tuning", f"ECE {m['ece']:.3f} -> {c['ece']:.3f}, "
-                                                   f"Brier {m['brier']:.4f} -> {c['brier']:.4f}"))
+            rows.append(("  calibrated on tuning", calibration_change(t)))
             if any(k.startswith("model_calibrated-") for k in t["paired"]):
                 rows.append(("  paired differences, calibrated", paired_summary(t["paired"], "model_calibrated")))
     fc = result.get("forecast", {})
