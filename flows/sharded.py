@@ -9,11 +9,17 @@ warehouse keeps its previous run. Re-running redoes every shard from scratch and
 The Dask cluster is prefect-dask's :class:`~prefect_dask.DaskTaskRunner`: a ``LocalCluster`` of single-threaded
 worker processes (``workers``), or an existing scheduler (``scheduler``, e.g. one started by dask-jobqueue on
 Slurm or dask-kubernetes: see ``deploy/``).
+
+The sharded ``tokenize`` flow (:func:`tokenize_sharded`) runs :func:`foresight.tokens.sharded.tokenize_sharded` with
+its per-shard steps (fit map, marker map, encode) as tasks on the same runner: see that module for the steps and
+the guarantees (the same token folder as single-node, published whole or not at all).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +28,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
 from flows.retry import transient
-from foresight import sources
+from foresight import purposes, sources
 from foresight.optout import read_subjects_file
 from foresight.purposes import read_declaration
+from foresight.tokens import sharded as tokens_sharded
+from foresight.tokens.vocab import TokenizerConfig
 from foresight.warehouse import connection, sharded
 
 
@@ -89,3 +97,53 @@ def run(source: str, input: Path, db: Path, *, workers: int, scheduler: str | No
         options["memory_limit"] = f"{connection.memory_budget() // workers // 2**20}MB"
     flow_fn = etl_sharded.with_options(task_runner=task_runner(workers, scheduler))
     return flow_fn(source=source, input=input, db=db, shards=shards or workers, **options)
+
+
+# --- the sharded tokenize --------------------------------------------------------------------------------------
+
+
+@task(name="tokenize-shard", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient,
+      cache_policy=NO_CACHE)
+def tokenize_shard(step: Callable[..., Any], call: dict[str, Any]) -> Any:
+    """One shard's step of the sharded tokenize (``fit_shard``, ``clock_shard`` or ``encode_shard`` of
+    :mod:`foresight.tokens.sharded`): its output is written from scratch, so a retry never adds to a partial one."""
+    result = step(**call)
+    get_run_logger().info("%s: shard %d of %d done", step.__name__, *call["shard"])
+    return result
+
+
+def on_task_runner(step: Callable[..., Any], calls: list[dict[str, Any]]) -> list[Any]:
+    """The :data:`foresight.tokens.sharded.Mapper` of the flow: one task per shard on the flow's task runner; every
+    shard settles (no worker still writing) before one failure fails the step."""
+    futures = tokenize_shard.map(unmapped(step), calls)
+    wait(futures)
+    return [f.result() for f in futures]
+
+
+@flow(name="tokenize-sharded", log_prints=True)
+def tokenize_sharded(db: Path, out: Path, shards: int, config: dict[str, Any] | None = None,
+                     exclude_subjects: Path | None = None, purpose: str = purposes.UNSPECIFIED,
+                     memory_limit: str | None = None) -> dict[str, Any]:
+    """Tokenize ``db`` into ``out`` as ``shards`` shards on the flow's task runner; returns the summary (the
+    single-node ``tokenize`` keys). ``config``: TokenizerConfig fields (as saved in vocab.json)."""
+    excluded = read_subjects_file(exclude_subjects) if exclude_subjects else None
+    return tokens_sharded.tokenize_sharded(
+        db, out, TokenizerConfig.from_dict(config) if config else None, shards=shards, mapper=on_task_runner,
+        exclude_subjects=excluded, purpose=purpose, memory_limit=memory_limit)
+
+
+def run_tokenize(db: Path, out: Path, config: TokenizerConfig | None = None, *, workers: int,
+                 scheduler: str | None = None, shards: int | None = None, exclude_subjects: Path | None = None,
+                 purpose: str = purposes.UNSPECIFIED, memory_limit: str | None = None,
+                 return_state: bool = False) -> Any:
+    """Run :func:`tokenize_sharded` on Dask: ``shards`` (default ``workers``) shards over ``workers`` local
+    single-threaded workers or the cluster behind ``scheduler``. On a LocalCluster each worker's DuckDB gets an
+    equal part of the memory budget, as for the sharded load."""
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, not {workers}")
+    if not scheduler and memory_limit is None:
+        memory_limit = f"{connection.memory_budget() // workers // 2**20}MB"
+    flow_fn = tokenize_sharded.with_options(task_runner=task_runner(workers, scheduler))
+    return flow_fn(db=db, out=out, shards=shards or workers, config=asdict(config) if config else None,
+                   exclude_subjects=exclude_subjects, purpose=purpose, memory_limit=memory_limit,
+                   return_state=return_state)

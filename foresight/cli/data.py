@@ -15,6 +15,7 @@ from rich.progress import Progress
 
 from foresight import purposes, tokens, warehouse
 from foresight.cli.app import DbOption, ExcludeOption, JsonOption, emit, err, fail, opt_out_list
+from foresight.cli.sharded import TokenizeSchedulerOption, TokenizeWorkersOption, run_sharded_tokenize
 
 
 def export_meds(
@@ -43,6 +44,8 @@ def tokenize(
         help="What the tokens are for (e.g. research, planning, covid-19-research). Every load reaching the tokens "
              "must list it in its declaration (`etl --declaration`), else nothing is written; the default "
              "'unspecified' is covered only by loads made without a declaration.")] = purposes.UNSPECIFIED,
+    workers: TokenizeWorkersOption = None,
+    scheduler: TokenizeSchedulerOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Fit the vocabulary on the train split and write packed token shards for train/tuning/held_out.
@@ -56,6 +59,23 @@ def tokenize(
         cfg = tokens.TokenizerConfig.from_options(fields)
     except TypeError as exc:
         fail(f"{config}: {exc}")
+    if workers or scheduler:  # the sharded path (foresight/cli/sharded.py): same folder, same --json keys
+        opt_out_list(exclude_subjects)  # a bad list fails here, before a cluster starts
+        summary = run_sharded_tokenize(db, out, cfg, workers=workers, scheduler=scheduler,
+                                       exclude_subjects=exclude_subjects, purpose=purpose)
+    else:
+        summary = _tokenize_here(db, out, cfg, exclude_subjects, purpose)
+    loads = summary["provenance"]["loads"]
+    emit(summary, as_json, "\n".join([
+        f"vocabulary of {summary['vocab_size']:,} tokens; tokens per split {summary['tokens']}; "
+        f"rare-code rules {summary['rare_mapping']}; written to {out}", *summary["messages"],
+        f"purpose {purpose!r}, covered by {len(loads)} load(s): "
+        + "; ".join(f"{lp['source']} from {lp['provider']} ({', '.join(lp['purposes'])})" for lp in loads)]))
+
+
+def _tokenize_here(db: Path, out: Path, cfg: tokens.TokenizerConfig, exclude_subjects: Path | None,
+                   purpose: str) -> dict[str, Any]:
+    """The single-node tokenize with a progress bar per split on stderr: its summary (or one error line)."""
     try:
         with Progress(console=err, transient=True) as progress:
             bars: dict[str, Any] = {}
@@ -65,16 +85,10 @@ def tokenize(
                     bars[split] = progress.add_task(f"encoding {split}", total=total)
                 progress.update(bars[split], completed=done)
 
-            summary = tokens.tokenize(db, out, cfg, progress=report, exclude_subjects=opt_out_list(exclude_subjects),
-                                      purpose=purpose)
+            return tokens.tokenize(db, out, cfg, progress=report, exclude_subjects=opt_out_list(exclude_subjects),
+                                   purpose=purpose)
     except (tokens.TokenizeError, purposes.PurposeError) as exc:
         fail(str(exc))
-    loads = summary["provenance"]["loads"]
-    emit(summary, as_json, "\n".join([
-        f"vocabulary of {summary['vocab_size']:,} tokens; tokens per split {summary['tokens']}; "
-        f"rare-code rules {summary['rare_mapping']}; written to {out}", *summary["messages"],
-        f"purpose {purpose!r}, covered by {len(loads)} load(s): "
-        + "; ".join(f"{lp['source']} from {lp['provider']} ({', '.join(lp['purposes'])})" for lp in loads)]))
 
 
 def simulate(

@@ -2,6 +2,9 @@
 
 Called by :func:`foresight.cli.etl.run_etl` when ``--workers`` or ``--scheduler`` is given; prints the same
 ``--json`` keys as the single-node load (plus ``shards``), and fails with one line like it.
+
+``foresight tokenize --workers N [--scheduler ADDRESS]`` likewise runs the sharded tokenize
+(:func:`run_sharded_tokenize`): the same token folder and the same ``--json`` keys as the single-node tokenize.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from typing import Annotated, Any
 import duckdb
 import typer
 
-from foresight import purposes, warehouse
+from foresight import purposes, tokens, warehouse
 from foresight.cli.app import emit, err, fail
+from foresight.tokens.build import check_request
 
 WorkersOption = Annotated[int | None, typer.Option(
     "--workers", min=1, help="Run the sharded path: the subjects split into N shards by their stable hash, each "
@@ -27,6 +31,48 @@ SchedulerOption = Annotated[str | None, typer.Option(
                         "number of shards (default 2). Shard files go beside --db: storage every worker can reach.")]
 
 
+TokenizeWorkersOption = Annotated[int | None, typer.Option(
+    "--workers", min=1, help="Run the sharded path: the subjects split into N shards by their stable hash, each "
+                             "shard's vocabulary counts and token shards computed by one of N single-threaded Dask "
+                             "workers (a LocalCluster here), merged into --out: the same folder as without it. "
+                             "Without it (and --scheduler) the single-node path runs.")]
+TokenizeSchedulerOption = Annotated[str | None, typer.Option(
+    "--scheduler", help="Address of an existing Dask scheduler (e.g. tcp://head:8786, from dask-jobqueue or "
+                        "dask-kubernetes) to run the shards on instead of a LocalCluster; --workers then sets the "
+                        "number of shards (default 2). Workers read --db and write beside --out: storage every "
+                        "worker can reach.")]
+
+
+def environment() -> None:
+    """Quiet the cluster's and Prefect's chatter (workers inherit the environment) and give a temporary local
+    Prefect server (without PREFECT_API_URL) time to start on a busy machine."""
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its telemetry fails offline, loudly
+
+
+def run_sharded_tokenize(db: Path, out: Path, config: tokens.TokenizerConfig, *, workers: int | None,
+                         scheduler: str | None, exclude_subjects: Path | None, purpose: str) -> dict[str, Any]:
+    """Run :func:`flows.sharded.run_tokenize`; its summary (the single-node keys). ``exclude_subjects``: the file
+    (checked by the caller; the flow reads it). Fails like the single-node tokenize (exit 2 with one line), and
+    with exit 4 when the cluster fails (the token folder keeps its previous contents)."""
+    environment()
+    from flows import sharded as flow
+
+    try:
+        check_request(db, out, purpose)  # what the single-node path refuses, refused before a cluster starts
+        err.print(f"tokenizing as {workers or 2} shard(s) on "
+                  f"{scheduler or f'a LocalCluster of {workers} worker(s)'} ...")
+        return flow.run_tokenize(db, out, config, workers=workers or 2, scheduler=scheduler,
+                                 exclude_subjects=exclude_subjects, purpose=purpose)
+    except (tokens.TokenizeError, purposes.PurposeError) as exc:
+        fail(str(exc))
+    except Exception as exc:  # a worker lost, a scheduler unreachable: one line, not a traceback
+        fail(f"sharded tokenize of {db} failed ({out} keeps its previous contents): {type(exc).__name__}: {exc}",
+             code=4)
+
+
 def run_sharded_etl(kind: str, input: Path, db: Path, source: str, exclude_subjects: Path | None,
                     declaration: Path | None, decl: purposes.Declaration | None, as_json: bool, *,
                     workers: int | None, scheduler: str | None, report: Callable[[dict[str, Any]], None]) -> None:
@@ -36,11 +82,7 @@ def run_sharded_etl(kind: str, input: Path, db: Path, source: str, exclude_subje
 
     Exit codes as the single-node load: 2 bad input, 3 the accounting did not reconcile, 4 a DuckDB, I/O or
     cluster error (the warehouse keeps its previous run)."""
-    # the scheduler's and workers' progress chatter would bury the summary (workers inherit the environment)
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    # without PREFECT_API_URL the flow runs against a temporary local Prefect server; a busy machine needs time
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    environment()
     from flows import sharded as flow
 
     input = Path(input)

@@ -57,9 +57,23 @@ def tokenize(
     """
     t_start = time.perf_counter()
     config = config or TokenizerConfig()
+    out, db = Path(out_dir), Path(db)
+    check_request(db, out, purpose)
+    excluded = set(exclude_subjects or ())
+    with warehouse.connect(db, read_only=True) as con:
+        n_hidden, provenance = covered_provenance(con, excluded, purpose)
+        # built in a sibling folder and swapped in whole once sealed (tokens/folder.py): a tokenize killed at any
+        # point leaves the previous folder, never an old vocabulary beside new shards
+        with building(out) as tmp:
+            summary = _write_folder(con, tmp, config, (excluded, n_hidden), progress, provenance)
+            write_summary(tmp, summary, out, db, t_start)
+    return summary
+
+
+def check_request(db: Path, out: Path, purpose: str) -> None:
+    """What is refused before the warehouse is opened (:class:`TokenizeError`, or a ``PurposeError`` for an unknown
+    ``purpose``): no warehouse, a malformed memory budget, a target that is not a token folder."""
     purposes.check_purpose(purpose)
-    out = Path(out_dir)
-    db = Path(db)
     if not db.exists():
         raise TokenizeError(f"{db}: warehouse not found")
     try:
@@ -70,21 +84,23 @@ def tokenize(
         refuse_foreign(out)
     except TokenFolderError as exc:
         raise TokenizeError(str(exc)) from exc
-    excluded = set(exclude_subjects or ())
-    with warehouse.connect(db, read_only=True) as con:
-        n_hidden = optout.hide_subjects(con, excluded) if excluded else 0
-        loads = purposes.loads_reaching(con)
-        purposes.check_covered(loads, purpose)  # refused before the first file is written
-        provenance = purposes.provenance_record(loads, purpose)
-        # built in a sibling folder and swapped in whole once sealed (tokens/folder.py): a tokenize killed at any
-        # point leaves the previous folder, never an old vocabulary beside new shards
-        with building(out) as tmp:
-            summary = _write_folder(con, tmp, config, (excluded, n_hidden), progress, provenance)
-            summary["out"] = str(out)
-            summary["seconds"] = round(time.perf_counter() - t_start, 3)
-            summary["db"] = str(db.resolve())  # where the tokens came from: `foresight evaluate` finds the warehouse
-            (tmp / "tokenize_summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+
+
+def covered_provenance(con: Any, excluded: set[int], purpose: str) -> tuple[int, dict[str, Any]]:
+    """Hide the opted-out ``excluded`` subjects on ``con``, refuse a ``purpose`` a load reaching the tokens does not
+    cover (before the first file is written): (opted-out subjects that had events, the provenance record)."""
+    n_hidden = optout.hide_subjects(con, excluded) if excluded else 0
+    loads = purposes.loads_reaching(con)
+    purposes.check_covered(loads, purpose)
+    return n_hidden, purposes.provenance_record(loads, purpose)
+
+
+def write_summary(tmp: Path, summary: dict[str, Any], out: Path, db: Path, t_start: float) -> None:
+    """Complete the summary (target folder, seconds since ``t_start``, warehouse) and write it into ``tmp``."""
+    summary["out"] = str(out)
+    summary["seconds"] = round(time.perf_counter() - t_start, 3)
+    summary["db"] = str(db.resolve())  # where the tokens came from: `foresight evaluate` finds the warehouse
+    (tmp / "tokenize_summary.json").write_text(json.dumps(summary, indent=1))
 
 
 def _write_folder(con: Any, tmp: Path, config: TokenizerConfig, optout_hidden: tuple[set[int], int], progress: Any,
@@ -92,18 +108,35 @@ def _write_folder(con: Any, tmp: Path, config: TokenizerConfig, optout_hidden: t
     """Fit the vocabulary (recording ``provenance`` in its report) and write the vocabulary, the code
     descriptions and every split into ``tmp``; returns the summary so far."""
     vocab, markers_coarsened = _fit_without(con, config, *optout_hidden)
-    vocab.report["provenance"] = provenance
+    describe_run(vocab, provenance, warehouse.extract_end(con))
     register_code_map(con, vocab)
-    descriptions = _code_descriptions(con, vocab)
-    summary: dict[str, Any] = {"vocab_size": len(vocab.tokens),
-                               "rare_mapping": {k: v for k, v in vocab.report.items() if k != "provenance"},
-                               "provenance": provenance, "markers_coarsened": markers_coarsened, "tokens": {},
-                               "subjects": {}, "static_only_subjects": {}, "unseen_codes": {}}
+    descriptions = code_descriptions(con, vocab)
+    summary = new_summary(vocab, provenance, markers_coarsened)
     _write_splits(con, vocab, tmp, progress, summary)
+    finish_folder(tmp, vocab, descriptions, summary)
+    return summary
+
+
+def describe_run(vocab: Vocabulary, provenance: dict[str, Any], end: Any) -> None:
+    """Record in the vocabulary's report the ``provenance`` and the warehouse's extract end ``end`` (its last timed
+    event, :func:`foresight.warehouse.extract_end`: lives still going on are censored there, foresight.censoring)."""
+    vocab.report["provenance"] = provenance
+    vocab.report["extract_end"] = end.isoformat() if end is not None else None
+
+
+def new_summary(vocab: Vocabulary, provenance: dict[str, Any], markers_coarsened: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a tokenize before its splits are written (:func:`record_split` adds each)."""
+    return {"vocab_size": len(vocab.tokens),
+            "rare_mapping": {k: v for k, v in vocab.report.items() if k != "provenance"}, "provenance": provenance,
+            "markers_coarsened": markers_coarsened, "tokens": {}, "subjects": {},
+            "static_only_subjects": {}, "unseen_codes": {}}
+
+
+def finish_folder(tmp: Path, vocab: Vocabulary, descriptions: dict[str, str], summary: dict[str, Any]) -> None:
+    """Write ``vocab.json`` and ``code_descriptions.json`` into ``tmp`` and the summary's messages."""
     vocab.save(tmp / "vocab.json")
     (tmp / "code_descriptions.json").write_text(json.dumps(descriptions, indent=0, sort_keys=True))
     summary["messages"] = summary_messages(summary)
-    return summary
 
 
 def _fit_without(con: Any, config: TokenizerConfig, excluded: set[int], n_hidden: int
@@ -111,6 +144,12 @@ def _fit_without(con: Any, config: TokenizerConfig, excluded: set[int], n_hidden
     """Fit the vocabulary on ``con`` (where the opted-out subjects are already hidden) and record the opt-out in
     it: (vocabulary, the per-kind counts of train subjects whose markers the floor coarsened)."""
     vocab = fit_vocabulary(con, config)
+    return vocab, record_optout(con, vocab, excluded, n_hidden)
+
+
+def record_optout(con: Any, vocab: Vocabulary, excluded: set[int], n_hidden: int) -> dict[str, Any]:
+    """Record the opt-out (``excluded``, of whom ``n_hidden`` had events) in the fitted ``vocab``; returns the per-kind
+    counts of train subjects whose markers the floor coarsened, taken out of its report."""
     # per-kind counts of train subjects whose markers the floor coarsened go to the summary, which stays with
     # the shards, and not into vocab.json, which ships with every model: small counts of people stay inside
     markers_coarsened = vocab.report.pop("markers", {})
@@ -119,10 +158,10 @@ def _fit_without(con: Any, config: TokenizerConfig, excluded: set[int], n_hidden
         vocab.fingerprint = data_fingerprint(con, list_digest)
         vocab.report["opt_out"] = {"subjects_listed": len(excluded), "subjects_excluded": n_hidden,
                                    "list_sha256": list_digest}
-    return vocab, markers_coarsened
+    return markers_coarsened
 
 
-def _code_descriptions(con: Any, vocab: Vocabulary) -> dict[str, str]:
+def code_descriptions(con: Any, vocab: Vocabulary) -> dict[str, str]:
     """Readable names of the code tokens (predictions, the server, model cards), from the codes table."""
     return dict(con.execute(
         "SELECT code, description FROM codes WHERE description IS NOT NULL AND code IN "
@@ -138,19 +177,31 @@ def _write_splits(con: Any, vocab: Vocabulary, out: Path, progress: Any, summary
                                    "USING (subject_id)").fetchall():
         split_codes.setdefault(split, set()).add(code)
     for split in SPLITS:
-        ids = con.execute(  # an int64 array (8 bytes a subject), not a list of Python ints
-            "SELECT e.subject_id FROM (SELECT DISTINCT subject_id FROM events) e JOIN subject_splits s "
-            "USING (subject_id) WHERE s.split = ? ORDER BY 1", [split]).fetchnumpy()["subject_id"].astype(np.int64)
+        ids = split_subject_ids(con, split)
         n_tokens, errors, n_static_only = write_split(con, vocab, split, ids, out, progress)
-        if len(errors):
-            summary.setdefault("clock_error_hours", {})[split] = {
-                "p50": round(float(np.percentile(errors, 50)) / 3600, 3),
-                "p95": round(float(np.percentile(errors, 95)) / 3600, 3),
-                "max": round(float(errors.max()) / 3600, 3)}
-        summary["tokens"][split] = n_tokens
-        summary["subjects"][split] = len(ids)
-        summary["static_only_subjects"][split] = n_static_only
-        summary["unseen_codes"][split] = len(split_codes.get(split, set()) - split_codes.get("train", set()))
+        record_split(summary, split, (n_tokens, len(ids), n_static_only), errors,
+                     len(split_codes.get(split, set()) - split_codes.get("train", set())))
+
+
+def split_subject_ids(con: Any, split: str) -> np.ndarray:
+    """The sorted ids of the subjects of ``split`` that have events: an int64 array (8 bytes a subject), not a list
+    of Python ints."""
+    return con.execute(
+        "SELECT e.subject_id FROM (SELECT DISTINCT subject_id FROM events) e JOIN subject_splits s "
+        "USING (subject_id) WHERE s.split = ? ORDER BY 1", [split]).fetchnumpy()["subject_id"].astype(np.int64)
+
+
+def record_split(summary: dict[str, Any], split: str, counts: tuple[int, int, int], errors: np.ndarray,
+                 n_unseen: int) -> None:
+    """Record a written split in ``summary``: ``counts`` (tokens, subjects, subjects with only static facts), the
+    clock-error sample ``errors`` (seconds) and the number of its codes never seen in train."""
+    if len(errors):
+        summary.setdefault("clock_error_hours", {})[split] = {
+            "p50": round(float(np.percentile(errors, 50)) / 3600, 3),
+            "p95": round(float(np.percentile(errors, 95)) / 3600, 3),
+            "max": round(float(errors.max()) / 3600, 3)}
+    summary["tokens"][split], summary["subjects"][split], summary["static_only_subjects"][split] = counts
+    summary["unseen_codes"][split] = n_unseen
 
 
 def summary_messages(summary: dict[str, Any]) -> list[str]:

@@ -67,29 +67,53 @@ def fit_vocabulary(con: Any, config: TokenizerConfig | None = None, *, chunk_sub
     """Fit the vocabulary on the TRAIN split of the warehouse behind ``con`` (see :func:`floor_map`).
 
     Distinct-subject counts are summed over chunks of ``chunk_subjects`` train subjects (default
-    ``FIT_CHUNK_SUBJECTS``; the result is the same for any size, see the module docstring)."""
+    ``FIT_CHUNK_SUBJECTS``; the result is the same for any size, see the module docstring). The steps are the
+    pieces a sharded fit (:mod:`foresight.tokens.sharded`) runs apart: per-subject tables (:func:`create_train_views`,
+    :func:`clock_marker_table`), then the fit on them (:func:`fit_codes`, :func:`finish_vocabulary`)."""
     config = config or TokenizerConfig()
-    k = config.min_subjects
     ids = _train_subject_ids(con)
     n_train = len(ids)
     chunks = train_chunks(ids, chunk_subjects or FIT_CHUNK_SUBJECTS)
     del ids
-    _create_train_views(con, config, chunks)
-    code_map, n_events = _fit_code_map(con, k, chunks)
-    report = {"train_subjects": n_train, "min_subjects": k, **_code_map_report(code_map, n_events)}
+    create_train_views(con, config, chunks)
+    code_vocab, report = fit_codes(con, config, chunks, n_train, train_event_counts(con))
+    vocab = finish_vocabulary(con, code_vocab, report, chunks)
+    con.execute("DROP VIEW train_events; DROP TABLE code_pairs; DROP TABLE drop_kinds; "
+                "DROP TABLE IF EXISTS clock_markers; DROP TABLE IF EXISTS vocab_map")
+    return vocab
+
+
+def fit_codes(con: Any, config: TokenizerConfig, chunks: Sequence[Chunk], n_train: int, n_events: dict[str, int]
+              ) -> tuple[Vocabulary, dict[str, Any]]:
+    """The code tokens: (a vocabulary of the code tokens and value deciles, no markers yet; the rule report so far).
+
+    Reads ``code_pairs`` (:func:`create_train_views`), ``train_events`` (only its rows with a finite value), the
+    ``codes`` table and the distinct codes of ``events``; ``n_events``: train events per code
+    (:func:`train_event_counts`), ``n_train``: the train subjects with events."""
+    k = config.min_subjects
+    code_map = fit_code_map(con, k, chunks, n_events)
+    report: dict[str, Any] = {"train_subjects": n_train, "min_subjects": k, **_code_map_report(code_map, n_events)}
     code_map = {c: t for c, t in code_map.items() if c in n_events or t == c}  # drop pure ancestors
     _map_unseen_codes(con, code_map)
     quantile_edges = _fit_quantile_edges(con, config, code_map)
+    # sorted by code: the query engine's row order (thread scheduling) must not change vocab.json's bytes
+    code_map = dict(sorted(code_map.items()))
+    return Vocabulary(config, _token_list(config, {}, code_map), code_map, quantile_edges), report
+
+
+def finish_vocabulary(con: Any, code_vocab: Vocabulary, report: dict[str, Any], chunks: Sequence[Chunk], *,
+                      clock_ready: bool = False) -> Vocabulary:
+    """The fitted vocabulary: ``code_vocab`` (:func:`fit_codes`) with its markers (:func:`fit_markers`;
+    ``clock_ready``: the ``clock_markers`` table is already filled), token list, report and fingerprint."""
+    config, code_map, quantile_edges = code_vocab.config, code_vocab.code_map, code_vocab.quantile_edges
     # markers are counted on what the encoder writes, which needs the code tokens (dedup, static facts)
-    marker_map, report["markers"] = fit_markers(
-        con, config, Vocabulary(config, _token_list(config, {}, code_map), code_map, quantile_edges), chunks)
+    marker_map, report["markers"] = fit_markers(con, config, code_vocab, chunks, clock_ready=clock_ready)
     tokens = _token_list(config, marker_map, code_map)
     report["vocab_size"] = len(tokens)
     report["codes_with_value_tokens"] = len(quantile_edges)
+    k = config.min_subjects
     if code_map.get(DEATH_CODE) != DEATH_CODE and DEATH_CODE in code_map:
         report["warning"] = f"fewer than {k} train subjects died: MEDS_DEATH is not its own token"
-    con.execute("DROP VIEW train_events; DROP TABLE code_pairs; DROP TABLE drop_kinds; "
-                "DROP TABLE IF EXISTS clock_markers; DROP TABLE IF EXISTS vocab_map")
     return Vocabulary(config, tokens, code_map, quantile_edges, marker_map, report, data_fingerprint(con))
 
 
@@ -138,7 +162,7 @@ def summed(con: Any, sql: str, params: dict[str, Any] | None, chunks: Sequence[C
     return total
 
 
-def _create_train_views(con: Any, config: TokenizerConfig, chunks: Sequence[Chunk] = (None,)) -> None:
+def create_train_views(con: Any, config: TokenizerConfig, chunks: Sequence[Chunk] = (None,)) -> None:
     """TEMP ``drop_kinds(kind)``, view ``train_events`` and table ``code_pairs(node, subject_id)`` of train (the
     distinct pairs, written chunk by chunk in subject order, so later per-chunk queries read only their chunk)."""
     con.execute(
@@ -163,13 +187,18 @@ def _create_train_views(con: Any, config: TokenizerConfig, chunks: Sequence[Chun
                     f"WHERE code <> ? AND {cond}", [BIRTH_CODE, *bounds])
 
 
-def _fit_code_map(con: Any, k: int, chunks: Sequence[Chunk] = (None,)) -> tuple[dict[str, str], dict[str, int]]:
-    """(code -> token for train codes and the ancestors that became tokens, train events per code)."""
+def train_event_counts(con: Any) -> dict[str, int]:
+    """Train events per code (of ``train_events``, :func:`create_train_views`)."""
+    return dict(con.execute("SELECT code, count(*) FROM train_events GROUP BY code").fetchall())
+
+
+def fit_code_map(con: Any, k: int, chunks: Sequence[Chunk], n_events: dict[str, int]) -> dict[str, str]:
+    """code -> token for the train codes of ``code_pairs`` (``n_events``: train events per code) and the
+    ancestors that became tokens."""
     chains = {c: list(p) for c, p in con.execute(
         "SELECT code, coalesce(parent_codes, []::VARCHAR[]) FROM codes WHERE code IN (SELECT node FROM code_pairs)"
     ).fetchall()}
     code_map = floor_map(con, "code_pairs", chains, k, chunks)
-    n_events = dict(con.execute("SELECT code, count(*) FROM train_events GROUP BY code").fetchall())
     # What is left goes to KIND//RARE, or RARE when the kind's rare pool is itself below the floor.
     leftover = [c for c in n_events if c != BIRTH_CODE and c not in code_map]
     if leftover:
@@ -179,7 +208,7 @@ def _fit_code_map(con: Any, k: int, chunks: Sequence[Chunk] = (None,)) -> tuple[
         for c in leftover:
             kind = code_kind(c)
             code_map[c] = f"{kind}{SEP}RARE" if kind_pools.get(kind, 0) >= k else RARE
-    return code_map, n_events
+    return code_map
 
 
 def _code_map_report(code_map: dict[str, str], n_events: dict[str, int]) -> dict[str, int]:
@@ -228,7 +257,7 @@ def _fit_quantile_edges(con: Any, config: TokenizerConfig, code_map: dict[str, s
             """,
             [probs, batch],
         ).fetchall()
-    return {c: [float(x) for x in e] for c, e in edges_rows if code_map.get(c) == c and len(e) == n_edges}
+    return {c: [float(x) for x in e] for c, e in sorted(edges_rows) if code_map.get(c) == c and len(e) == n_edges}
 
 
 def _quantile_batches(counts: list[tuple[str, int]]) -> list[list[str]]:
@@ -339,7 +368,8 @@ def data_fingerprint(con: Any, opt_out_sha256: str | None = None) -> str:
 
 
 def fit_markers(
-    con: Any, config: TokenizerConfig, code_vocab: Vocabulary, chunks: Sequence[Chunk] = (None,)
+    con: Any, config: TokenizerConfig, code_vocab: Vocabulary, chunks: Sequence[Chunk] = (None,), *,
+    clock_ready: bool = False
 ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, int]]]:
     """AGE/YEAR/BIRTH value -> token: an ordered partition of the values into aligned bands.
 
@@ -354,10 +384,11 @@ def fit_markers(
     (``*_to_rare``). An event counts once per marker kind (its calendar year, its age); a birth is one event.
     YEAR and AGE values are those the encoder writes (:func:`clock_marker_table`, with ``code_vocab``: the fitted
     code tokens, markers not yet), so every marker token is written for >= ``min_subjects`` train subjects.
-    Subject counts are summed over ``chunks`` of train subjects (:func:`summed`).
+    Subject counts are summed over ``chunks`` of train subjects (:func:`summed`). ``clock_ready``: the
+    ``clock_markers`` table is already filled (a sharded fit builds it per shard), so it is not computed here.
     """
     enabled = {"BIRTH": True, "YEAR": config.year_tokens, "AGE": config.age_tokens}
-    if config.year_tokens or config.age_tokens:
+    if (config.year_tokens or config.age_tokens) and not clock_ready:
         clock_marker_table(con, code_vocab)
     out: dict[str, dict[str, str]] = {}
     stats: dict[str, dict[str, int]] = {}

@@ -41,6 +41,7 @@ from __future__ import annotations
 from foresight.warehouse.connection import MemoryBudgetError, connect, ident, memory_budget, parse_memory, sql_literal
 from foresight.warehouse.csv_scan import read_header
 from foresight.warehouse.export import export_meds
+from foresight.warehouse.extent import extract_end
 from foresight.warehouse.inputs import find_file, list_files, probe, readable_dir, readable_file
 from foresight.warehouse.load import Load
 from foresight.warehouse.reconciliation import reconcile
@@ -56,6 +57,7 @@ __all__ = [
     "TableResult",
     "connect",
     "export_meds",
+    "extract_end",
     "find_file",
     "ident",
     "list_files",
