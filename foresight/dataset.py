@@ -25,12 +25,14 @@ the token clock per token, and an index of subject boundaries. Training reads fi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from foresight.tokens import (
+    END,
     INDEX_DTYPE,
     MINUTE,
     NO_TIME,
@@ -63,6 +65,14 @@ class RowPlan:
         return self.padding / max(1, self.n_rows * (self.seq_len + 1))
 
 
+def extract_end_seconds(vocab: Vocabulary) -> int | None:
+    """The extract's end that tokenize recorded in the vocabulary's report (epoch seconds), or None."""
+    end = vocab.report.get("extract_end")
+    if not end:
+        return None
+    return int(datetime.fromisoformat(end).replace(tzinfo=UTC).timestamp())
+
+
 class PackedSplit:
     """One split of a tokenized dataset: memory-mapped tokens, token clock and subject index."""
 
@@ -83,9 +93,22 @@ class PackedSplit:
         self._q_ids = np.array([i for i, t in enumerate(self.vocab.tokens) if t.startswith(QUANTILE_PREFIX)
                                 and t[1:].isdigit()])
         self._pad = self.vocab.index[PAD]
+        self._end = self.vocab.index.get(END, -1)
+        self.extract_end_s = extract_end_seconds(self.vocab)
+        if self.extract_end_s is None:  # a folder tokenized before the extract's end was recorded
+            self.extract_end_s = self._last_event_s()
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def _last_event_s(self) -> int | None:
+        """The latest last event over this split's subjects (epoch seconds): the extract's end as far as the
+        split shows it, for folders that do not record it."""
+        timed = self.index[(self.index["t0"] != NO_TIME) & (self.index["length"] > 0)]
+        if not len(timed):
+            return None
+        last = np.asarray(self.clock_min[timed["offset"] + timed["length"] - 1], dtype=np.int64)
+        return int((timed["t0"].astype(np.int64) + last * MINUTE).max())
 
     @property
     def n_tokens(self) -> int:
@@ -167,7 +190,7 @@ class PackedSplit:
         label is ignored).
         """
         lo, hi = np.searchsorted(plan.row, [r, r + 1])
-        ids, pos_ids, clocks, starts = [], [], [], []
+        ids, pos_ids, clocks, starts, t0s = [], [], [], [], []
         n = 0
         for p in range(lo, hi):
             i, s, ln = int(plan.subject[p]), int(plan.start[p]), int(plan.length[p])
@@ -184,6 +207,7 @@ class PackedSplit:
             ids.append(piece)
             pos_ids.append(np.arange(len(piece)))
             clocks.append(np.concatenate([pre_clock, np.asarray(self.clock_min[s:s + ln], dtype=np.int64)]))
+            t0s.append(np.full(len(piece), int(self.index[i]["t0"]), dtype=np.int64))
             starts.append(n)
             n += len(piece)
         width = plan.seq_len + 1
@@ -191,6 +215,7 @@ class PackedSplit:
             ids.append(np.full(width - n, self._pad, dtype=np.int64))
             pos_ids.append(np.arange(width - n))
             clocks.append(np.zeros(width - n, dtype=np.int64))
+            t0s.append(np.full(width - n, NO_TIME, dtype=np.int64))
             starts.append(n)
         seq = np.concatenate(ids)
         positions = np.concatenate(pos_ids)
@@ -202,7 +227,18 @@ class PackedSplit:
         labels[seq[1:] == self._pad] = IGNORE_INDEX
         gap_min = np.where(labels != IGNORE_INDEX, clock[1:] - clock[:-1], 0)
         return {"input_ids": seq[:-1], "labels": labels, "position_ids": positions[:-1],
-                "time_to_next_days": np.maximum(gap_min, 0).astype(np.float32) / np.float32(1440.0)}
+                "time_to_next_days": np.maximum(gap_min, 0).astype(np.float32) / np.float32(1440.0),
+                "censor_s": self._censor_seconds(labels, np.concatenate(t0s)[1:], clock[1:])}
+
+    def _censor_seconds(self, labels: np.ndarray, t0: np.ndarray, clock: np.ndarray) -> np.ndarray:
+        """Seconds from each position whose label is ``[END]`` to the extract's end (-1 elsewhere and where it is
+        unknown): what :func:`foresight.censoring.censored_loss` reads. ``t0``/``clock``: the labels' own."""
+        out = np.full(len(labels), -1.0, dtype=np.float32)
+        if self.extract_end_s is None or self._end < 0:
+            return out
+        at_end = (labels == self._end) & (t0 != NO_TIME)
+        out[at_end] = np.maximum(self.extract_end_s - (t0[at_end] + clock[at_end] * MINUTE), 0)
+        return out
 
 
 class RowStream:

@@ -14,10 +14,11 @@ from foresight import tokens as T
 from foresight import warehouse
 from foresight.evaluate import backtest_rates, bootstrap_ci, expected_calibration_error, risk_metrics
 from foresight.forecast import Forecaster
-from foresight.forecast.cohorts import cohort_as_of, extract_end, like_patterns, weekly_history
+from foresight.forecast.cohorts import cohort_as_of, like_patterns, weekly_history
 from foresight.forecast.population import forecast_cohort, population_rates, weekly_counts
 from foresight.forecast.risks import RB_INTERVAL, WILSON_INTERVAL, risk_with_interval, risks_with_intervals
 from foresight.forecast.tasks import BUILTIN_TASKS, TaskSpec, load_task, risk_from_futures, wilson
+from foresight.warehouse import extract_end
 
 from .conftest import alive_timelines, simulated_warehouse, tiny_llama, tiny_warehouse
 

@@ -19,6 +19,7 @@ from flows.train import train as train_flow
 from foresight import model as M
 from foresight import tokens as T
 from foresight import train as TR
+from foresight.censoring import GapBins
 from foresight.dataset import IGNORE_INDEX, PackedSplit, RowStream
 from foresight.hashing import sha256_file
 
@@ -205,8 +206,8 @@ def test_saved_model_reloads_with_identical_logits(trained, demo_data):
         a = reloaded(input_ids=ids, position_ids=pos, use_cache=False).logits
         b = built(input_ids=ids, position_ids=pos, use_cache=False).logits
     assert torch.equal(a, b)
-    # and the reloaded model reproduces the reported tuning loss
-    again = TR.estimate_loss(reloaded, ps, 128, 1337, 64, 8, torch.device("cpu"))
+    # and the reloaded model reproduces the reported tuning loss (the training objective: [END] censored)
+    again = TR.estimate_loss(reloaded, ps, 128, 1337, 64, 8, torch.device("cpu"), gaps=GapBins.from_vocab(ps.vocab))
     assert again["loss"] == pytest.approx(summary["metrics"]["tuning_loss"], abs=1e-5)
 
 

@@ -44,6 +44,9 @@ def train(
     checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints (0: at the end).")] = None,
     time_head: Annotated[bool | None, typer.Option(
         "--time-head/--no-time-head", help="Train the time-to-next-event loss too.")] = None,
+    end_censoring: Annotated[bool | None, typer.Option(
+        "--end-censoring/--no-end-censoring", help="Score the position before [END] as censored at the extract's "
+                                                   "end (default) or [END] as an ordinary token.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of initialisation and data order.")] = None,
     stop_at_step: Annotated[int | None, typer.Option(
         help="Checkpoint at this step and stop (resume later with --resume).")] = None,
@@ -56,7 +59,7 @@ def train(
 
     given = {"preset": preset, "max_steps": max_steps, "seq_len": seq_len, "micro_batch": micro_batch,
              "grad_accum": grad_accum, "lr": lr, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
-             "time_head": time_head, "seed": seed, "stop_at_step": stop_at_step}
+             "time_head": time_head, "end_as_censoring": end_censoring, "seed": seed, "stop_at_step": stop_at_step}
     cfg = train_config(config, given)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))

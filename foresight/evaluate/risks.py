@@ -17,7 +17,7 @@ from foresight.evaluate.metrics import bootstrap_ci, calibration_table, paired_d
 from foresight.evaluate.points import PredictionPoint, observed_labels
 from foresight.evaluate.tasks import EvalTask, task_spec
 from foresight.forecast import Forecaster, Timeline
-from foresight.forecast.cohorts import extract_end
+from foresight.warehouse import extract_end
 
 
 def evaluate_task(forecaster: Forecaster, con: Any, task: EvalTask, points: Sequence[PredictionPoint], *,

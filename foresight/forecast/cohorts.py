@@ -45,10 +45,6 @@ def cohort_as_of(con: Any, as_of: datetime, *, split: str | None = None, active_
     return subsample([r[0] for r in rows], limit, seed)
 
 
-def extract_end(con: Any) -> datetime | None:
-    """When the warehouse's records end: its last timed event (None when it holds none). A model trained on
-    them learned ``[END]`` as censoring at this date (see :meth:`foresight.forecast.FutureSampler.sample_futures`)."""
-    return con.execute("SELECT max(time) FROM events WHERE code <> 'MEDS_BIRTH'").fetchall()[0][0]
 
 
 def with_codes(con: Any, subject_ids: Sequence[int], as_of: datetime, codes: Sequence[str]) -> list[int]:

@@ -26,7 +26,6 @@ import numpy as np
 from foresight.forecast.cohorts import (
     arrival_events,
     cohort_as_of,
-    extract_end,
     stratified_subsample,
     subsample,
     weekly_history,
@@ -35,6 +34,7 @@ from foresight.forecast.cohorts import (
 from foresight.forecast.counts import Inflow, Tallies, age_band, interval, strata_rows, summarise, week_rows
 from foresight.forecast.forecaster import Forecaster
 from foresight.forecast.timeline import DAY, Timeline
+from foresight.warehouse import extract_end
 
 
 @dataclass

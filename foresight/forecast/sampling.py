@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from foresight.censoring import GapBins, share_above
 from foresight.forecast.tasks import TaskSpec
 from foresight.forecast.timeline import DAY, Timeline
 from foresight.schema import DEATH_CODE
@@ -61,11 +62,9 @@ class FutureSampler:
         upper = [*vocab.time_lower_s[1:].tolist(), math.inf]  # upper edge of each bin (the 1Y token: none)
         self.time_upper_s = torch.full((n,), -1.0, dtype=torch.float64)
         self.time_upper_s[torch.tensor(vocab.time_ids)] = torch.tensor(upper, dtype=torch.float64)
-        self.time_lower_s = torch.full((n,), -1.0, dtype=torch.float64)
-        self.time_lower_s[torch.tensor(vocab.time_ids)] = torch.tensor(vocab.time_lower_s, dtype=torch.float64)
-        self.time_lower_s[int(vocab.time_ids[-1])] = float(vocab.time_reps_s[-1])  # 1Y: exactly one year
-        self.time_upper_s_finite = torch.where(torch.isinf(self.time_upper_s), self.time_lower_s, self.time_upper_s)
-        self.year_id = int(vocab.time_ids[-1])
+        self.gaps = GapBins.from_vocab(vocab)  # the bins' edges, shared with the censored training loss
+        self.time_lower_s, self.time_upper_s_finite = self.gaps.lower_s, self.gaps.upper_s
+        self.year_id = self.gaps.year_id
         self.death_id = vocab.index.get(DEATH_CODE, -1)
         self.end_id = vocab.index.get(END, -1)
 
@@ -331,17 +330,13 @@ class FutureSampler:
 
     def _share_above(self, remaining: torch.Tensor, *, end: bool = True) -> torch.Tensor:
         """(rows, V): for rows still inside the elapsed wait, the share of each gap bin above ``remaining``
-        seconds (log-uniform within the bin; 1 for the 1-year token, 0 for bins below and for every non-gap
-        token: the wait must end before anything else happens). ``[END]`` (no event before the extract's end)
-        is compatible with any wait: share 1 unless ``end`` is False."""
-        lo, hi = self.time_lower_s[None, :], self.time_upper_s_finite[None, :]
-        rem = remaining[:, None]
-        share = (torch.log(hi) - torch.log(torch.maximum(lo, rem))) / (torch.log(hi) - torch.log(lo))
-        share = torch.where(torch.tensor(self.is_time)[None, :], share.clamp(0.0, 1.0), torch.zeros_like(share))
-        share[:, self.year_id] = 1.0
+        seconds (:func:`foresight.censoring.share_above`: log-uniform within the bin; 1 for the 1-year token, 0 for
+        bins below and for every non-gap token: the wait must end before anything else happens). ``[END]`` (no
+        event before the extract's end) is compatible with any wait: share 1 unless ``end`` is False."""
+        share = share_above(self.gaps, remaining)
         if self.end_id >= 0:
             share[:, self.end_id] = 1.0 if end else 0.0
-        return share.float()
+        return share
 
     def _gap_seconds(self, nxt: torch.Tensor, remaining: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Seconds each sampled token moves the clock: a gap's representative length, except for a gap that

@@ -43,10 +43,14 @@ class TrainConfig:
     seed: int = 1337  # model initialisation and data order
     time_head: bool = False  # add the exponential time-to-next-event loss (foresight.model docstring)
     time_loss_weight: float = 1.0
+    # the position before [END] is a censored observation (foresight.censoring): its loss is -log P(no event
+    # before the extract ends), not the cross-entropy of an [END] token; False: [END] as an ordinary token
+    end_as_censoring: bool = True
     stop_at_step: int = 0  # > 0: checkpoint at this step and stop without saving the model (time-boxed jobs)
 
     # Changing these between a checkpoint and its resumption would silently train a different run.
-    MUST_MATCH_ON_RESUME = ("preset", "seq_len", "micro_batch", "grad_accum", "seed", "time_head")
+    MUST_MATCH_ON_RESUME = ("preset", "seq_len", "micro_batch", "grad_accum", "seed", "time_head",
+                           "end_as_censoring")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

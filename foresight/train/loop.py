@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from foresight.censoring import GapBins
 from foresight.dataset import collate
 from foresight.tokens import IncompleteTokensError, check_complete
 from foresight.train.card import check_provenance, gather_weights, write_model_dir
@@ -118,6 +119,7 @@ def fit(run: Run, step: int, train_log: TrainLog, baselines: dict[str, float]) -
 
     cfg, engine, device, world = run.cfg, run.engine, run.device, run.world
     done = Progress(step=step, last_checkpoint=step if run.latest is not None else -1)
+    gaps = gap_bins(run)
     # On GPU a thread builds the next step's rows while the kernels run; on CPU every core is already busy with
     # the maths, so the rows are built inline (a second busy thread there only slows both down).
     prefetch = ThreadPoolExecutor(max_workers=1) if run.on_gpu else _InlineExecutor()
@@ -134,7 +136,7 @@ def fit(run: Run, step: int, train_log: TrainLog, baselines: dict[str, float]) -
                     next_batch = prefetch.submit(batch_for, run, step + 1)
                 stats = torch.zeros(5, dtype=torch.float64, device=device)  # ce_sum, ce_n, t_sum, t_n, stop votes
                 for batch in micro_batches:
-                    res = forward_losses(engine, batch, run.event_bias)
+                    res = forward_losses(engine, batch, run.event_bias, gaps)
                     # joint NLL of tokens and (time head) gaps, per token: see foresight.model's docstring
                     loss_sum = res["ce_sum"] + (cfg.time_loss_weight * res["t_sum"] if run.event_bias is not None
                                                 else 0.0)
@@ -221,6 +223,14 @@ class Progress:
         return metrics
 
 
+def gap_bins(run: Run) -> GapBins | None:
+    """The gap bins :func:`foresight.censoring.censored_loss` reads, on the run's device; None when ``[END]`` is
+    an ordinary token (``end_as_censoring=False``)."""
+    if not run.cfg.end_as_censoring:
+        return None
+    return GapBins.from_vocab(run.train_split.vocab).to(run.device)
+
+
 def batch_for(run: Run, step: int) -> list[dict[str, Any]]:
     """This rank's micro-batches for optimiser step ``step``, as tensors on its device."""
     cfg = run.cfg
@@ -233,7 +243,7 @@ def evaluate(run: Run, train_log: TrainLog, baselines: dict[str, float], at_step
     """Loss on the tuning split (sharded over ranks), logged and said next to the context-free bars."""
     cfg = run.cfg
     res = estimate_loss(run.engine, run.tuning_split, cfg.seq_len, cfg.seed, cfg.eval_rows, cfg.micro_batch,
-                        run.device, run.event_bias, run.rank, run.world)
+                        run.device, run.event_bias, run.rank, run.world, gap_bins(run))
     rec = {"kind": "eval", "step": at_step, "tuning_loss": res["loss"], **(
         {"tuning_time_loss": res["time_loss"]} if cfg.time_head else {})}
     train_log.write(rec)

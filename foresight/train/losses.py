@@ -7,18 +7,26 @@ from typing import Any
 
 import numpy as np
 
+from foresight.censoring import GapBins, censored_loss
 from foresight.dataset import IGNORE_INDEX, PackedSplit, collate
 from foresight.model import next_token_loss, time_to_event_loss
 
 
-def forward_losses(model: Any, batch: dict[str, Any], event_bias: Any | None) -> dict[str, Any]:
+def forward_losses(model: Any, batch: dict[str, Any], event_bias: Any | None, gaps: GapBins | None = None
+                   ) -> dict[str, Any]:
     """One forward pass over a packed batch: summed next-token CE and (with the time head) summed time NLL.
+
+    With ``gaps`` every position whose label is ``[END]`` is censored at the extract's end
+    (:func:`foresight.censoring.censored_loss`, ``batch["censor_s"]``) instead of predicting an ``[END]`` token.
 
     ``attention_mask`` stays None and ``use_cache=False`` so transformers derives the block-diagonal causal mask
     from ``position_ids`` (document masking): no token attends to another subject's tokens.
     """
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    ce_sum, ce_n = next_token_loss(logits, batch["labels"])
+    if gaps is not None:
+        ce_sum, ce_n = censored_loss(logits, batch["labels"], batch["censor_s"], gaps)
+    else:
+        ce_sum, ce_n = next_token_loss(logits, batch["labels"])
     out = {"ce_sum": ce_sum, "ce_n": ce_n}
     if event_bias is not None:
         out["t_sum"], out["t_n"] = time_to_event_loss(logits, event_bias, batch["time_to_next_days"])
@@ -36,8 +44,8 @@ def loss_totals(res: dict[str, Any], device: Any) -> Any:
 
 
 def estimate_loss(model: Any, split: PackedSplit, seq_len: int, seed: int, n_rows: int, micro_batch: int,
-                  device: Any, event_bias: Any | None = None, rank: int = 0, world_size: int = 1
-                  ) -> dict[str, float]:
+                  device: Any, event_bias: Any | None = None, rank: int = 0, world_size: int = 1,
+                  gaps: GapBins | None = None) -> dict[str, float]:
     """Token-weighted loss over the first ``n_rows`` rows (0: all) of ``split``'s epoch-0 plan, sharded over ranks.
 
     Works on a DeepSpeed engine or a plain model (e.g. one reloaded with ``from_pretrained``). Every rank runs
@@ -59,7 +67,7 @@ def estimate_loss(model: Any, split: PackedSplit, seq_len: int, seed: int, n_row
             idx = mine[b * micro_batch:(b + 1) * micro_batch]
             weight = 1.0 if len(idx) else 0.0
             rows = [split.row(plan, int(r)) for r in (idx if len(idx) else [0])]
-            totals += weight * loss_totals(forward_losses(model, collate(rows, device), event_bias), device)
+            totals += weight * loss_totals(forward_losses(model, collate(rows, device), event_bias, gaps), device)
     if world_size > 1:
         dist.all_reduce(totals)
     model.train(was_training)
