@@ -4,9 +4,10 @@
 ``out_dir`` and to ``model_dir/privacy/`` (where ``foresight release`` looks for the latest audit). Probes, in
 order: vocabulary floor (:mod:`privacy.vocab_floor`), membership inference (:mod:`privacy.mia`), canary exposure
 (:mod:`privacy.canaries`), extraction (:mod:`privacy.extraction`), synthetic-cohort distances
-(:mod:`privacy.synthetic`) and, given opted-out subjects and a warehouse that still holds them, the forgotten-set
-check. The decision is :func:`privacy.gate.decide`'s. This module only wires data to the probes: the maths lives
-in :mod:`privacy.metrics` and the probe modules, the model forward in :mod:`privacy.scoring`.
+(:mod:`privacy.synthetic`), sensitive attributes read from embeddings (:mod:`privacy.embedding_probe`, unless
+``[embedding_probe] enabled = false``) and, given opted-out subjects and a warehouse that still holds them, the
+forgotten-set check. The decision is :func:`privacy.gate.decide`'s. This module only wires data to the probes: the
+maths lives in :mod:`privacy.metrics` and the probe modules, the model forward in :mod:`privacy.scoring`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,19 @@ from foresight.dataset import PackedSplit
 from foresight.forecast import Forecaster
 from foresight.tokens import Vocabulary, check_complete, encode_subjects, register_code_map, seal, write_shard
 from foresight.train.card import INCOMPLETE
-from privacy import canaries, extraction, gate, mia, release, report, scoring, signing, synthetic, vocab_floor
+from privacy import (
+    canaries,
+    embedding_probe,
+    extraction,
+    gate,
+    mia,
+    release,
+    report,
+    scoring,
+    signing,
+    synthetic,
+    vocab_floor,
+)
 
 SPLIT_SUFFIXES = ("bin", "clock.bin", "index.npy")
 
@@ -110,6 +123,8 @@ def audit(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path | Non
         ex = _extraction(inp, cfg, say)
     with timer("synthetic_cohort"):
         syn = _synthetic_cohort(inp, cfg, say)
+    with timer("embedding_probe"):
+        emb = _embedding_probe(inp, cfg, membership["mem_idx"], membership["non_idx"], say)
     with timer("forgotten"):
         forg = None
         if forgotten:
@@ -117,7 +132,7 @@ def audit(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path | Non
                                    membership["non_idx"], inp.context, cfg, ref_model)
             say(f"forgotten subjects: {forg['subjects']} scored")
     results = {"membership_inference": membership["rows"], "canaries": can, "extraction": ex,
-               "vocabulary_floor": vf, "synthetic_cohort": syn, "forgotten": forg}
+               "vocabulary_floor": vf, "synthetic_cohort": syn, "embedding_probe": emb, "forgotten": forg}
     decision = gate.decide(results, cfg)
     timer.times["total"] = time.perf_counter() - timer.start
     rep = _report(inp, cfg, decision, results, membership, ref_name, timer.times)
@@ -265,6 +280,17 @@ def _synthetic_cohort(inp: AuditInputs, cfg: dict[str, Any], say: Callable[[str]
                            level=cfg["audit"]["ci_level"],
                            train_counts=synthetic.sequence_counts(codes(train, i) for i in real_train),
                            holdout_counts=synthetic.sequence_counts(codes(held, i) for i in range(len(held))))
+
+
+def _embedding_probe(inp: AuditInputs, cfg: dict[str, Any], mem_idx: np.ndarray, non_idx: np.ndarray,
+                     say: Callable[[str], None]) -> dict[str, Any] | None:
+    """Sensitive attributes read from embeddings, on membership inference's sample of members and non-members
+    (None when switched off)."""
+    if not cfg["embedding_probe"]["enabled"]:
+        return None
+    return embedding_probe.run(inp.fc, inp.train, inp.held, mem_idx, non_idx, cfg["embedding_probe"],
+                               cfg["slices"]["sensitive"], seed=cfg["audit"]["seed"],
+                               n_boot=cfg["audit"]["bootstrap"], level=cfg["audit"]["ci_level"], progress=say)
 
 
 def _report(inp: AuditInputs, cfg: dict[str, Any], decision: dict[str, Any], results: dict[str, Any],

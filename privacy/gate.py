@@ -15,6 +15,8 @@ slices and a few rare sequences make point estimates above a limit a certainty f
   AUC shows a membership signal, a note otherwise.
 - k-eidetic extractions and generated copies of rare sequences: a finding only when significantly above the
   rate chance explains (matched non-members; the random patient split).
+- Embedding probe (:func:`decide_embedding_probe`): REVIEW when a sensitive attribute is read from members'
+  embeddings better than from non-members' by more than ``margin`` AUROC (family-wise lower bound of the gap).
 
 Probes that were not run are SKIPPED and do not count. An audit whose canaries show it could not see
 memorisation is *invalid*: it can be REVIEW at best, never PASS. :func:`findings` lists every reason and note
@@ -350,6 +352,33 @@ def decide_synthetic(res: dict[str, Any] | None, cfg: dict[str, Any], level: flo
     return {"decision": worst(decisions), "reasons": reasons, "notes": notes}
 
 
+def decide_embedding_probe(res: dict[str, Any] | None, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Per sensitive attribute, how much better a linear probe reads it from members' embeddings than from
+    non-members' (:mod:`privacy.embedding_probe`): ``severity`` (REVIEW) when the AUROC gap's family-wise lower
+    bound is above ``margin``; otherwise, and for attributes too rare to measure, a note."""
+    if res is None:
+        return {"decision": SKIPPED, "reasons": [], "notes": ["embedding probe switched off ([embedding_probe] "
+                                                              "enabled = false)"]}
+    decisions, reasons, notes = [PASS], [], []
+    margin = float(cfg["margin"])
+    for row in res["attributes"]:
+        if not row.get("measured"):
+            notes.append(f"{row['attribute']}: not measured: {row.get('why', 'too few subjects')}")
+            continue
+        line = (f"{row['attribute']} ({row['positives']} with / {row['negatives']} without per side, "
+                f"{res.get('pooling', '?')} pooling): probe AUROC members {_fmt(row['auroc_members'])} vs "
+                f"non-members {_fmt(row['auroc_nonmembers'])}, gap {_fmt(row['gap'])}")
+        low = row["gap"].get("ci_low_familywise")
+        if low is not None and low > margin:
+            d = cfg.get("severity", REVIEW)
+            decisions.append(d)
+            reasons.append(f"{d}: {line}: the attribute is read from members' embeddings demonstrably better than "
+                           f"from non-members' (family-wise lower bound above the {margin:g} margin)")
+        else:
+            notes.append(f"{line}: not demonstrably above the {margin:g} margin")
+    return {"decision": worst(decisions), "reasons": reasons, "notes": notes}
+
+
 def decide(results: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     """Per-probe decisions and the overall one. ``results`` holds each probe's figures (None = not run).
 
@@ -365,6 +394,8 @@ def decide(results: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
         "vocabulary_floor": decide_vocab(results["vocabulary_floor"], cfg["vocab_floor"]),
         "synthetic_cohort": decide_synthetic(results.get("synthetic_cohort"), cfg["synthetic"], level),
     }
+    if "embedding_probe" in results:  # reports written before the probe existed have no such key: no row
+        probes["embedding_probe"] = decide_embedding_probe(results["embedding_probe"], cfg["embedding_probe"])
     forgotten = results.get("forgotten")
     if forgotten is not None:
         p = decide_mia(forgotten["rows"], {"max_auc": cfg["forgotten"]["max_auc"], "tpr_limits": []},

@@ -159,6 +159,22 @@ TEMPLATE = """<!doctype html>
 {% endif %}
 </table>{% else %}<p>Not run.</p>{% endif %}
 
+{% if r.probes.embedding_probe is defined %}<h2>Sensitive attributes read from embeddings</h2>
+{% set e = r.probes.embedding_probe %}
+{% if e %}<p class="muted">A logistic-regression probe reads each sensitive attribute from the model's
+ {{ e.pooling }}-pooled embedding of a timeline with that attribute's codes removed, on members and on non-members of
+ equal sizes and class balance (cross-fitted halves). A gap demonstrably above {{ e.margin }} (family-wise lower
+ bound, level {{ e.familywise_level }}) means the model holds more about the people it was trained on.</p>
+<table><tr><th>attribute</th><th>with / without (per side)</th><th>AUROC members</th><th>AUROC non-members</th>
+<th>gap</th><th>gap, family-wise lower bound</th></tr>
+{% for a in e.attributes %}{% if a.measured %}<tr><td>{{ a.attribute }}</td>
+<td class="num">{{ a.positives }} / {{ a.negatives }}</td><td class="num">{{ est(a.auroc_members) }}</td>
+<td class="num">{{ est(a.auroc_nonmembers) }}</td><td class="num">{{ est(a.gap) }}</td>
+<td class="num">{{ "%.3g"|format(a.gap.ci_low_familywise) if a.gap.ci_low_familywise is not none else "n/a" }}</td>
+</tr>{% else %}<tr><td>{{ a.attribute }}</td><td colspan="5" class="muted">not measured: {{ a.why }}</td></tr>
+{% endif %}{% endfor %}</table>
+{% else %}<p>Not run (switched off).</p>{% endif %}{% endif %}
+
 <h2>Forgotten subjects (opt-out)</h2>
 {% if r.probes.forgotten %}{{ mia_table(r.probes.forgotten.rows) }}
 <p class="muted">Members: {{ r.probes.forgotten.subjects }} opted-out subjects; non-members: held-out subjects.
