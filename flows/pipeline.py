@@ -178,6 +178,8 @@ def pipeline(
     signing_key: Path | None = None,
     purpose: str = "unspecified",
     declaration: Path | None = None,
+    forecast_db: Path | None = None,
+    forecast_oracle_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The whole chain for one source; returns every stage's summary (and its seconds).
 
@@ -200,6 +202,8 @@ def pipeline(
     list it in its declaration, else the run stops before tokenizing (``unspecified``, the default, is covered only
     by undeclared loads). ``declaration``: the declarations file (JSON/YAML: provider, purposes, optional
     controller and expires) recorded with this run's ETL load; see :mod:`foresight.purposes`.
+    ``forecast_db``: the warehouse of the population to forecast (a catchment), default the run's own;
+    ``forecast_oracle_dir``: the simulator folder of that population (default ``oracle_dir``).
     """
     logger = get_run_logger()
     if eval_at not in ("discharges", "as_of"):
@@ -241,8 +245,9 @@ def pipeline(
         model = released or paths.model
         if released is not None and out["privacy"]["decision"] != "PASS":
             logger.warning("forecast uses the last released model, %s, not this run's candidate", released)
-        out["forecast"] = forecast_step(model, db, paths.forecast, as_of, horizon_days, forecast_samples,
-                                        forecast_split, forecast_max_subjects, oracle_dir)
+        out["forecast"] = forecast_step(model, Path(forecast_db) if forecast_db else db, paths.forecast, as_of,
+                                        horizon_days, forecast_samples, forecast_split, forecast_max_subjects,
+                                        forecast_oracle_dir or oracle_dir)
         out["forecast"]["model"] = str(model)
         out["forecast"]["model_checksum"] = P.model_fingerprint(model)
         out["forecast"]["model_released"] = released is not None

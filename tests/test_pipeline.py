@@ -126,6 +126,35 @@ def test_pipeline_runs_then_reuses_cached_steps(first_run):
     assert (kw["workdir"] / "privacy" / "report.html").exists()
 
 
+def test_the_forecast_can_be_of_another_population_in_its_own_warehouse(first_run, tmp_path):
+    """The demo forecasts a catchment the model never saw: a second population in its own warehouse, with its own
+    simulator folder as the oracle. The cohort is that warehouse's, and the oracle's expectation is of its people."""
+    from flows.pipeline import pipeline
+    from foresight import sources, warehouse
+    from foresight.demo import demo_config
+    from foresight.forecast.cohorts import cohort_as_of
+    from foresight.simulate import simulate
+
+    other = tmp_path / "catchment"
+    simulate(200, other / "sim", seed=9, config=demo_config(), first_subject_id=500_001)
+    db = other / "w.duckdb"
+    kw = {**first_run["kw"], "forecast_split": None, "forecast_max_subjects": None, "forecast_db": db,
+          "forecast_oracle_dir": other / "sim"}
+    with warehouse.connect(db) as con:
+        sources.load("meds", con, other / "sim")
+        alive = cohort_as_of(con, kw["as_of"])
+    assert alive and min(alive) >= 500_001
+    fc = pipeline(**kw)["forecast"]
+    assert fc["cohort"] == len(alive)
+    observed = json.loads(Path(fc["json"]).read_text())["observed_after"]
+    with warehouse.connect(db, read_only=True) as con:
+        expect = con.execute("SELECT count(*) FROM events WHERE code LIKE 'ADMIT//%' AND time >= ? AND time < ? + "
+                             "INTERVAL 14 DAY AND list_contains(?, subject_id)",
+                             [kw["as_of"], kw["as_of"], alive]).fetchall()[0][0]
+    assert sum(w["observed"] for w in observed) == expect  # the catchment's admissions, not the run's own
+    assert fc["oracle_total"] > 0  # the oracle found these people in the catchment's simulator folder
+
+
 def test_failed_gate_forecasts_with_the_last_released_model_and_canaries_are_audited(first_run, tmp_path):
     """The first run loaded the cohort and released its model through a gate with every limit open. Run 2 starts
     from that warehouse (source="warehouse"), plants canaries, trains a different model and meets the shipped gate,
