@@ -37,8 +37,9 @@ def log(message: str) -> None:
     print(f"[{datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
-def cohort(root: Path, lives: int, seed: int) -> dict[str, Path]:
-    """Simulated lives (default hazards) -> warehouse -> tokens, each step skipped when already done."""
+def cohort(root: Path, lives: int, seed: int, config: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Simulated lives (the simulator's ``config``, default hazards when None) -> warehouse -> tokens, each step
+    skipped when already done."""
     from foresight import sources, warehouse
     from foresight import tokens as T
     from foresight.simulate import default_config, simulate
@@ -46,8 +47,8 @@ def cohort(root: Path, lives: int, seed: int) -> dict[str, Path]:
     sim, db, tok = root / "sim", root / "warehouse.duckdb", root / "tokens"
     root.mkdir(parents=True, exist_ok=True)
     if not (sim / "metadata" / "simulator.json").exists():
-        log(f"simulating {lives:,} lives (default hazards)")
-        simulate(lives, sim, seed=seed, config=default_config())
+        log(f"simulating {lives:,} lives ({'default hazards' if config is None else 'given hazards'})")
+        simulate(lives, sim, seed=seed, config=config or default_config())
     if not db.exists():
         log("loading the warehouse")
         with warehouse.connect(db) as con:

@@ -18,6 +18,8 @@ steps x 2,048 tokens), trained twice from the same seed: A = ``end_as_censoring=
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import sys
 import time
@@ -31,30 +33,24 @@ OUT = REPO / "bench" / "out" / "censoring"
 AS_OF = ("2025-10-01", "2025-06-01", "2024-06-01")
 
 
+@functools.cache
+def _catchment() -> Any:
+    """bench/catchment.py as a module (its cohort builder and log line), loaded by path: bench/ is not a package."""
+    spec = importlib.util.spec_from_file_location("bench_catchment", Path(__file__).with_name("catchment.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def log(message: str) -> None:
-    print(f"[{datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+    _catchment().log(message)
 
 
 def cohort(root: Path, lives: int, seed: int) -> dict[str, Path]:
-    """The demo's cohort -> warehouse -> tokens; each step reused when done."""
-    from foresight import sources, warehouse
-    from foresight import tokens as T
+    """The demo's cohort (admission hazards x3) -> warehouse -> tokens; each step reused when done."""
     from foresight.demo import demo_config
-    from foresight.simulate import simulate
 
-    sim, db, tok = root / "sim", root / "warehouse.duckdb", root / "tokens"
-    root.mkdir(parents=True, exist_ok=True)
-    if not (sim / "metadata" / "simulator.json").exists():
-        log(f"simulating {lives:,} lives (admission hazards x3)")
-        simulate(lives, sim, seed=seed, config=demo_config())
-    if not db.exists():
-        log("loading the warehouse")
-        with warehouse.connect(db) as con:
-            sources.load("meds", con, sim)
-    if not (tok / "COMPLETE").exists():
-        log("tokenizing")
-        T.tokenize(db, tok, T.TokenizerConfig(min_subjects=10))
-    return {"sim": sim, "db": db, "tokens": tok}
+    return _catchment().cohort(root, lives, seed, config=demo_config())
 
 
 def train_model(tokens: Path, out: Path, censoring: bool) -> float:
