@@ -75,7 +75,7 @@ def test_censored_loss_is_minus_log_probability_of_no_event_before_the_end(demo_
     expect = -math.log(p[0, event])
     # by hand, from the vocabulary's bin edges: every bin wholly above 10 days, the part above 10 days of the bin
     # holding it (log-uniform), the one-year token whole
-    edges = list(vocab.time_lower_s) + [math.inf]
+    edges = [*vocab.time_lower_s.tolist(), math.inf]
     ten_days = 10 * 86400.0
     mass = 0.0
     for k, tid in enumerate(vocab.time_ids[:-1]):
