@@ -46,6 +46,10 @@ def tokenize(
              "'unspecified' is covered only by loads made without a declaration.")] = purposes.UNSPECIFIED,
     workers: TokenizeWorkersOption = None,
     scheduler: TokenizeSchedulerOption = None,
+    vocabulary_from: Annotated[Path | None, typer.Option(
+        "--vocabulary-from", help="Encode in this trained model's vocabulary instead of fitting one (data of "
+                                  "another source, to fine-tune with `train --init-from`): codes it lacks become "
+                                  "their nearest known ancestor, else RARE.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Fit the vocabulary on the train split and write packed token shards for train/tuning/held_out.
@@ -59,6 +63,13 @@ def tokenize(
         cfg = tokens.TokenizerConfig.from_options(fields)
     except TypeError as exc:
         fail(f"{config}: {exc}")
+    if vocabulary_from is not None:
+        if workers or scheduler:
+            fail("--vocabulary-from encodes on one machine: leave out --workers/--scheduler")
+        summary = _encode_in_model_vocabulary(db, out, vocabulary_from, exclude_subjects, purpose)
+        emit(summary, as_json, f"encoded in the vocabulary of {vocabulary_from} ({summary['vocab_size']:,} tokens); "
+                               f"tokens per split {summary['tokens']}; written to {out}")
+        return
     if workers or scheduler:  # the sharded path (foresight/cli/sharded.py): same folder, same --json keys
         opt_out_list(exclude_subjects)  # a bad list fails here, before a cluster starts
         summary = run_sharded_tokenize(db, out, cfg, workers=workers, scheduler=scheduler,
@@ -88,6 +99,21 @@ def _tokenize_here(db: Path, out: Path, cfg: tokens.TokenizerConfig, exclude_sub
             return tokens.tokenize(db, out, cfg, progress=report, exclude_subjects=opt_out_list(exclude_subjects),
                                    purpose=purpose)
     except (tokens.TokenizeError, purposes.PurposeError) as exc:
+        fail(str(exc))
+
+
+def _encode_in_model_vocabulary(db: Path, out: Path, model: Path, exclude_subjects: Path | None,
+                                purpose: str) -> dict[str, Any]:
+    """:func:`foresight.evaluate.crosssource.encode_in_vocabulary`, its errors as one line."""
+    from foresight.evaluate.crosssource import encode_in_vocabulary
+
+    if not db.exists():
+        fail(f"{db}: warehouse not found")
+    if not (model / "vocab.json").exists():
+        fail(f"{model}: no vocab.json: not a trained model directory")
+    try:
+        return encode_in_vocabulary(db, model, out, purpose=purpose, exclude_subjects=opt_out_list(exclude_subjects))
+    except (purposes.PurposeError, tokens.TokenFolderError, ValueError) as exc:
         fail(str(exc))
 
 

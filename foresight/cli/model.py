@@ -50,6 +50,9 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Seed of initialisation and data order.")] = None,
     stop_at_step: Annotated[int | None, typer.Option(
         help="Checkpoint at this step and stop (resume later with --resume).")] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        "--init-from", help="Fine-tune: start from this trained model's weights (same --preset; DATA must be in "
+                            "its vocabulary).")] = None,
     local_rank: Annotated[int, typer.Option("--local_rank", "--local-rank", hidden=True,
                                             help="Set by the deepspeed launcher; read from LOCAL_RANK.")] = -1,
     as_json: JsonOption = False,
@@ -59,7 +62,8 @@ def train(
 
     given = {"preset": preset, "max_steps": max_steps, "seq_len": seq_len, "micro_batch": micro_batch,
              "grad_accum": grad_accum, "lr": lr, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
-             "time_head": time_head, "end_as_censoring": end_censoring, "seed": seed, "stop_at_step": stop_at_step}
+             "time_head": time_head, "end_as_censoring": end_censoring, "seed": seed, "stop_at_step": stop_at_step,
+             "init_from": str(init_from) if init_from is not None else None}
     cfg = train_config(config, given)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))

@@ -12,6 +12,11 @@ by name, with the tokenizer's own rule for what is missing (:meth:`foresight.tok
   tokenizers then share their settings), else the folder is refused naming the token. Value deciles keep their
   rank, not their edges: a ``Q7`` of the target was fitted on the target's own train split.
 
+To *train* on another source (fine-tuning, ``foresight train --init-from``) the target warehouse is encoded in the
+model's vocabulary by :func:`encode_in_vocabulary`: every code through the same rule, and values through the
+model's decile edges, exactly as the forecaster reads a warehouse at prediction time (so a lab recorded in other
+units lands in the deciles the model will see when it predicts, not in the target's own ranks).
+
 ``lost_code_share`` is the share of the target split's event tokens (codes, not markers or gaps) whose exact code
 the model's vocabulary lacks. A code the target's own tokenizer already folded into an ancestor or RARE (below
 its privacy floor) is counted as it arrives: its exact code is unknown here, so ``already_rare_in_target`` reports
@@ -23,12 +28,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from foresight.tokens import BIRTH_PREFIX, Vocabulary
+from foresight import optout, purposes, warehouse
+from foresight.tokens import BIRTH_PREFIX, Vocabulary, data_fingerprint, register_code_map, write_split
+from foresight.tokens.build import describe_run
 from foresight.tokens.folder import building, check_complete
 
 SPLITS = ("train", "tuning", "held_out")
@@ -121,3 +129,39 @@ def tokens_for_model(data_dir: str | Path, model_vocab: Vocabulary, model_vocab_
     info = {"same_vocabulary": False, **lost_codes(data_dir, model_vocab)}
     remapped = remap_folder(data_dir, model_vocab, model_vocab_path, Path(out_dir) / "tokens-in-model-vocab")
     return remapped, {**info, "tokens": str(remapped)}
+
+
+def encode_in_vocabulary(db: str | Path, model_dir: str | Path, out: str | Path, *,
+                         purpose: str = purposes.UNSPECIFIED,
+                         exclude_subjects: Iterable[int] | None = None) -> dict[str, Any]:
+    """A sealed token folder at ``out``: every split of warehouse ``db`` encoded in the vocabulary of the model in
+    ``model_dir`` (codes it lacks -> nearest known ancestor, else RARE; values through its decile edges), ready for
+    ``foresight train --init-from model_dir``. Its ``vocab.json`` is the model's, with this warehouse's data
+    fingerprint and provenance (the loads must cover ``purpose``, as for ``foresight tokenize``; the opted-out
+    ``exclude_subjects`` are invisible, as there, and the list's digest is folded into the fingerprint); returns the
+    summary (also ``tokenize_summary.json``, which records ``db`` for ``foresight evaluate``)."""
+    model_dir, db = Path(model_dir), Path(db)
+    vocab = Vocabulary.load(model_dir / "vocab.json")
+    summary: dict[str, Any] = {"vocabulary_from": str(model_dir.resolve()), "db": str(db.resolve()),
+                               "vocab_size": len(vocab.tokens), "tokens": {}, "subjects": {}}
+    excluded = set(exclude_subjects or ())
+    with warehouse.connect(db, read_only=True) as con, building(out) as tmp:
+        if excluded:
+            optout.hide_subjects(con, excluded)
+        loads = purposes.loads_reaching(con)
+        purposes.check_covered(loads, purpose)
+        vocab.fingerprint = data_fingerprint(con, optout.digest(excluded) if excluded else None)
+        # this warehouse's provenance and extract end (training censors [END] at it), not the source model's
+        describe_run(vocab, purposes.provenance_record(loads, purpose), warehouse.extract_end(con))
+        register_code_map(con, vocab)
+        for split in SPLITS:
+            ids = con.execute(
+                "SELECT DISTINCT e.subject_id FROM events e JOIN subject_splits s USING (subject_id) "
+                "WHERE s.split = ? ORDER BY 1", [split]).fetchnumpy()["subject_id"].astype(np.int64)
+            summary["tokens"][split], _, _ = write_split(con, vocab, split, ids, tmp, None)
+            summary["subjects"][split] = len(ids)
+        vocab.save(tmp / "vocab.json")
+        if (model_dir / "code_descriptions.json").exists():
+            shutil.copyfile(model_dir / "code_descriptions.json", tmp / "code_descriptions.json")
+        (tmp / "tokenize_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -47,6 +47,7 @@ class TrainConfig:
     # before the extract ends), not the cross-entropy of an [END] token; False: [END] as an ordinary token
     end_as_censoring: bool = True
     stop_at_step: int = 0  # > 0: checkpoint at this step and stop without saving the model (time-boxed jobs)
+    init_from: str = ""  # a trained model directory to start from (fine-tuning; same preset and vocabulary); "": fresh
 
     # Changing these between a checkpoint and its resumption would silently train a different run.
     MUST_MATCH_ON_RESUME = ("preset", "seq_len", "micro_batch", "grad_accum", "seed", "time_head",

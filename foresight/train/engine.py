@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -113,14 +114,51 @@ class Run:
         return M.peak_flops(self.device_name) if self.on_gpu else None
 
 
-def build_engine(cfg: TrainConfig, vocab: Vocabulary, ds_cfg: dict[str, Any]) -> tuple[Any, int, float]:
-    """The Llama preset wrapped by ``deepspeed.initialize``; returns (engine, parameters, FLOPs per token)."""
+def initial_weights(cfg: TrainConfig, vocab: Vocabulary, data_dir: Path) -> dict[str, Any] | None:
+    """The weights of ``cfg.init_from`` to start from (fine-tuning), or None for a fresh initialisation.
+
+    Token ids are positions in the embedding and output matrices, so the data must be numbered in the source
+    model's own vocabulary (the same tokens in the same order): a token folder tokenized with another vocabulary is
+    refused, and so is a preset other than the source model's (the shapes would not match).
+    """
+    if not cfg.init_from:
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = Path(cfg.init_from)
+    for name in ("vocab.json", "config.json", "foresight.json"):
+        if not (src / name).exists():
+            raise TrainingError(f"--init-from {src}: no {name}: not a trained Foresight model directory")
+    if (src / ".incomplete").exists():
+        raise TrainingError(f"--init-from {src}: its save was interrupted; finish training it first")
+    source_vocab = Vocabulary.load(src / "vocab.json")
+    if list(source_vocab.tokens) != list(vocab.tokens):
+        raise TrainingError(
+            f"{data_dir}: its vocabulary ({len(vocab.tokens):,} tokens) differs from the vocabulary of the model in "
+            f"{src} ({len(source_vocab.tokens):,} tokens): token ids would mean different codes; re-read the data "
+            "with the model's vocabulary (foresight.evaluate.crosssource.encode_in_vocabulary, or remap_folder for "
+            "a token folder) and fine-tune on that folder")
+    source_preset = json.loads((src / "foresight.json").read_text()).get("training", {}).get("preset")
+    if source_preset != cfg.preset:
+        raise TrainingError(f"--init-from {src}: a {source_preset} model, but this run asks for preset {cfg.preset}; "
+                            f"use --preset {source_preset}")
+    source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    return {k: v.detach().clone() for k, v in source.state_dict().items()}
+
+
+def build_engine(cfg: TrainConfig, vocab: Vocabulary, ds_cfg: dict[str, Any],
+                 init: dict[str, Any] | None = None) -> tuple[Any, int, float]:
+    """The Llama preset (its weights ``init`` when given, else initialised from ``cfg.seed``) wrapped by
+    ``deepspeed.initialize``; returns (engine, parameters, FLOPs per token)."""
     import deepspeed
 
     # flash-attention-2 (varlen kernels driven by the same position_ids) only runs in 16-bit; fp32 uses SDPA
     attn = None if precision_of(ds_cfg) == "bf16" else "sdpa"
     model = M.build_model(cfg.preset, vocab, seed=cfg.seed, max_positions=max(4096, cfg.seq_len),
                           attn_implementation=attn)
+    if init is not None:  # fine-tuning: every weight from the source model (strict: same shapes, same names)
+        model.load_state_dict(init, strict=True)
     n_params = M.count_parameters(model)
     flops_token = M.flops_per_token(model, cfg.seq_len)  # before ZeRO-3 partitions the parameters away
     groups = M.param_groups(model, cfg.weight_decay)
@@ -156,14 +194,19 @@ def setup(data_dir: Path, out: Path, cfg: TrainConfig, ds_path: Path | None, *, 
     tuning_split = PackedSplit(data_dir, "tuning", vocab=train_split.vocab)
     if len(train_split) == 0:  # no subject, no row (every subject fills at least one)
         raise TrainingError("the train split has no rows to train on")
+    latest = find_checkpoint(out, resume=resume)
+    # fine-tuning starts from another model's weights (refused before anything is written when the data does not
+    # fit it); a resumed run starts from its own checkpoint instead
+    init = initial_weights(cfg, train_split.vocab, data_dir) if latest is None else None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    latest = find_checkpoint(out, resume=resume)
 
-    engine, n_params, flops_token = build_engine(cfg, train_split.vocab, ds_cfg)
+    engine, n_params, flops_token = build_engine(cfg, train_split.vocab, ds_cfg, init)
     event_bias = torch.from_numpy(M.event_log_bias(train_split.vocab)).to(device) if cfg.time_head else None
     run = Run(cfg, data_dir, out, rank, world, device, ds_cfg, train_split, tuning_split,
               RowStream(train_split, cfg.seq_len, cfg.seed), latest, engine, n_params, flops_token, event_bias, say)
+    if init is not None:
+        say(f"fine-tuning: step-0 weights from {cfg.init_from}")
     say(f"{cfg.preset} model: {n_params:,} parameters, {world} rank(s) on {device.type}, ZeRO stage "
         f"{engine.zero_optimization_stage()}, {run.precision}, attention "
         f"{engine.module.config._attn_implementation}; {run.tokens_per_step:,} tokens per step")
