@@ -11,7 +11,7 @@
    oracle) -> privacy audit and gate (the report signed with a key the demo creates in ``WORKDIR/keys``) ->
    release (into ``WORKDIR/registry``, which pins that key) -> a 12-week weekly admissions forecast from 2025-10-01 for
    a catchment the model never saw (a second simulated population of 10,000 lives, the same hazards, in its own
-   warehouse: ~35 admissions a week), backtested against the weeks that followed and the oracle's expectation.
+   warehouse: ~27 admissions a week), backtested against the weeks that followed and the oracle's expectation.
    The gate judges each slice at the error rate its size resolves, so a sane model of this size can PASS and be
    released; when it is not released, the demo forecasts with the candidate model and labels it as unreleased.
 3. Print where every artifact is and a table of the headline numbers.
