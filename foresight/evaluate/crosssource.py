@@ -35,11 +35,10 @@ from typing import Any
 import numpy as np
 
 from foresight import optout, purposes, warehouse
+from foresight.schema import SPLITS
 from foresight.tokens import BIRTH_PREFIX, Vocabulary, data_fingerprint, register_code_map, write_split
-from foresight.tokens.build import describe_run
+from foresight.tokens.build import covered_provenance, describe_run, split_subject_ids
 from foresight.tokens.folder import building, check_complete
-
-SPLITS = ("train", "tuning", "held_out")
 
 
 def same_vocabulary(model_vocab: Vocabulary, data_vocab: Vocabulary) -> bool:
@@ -146,18 +145,13 @@ def encode_in_vocabulary(db: str | Path, model_dir: str | Path, out: str | Path,
                                "vocab_size": len(vocab.tokens), "tokens": {}, "subjects": {}}
     excluded = set(exclude_subjects or ())
     with warehouse.connect(db, read_only=True) as con, building(out) as tmp:
-        if excluded:
-            optout.hide_subjects(con, excluded)
-        loads = purposes.loads_reaching(con)
-        purposes.check_covered(loads, purpose)
+        _, provenance = covered_provenance(con, excluded, purpose)  # opt-outs hidden, the purpose checked
         vocab.fingerprint = data_fingerprint(con, optout.digest(excluded) if excluded else None)
         # this warehouse's provenance and extract end (training censors [END] at it), not the source model's
-        describe_run(vocab, purposes.provenance_record(loads, purpose), warehouse.extract_end(con))
+        describe_run(vocab, provenance, warehouse.extract_end(con))
         register_code_map(con, vocab)
         for split in SPLITS:
-            ids = con.execute(
-                "SELECT DISTINCT e.subject_id FROM events e JOIN subject_splits s USING (subject_id) "
-                "WHERE s.split = ? ORDER BY 1", [split]).fetchnumpy()["subject_id"].astype(np.int64)
+            ids = split_subject_ids(con, split)
             summary["tokens"][split], _, _ = write_split(con, vocab, split, ids, tmp, None)
             summary["subjects"][split] = len(ids)
         vocab.save(tmp / "vocab.json")
