@@ -78,7 +78,7 @@ def synthetic_tokens(out: Path, subjects: int, vocab_codes: int = 10_000, seed: 
     if (out / "vocab.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    cfg = T.TokenizerConfig(min_subjects=1)
+    cfg = T.TokenizerConfig(min_subjects=1, month_tokens=False)  # the synthetic layout below has no MONTH markers
     times = [t for t, _ in T.time_tokens(cfg)]
     years = range(2100, 2200)
     marker_map = {"AGE": {str(a): f"AGE//{a}" for a in range(0, 100)},

@@ -41,6 +41,7 @@ from foresight.tokens import (
     Vocabulary,
     ages,
     check_complete,
+    months_of,
     years_of,
 )
 
@@ -119,7 +120,8 @@ class PackedSplit:
         return np.asarray(self.tokens[r["offset"]:r["offset"] + r["length"]], dtype=np.int64)
 
     def continuation_prefix(self, i: int, pos: int) -> np.ndarray:
-        """Head of subject ``i`` plus the YEAR/AGE markers that hold at absolute token position ``pos``."""
+        """Head of subject ``i`` plus the YEAR/MONTH/AGE markers that hold at absolute token position ``pos`` (in the
+        encoder's order)."""
         r = self.index[i]
         head = np.asarray(self.tokens[r["offset"]:r["offset"] + r["head_len"]], dtype=np.int64)
         cfg = self.vocab.config
@@ -129,6 +131,8 @@ class PackedSplit:
         markers = []
         if cfg.year_tokens:
             markers.append(int(self.vocab.marker_ids("YEAR", years_of(clock))[0]))
+        if cfg.month_tokens:
+            markers.append(int(self.vocab.marker_ids("MONTH", months_of(clock))[0]))
         if cfg.age_tokens:
             if r["birth"] == NO_TIME:
                 markers.append(self.vocab.index["AGE//UNK"])
@@ -138,7 +142,7 @@ class PackedSplit:
 
     def _continuation_len(self, i: int) -> int:
         cfg = self.vocab.config
-        return int(self.index[i]["head_len"]) + (int(cfg.year_tokens) + int(cfg.age_tokens)
+        return int(self.index[i]["head_len"]) + (int(cfg.year_tokens) + int(cfg.month_tokens) + int(cfg.age_tokens)
                                                   if self.index[i]["t0"] != NO_TIME else 0)
 
     def plan(self, seq_len: int, *, seed: int, epoch: int, min_body: int = 2) -> RowPlan:

@@ -20,7 +20,7 @@ event is ``v`` with probability ``lambda_v / Lambda`` — the same ranking as th
 next-token cross-entropy is untouched. What the time loss adds is the absolute level of the logits, which the
 softmax leaves free (it is shift-invariant), so one forward pass gives both *what* comes next and *when*.
 
-EVENT tokens are the code tokens: everything except ``TIME//*``, ``Q<n>``, ``AGE//*``, ``YEAR//*``,
+EVENT tokens are the code tokens: everything except ``TIME//*``, ``Q<n>``, ``AGE//*``, ``YEAR//*``, ``MONTH//*``,
 ``BIRTH//*``, ``[PAD]``, ``[BOS]``, ``AGE//UNK``, the static prefix kinds (sex, race...) and ``[END]``.
 ``[END]`` is excluded because it is not an event that happens at a time: it marks where the record stops with
 the subject alive (its token clock is the last event's time), i.e. censoring. ``MEDS_DEATH`` and the RARE

@@ -2,9 +2,10 @@
 
 **Insertion** (:func:`insert`, before training): a copy of a tokenized data directory whose train split has extra
 canary subjects appended. A canary is a standard prefix (the most common static prefix of the train split:
-``[BOS]``, sex, race, birth band and the first YEAR/AGE markers — a start many real timelines share) followed by
-a *secret*: ``length`` event-code tokens drawn uniformly from the vocabulary's code tokens, each after the first
-preceded by a random interval token with probability ``time_token_rate``, then ``[END]``. Canaries are made to
+``[BOS]``, sex, race, birth band and the first YEAR/(MONTH/)AGE markers — a start many real timelines share)
+followed by a *secret*: ``length`` event-code tokens drawn uniformly from the vocabulary's code tokens, each after
+the first preceded by a random interval token with probability ``time_token_rate`` (and, with calendar-month
+markers, the MONTH marker of a clock the gap moved into another month), then ``[END]``. Canaries are made to
 look like timelines on purpose: a canary format the model can tell apart from real data after a token or two
 becomes its own tiny "population", whose code frequencies the model learns from the few canaries in it, and
 then even once-seen canaries score better than references without any memorisation of their order.
@@ -38,7 +39,19 @@ from typing import Any
 import numpy as np
 
 from foresight.dataset import PackedSplit
-from foresight.tokens import END, INDEX_DTYPE, MARKER, NO_TIME, PAD, Vocabulary, building
+from foresight.tokens import (
+    END,
+    INDEX_DTYPE,
+    MARKER,
+    MONTH_PREFIX,
+    NO_TIME,
+    PAD,
+    Vocabulary,
+    building,
+    month_marker_tokens,
+    months_of,
+    to_epoch,
+)
 from privacy import metrics
 from privacy.scoring import score_pieces, sequence_pieces
 
@@ -53,21 +66,39 @@ class CanaryError(Exception):
 @dataclass(frozen=True)
 class Generator:
     """How secrets are drawn: ``length`` codes from ``pool`` (token ids), an interval token before each code after
-    the first with probability ``time_token_rate`` (0: none)."""
+    the first with probability ``time_token_rate`` (0: none). With calendar-month markers (``month_ids``, January
+    first, and ``time_reps_s``, each interval token's clock step) a secret also carries the MONTH marker a real
+    clock would write: it starts on a random day of ``start_month`` (the prefix's month) and, after each interval
+    token that moves it into another month, the new month's marker (as the encoder does); without them a canary's
+    long gaps would be followed by a code where real timelines have a MONTH marker, a format the model can tell
+    apart (see the module docstring)."""
 
     pool: tuple[int, ...]
     length: int
     time_ids: tuple[int, ...]
     time_token_rate: float
+    month_ids: tuple[int, ...] = ()
+    time_reps_s: tuple[float, ...] = ()
+    start_month: int = 1
 
     def draw(self, rng: np.random.Generator) -> np.ndarray:
         codes = rng.choice(np.array(self.pool, dtype=np.int64), size=self.length, replace=True)
         if not self.time_ids or self.time_token_rate <= 0:
             return codes
+        step = dict(zip(self.time_ids, self.time_reps_s, strict=True)) if self.month_ids else {}
+        # seconds since the start of start_month of a non-leap year (2001), the clock's day drawn at random
+        clock = float(to_epoch(datetime(2001, self.start_month, 1))) + rng.uniform(0, 28 * 86400) if step else 0.0
         out: list[int] = []
         for j, c in enumerate(codes.tolist()):
             if j and rng.random() < self.time_token_rate:
-                out.append(int(rng.choice(self.time_ids)))
+                t = int(rng.choice(self.time_ids))
+                out.append(t)
+                if step:
+                    before = months_of(np.array([int(clock)]))[0]
+                    clock += step[t]
+                    now = months_of(np.array([int(clock)]))[0]
+                    if now != before:
+                        out.append(self.month_ids[now - 1])
             out.append(int(c))
         return np.array(out, dtype=np.int64)
 
@@ -111,8 +142,11 @@ def insert(data_dir: str | Path, out_data_dir: str | Path, repeats: tuple[int, .
     pool = code_pool(vocab)
     if len(pool) < 2:
         raise CanaryError(f"{src}: the vocabulary has {len(pool)} code token(s); canaries need at least 2")
-    gen = Generator(tuple(pool), length, tuple(int(t) for t in vocab.time_ids), time_token_rate)
     prefix, head_len = standard_prefix(train)
+    month_ids = tuple(vocab.index[t] for t in month_marker_tokens(vocab.config))
+    in_prefix = [int(vocab.tokens[t][len(MONTH_PREFIX):]) for t in prefix if vocab.tokens[t].startswith(MONTH_PREFIX)]
+    gen = Generator(tuple(pool), length, tuple(int(t) for t in vocab.time_ids), time_token_rate, month_ids,
+                    tuple(float(x) for x in vocab.time_reps_s) if month_ids else (), in_prefix[-1] if in_prefix else 1)
     rng = np.random.default_rng(seed)
     secrets = {r: [gen.draw(rng) for _ in range(per_repeat)] for r in repeats}
     references = [gen.draw(rng) for _ in range(n_references)]

@@ -4,7 +4,8 @@ The tokenizer builds the vocabulary with a privacy floor (:func:`foresight.token
 does not trust it. It recounts, from the train token shards the model was trained on, the distinct (real, not
 canary) train subjects behind every token id. Exempt by design: the specials (``[PAD]``, ``[BOS]``, ``[END]``),
 the catch-alls ``RARE`` and ``BIRTH//RARE``/``YEAR//RARE``/``AGE//RARE``, ``AGE//UNK``, interval tokens
-``TIME//*`` and value tokens ``Q1``..``Q10`` (none of them names a code). A ``KIND//RARE`` catch-all is held to
+``TIME//*``, the twelve calendar months ``MONTH//01``..``MONTH//12`` (fixed, whatever the data) and value tokens
+``Q1``..``Q10`` (none of them names a code). A ``KIND//RARE`` catch-all is held to
 the floor: the tokenizer only creates one whose pool reaches it.
 
 It also lists which sensitive code groups have tokens (mental health, substance use, HIV, infectious disease;
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-EXEMPT = re.compile(r"^(\[.*\]|RARE|AGE//UNK|(BIRTH|YEAR|AGE)//RARE|TIME//.*|Q\d+)$")
+EXEMPT = re.compile(r"^(\[.*\]|RARE|AGE//UNK|(BIRTH|YEAR|AGE)//RARE|TIME//.*|MONTH//\d\d|Q\d+)$")
 
 
 def is_exempt(token: str) -> bool:

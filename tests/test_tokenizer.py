@@ -358,9 +358,10 @@ def test_continuation_prefix_carries_current_age_and_year(tmp_path):
     p = int(np.flatnonzero(plan.continuation)[-1])
     i, pos = int(plan.subject[p]), int(plan.start[p])
     pre = [ps.vocab.tokens[t] for t in ps.continuation_prefix(i, pos)]
-    # the markers are the latest YEAR/AGE tokens at or before the cut in the subject's own timeline
+    # the markers are the latest YEAR/MONTH/AGE tokens at or before the cut in the subject's own timeline
     toks = [ps.vocab.tokens[t] for t in ps.tokens[ps.index[i]["offset"]:pos]]
-    assert pre[-2] == [t for t in toks if t.startswith("YEAR//")][-1]
+    assert pre[-3] == [t for t in toks if t.startswith("YEAR//")][-1]
+    assert pre[-2] == [t for t in toks if t.startswith("MONTH//")][-1]
     assert pre[-1] == [t for t in toks if t.startswith("AGE//")][-1]
     assert pre[0] == "[BOS]"
 

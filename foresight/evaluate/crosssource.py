@@ -8,9 +8,11 @@ by name, with the tokenizer's own rule for what is missing (:meth:`foresight.tok
 - an event or static code the model knows keeps its meaning; one it lacks becomes its nearest ancestor the model
   knows (ICD / ATC climb by truncation), else its kind's RARE token. Those events *lost their exact code*;
 - a marker (``AGE//``, ``YEAR//``, ``BIRTH//`` band) is re-read by its value in the model's bands (out of range: the
-  kind's RARE marker); time-gap, value-decile and special tokens must exist under the same name (the two
-  tokenizers then share their settings), else the folder is refused naming the token. Value deciles keep their
-  rank, not their edges: a ``Q7`` of the target was fitted on the target's own train split.
+  kind's RARE marker); ``MONTH//`` markers keep their name, and a target that has them is refused for a model
+  without them (re-encode it in the model's vocabulary); time-gap, value-decile and special tokens must exist
+  under the same name (the two tokenizers then share their settings), else the folder is refused naming the
+  token. Value deciles keep their rank, not their edges: a ``Q7`` of the target was fitted on the target's own
+  train split.
 
 To *train* on another source (fine-tuning, ``foresight train --init-from``) the target warehouse is encoded in the
 model's vocabulary by :func:`encode_in_vocabulary`: every code through the same rule, and values through the
@@ -36,7 +38,7 @@ import numpy as np
 
 from foresight import optout, purposes, warehouse
 from foresight.schema import SPLITS
-from foresight.tokens import BIRTH_PREFIX, Vocabulary, data_fingerprint, register_code_map, write_split
+from foresight.tokens import BIRTH_PREFIX, MONTH_PREFIX, Vocabulary, data_fingerprint, register_code_map, write_split
 from foresight.tokens.build import covered_provenance, describe_run, split_subject_ids
 from foresight.tokens.folder import building, check_complete
 
@@ -55,6 +57,10 @@ def token_map(model_vocab: Vocabulary, data_vocab: Vocabulary) -> tuple[np.ndarr
         elif data_vocab.is_event[i] or data_vocab.is_static[i]:
             ids[i] = model_vocab.index[model_vocab.token_for(name)]
             lost[i] = True
+        elif name.startswith(MONTH_PREFIX):  # a token per position cannot be dropped here (clock, index)
+            raise ValueError("the target was tokenized with calendar-month markers (MONTH//) and the model's "
+                             "vocabulary has none: encode the target in the model's vocabulary instead "
+                             "(foresight tokenize --vocabulary-from MODEL)")
         elif data_vocab.is_marker[i] or name.startswith(BIRTH_PREFIX):
             ids[i] = marker_id(model_vocab, name)
         else:

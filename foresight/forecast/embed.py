@@ -11,8 +11,8 @@ model's last norm, i.e. what the output head reads) are pooled:
 
 Every vector of one pooling has the same width (``hidden_size``, or twice it for ``"both"``) whatever the history
 length. A history longer than the model's context is cut the way training cut it
-(:meth:`foresight.forecast.Forecaster.fit_context`: the head tokens, the current YEAR and AGE markers, then the most
-recent tokens), so both poolings see that window only, never events before it. The prompt ends at the last
+(:meth:`foresight.forecast.Forecaster.fit_context`: the head tokens, the current YEAR, MONTH and AGE markers, then
+the most recent tokens), so both poolings see that window only, never events before it. The prompt ends at the last
 recorded event: the time elapsed between it and ``as_of`` is not part of the vector.
 
 Batching. Timelines are sorted by length and run in right-padded batches of at most ``batch_tokens`` tokens

@@ -43,6 +43,7 @@ from foresight.tokens import (
     AGE_PREFIX,
     BIRTH_PREFIX,
     END,
+    MONTH_PREFIX,
     NO_TIME,
     PAD,
     YEAR_PREFIX,
@@ -184,8 +185,8 @@ class Forecaster(FutureSampler):
         return trained or int(getattr(self.model.config, "max_position_embeddings", 512))
 
     def fit_context(self, tokens: np.ndarray) -> np.ndarray:
-        """Cut a long timeline the way training cut it: head (BOS, sex, race, birth band) + the current YEAR and
-        AGE markers + the most recent tokens, ``context`` tokens in all. Positions past the trained row length
+        """Cut a long timeline the way training cut it: head (BOS, sex, race, birth band) + the current YEAR,
+        MONTH and AGE markers + the most recent tokens, ``context`` tokens in all. Positions past the trained row length
         were never seen in training, so a longer prompt would only be out of distribution."""
         ctx = self.context
         if len(tokens) <= ctx:
@@ -195,7 +196,7 @@ class Forecaster(FutureSampler):
         while head < len(names) and (self.vocab.is_static[int(tokens[head])] or names[head].startswith(BIRTH_PREFIX)):
             head += 1
         markers = [next((int(tokens[j]) for j in range(len(names) - 1, -1, -1) if names[j].startswith(p)), None)
-                   for p in (YEAR_PREFIX, AGE_PREFIX)]
+                   for p in (YEAR_PREFIX, MONTH_PREFIX, AGE_PREFIX)]
         markers = [m for m in markers if m is not None]
         start = len(tokens) - (ctx - head - len(markers))
         while start < len(tokens) - 1 and self.is_value[int(tokens[start])]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from foresight.censoring import GapBins, share_above
+from foresight.forecast.months import MonthClock
 from foresight.forecast.tasks import TaskSpec
 from foresight.forecast.timeline import DAY, Timeline
 from foresight.schema import DEATH_CODE
@@ -45,6 +46,10 @@ class SampledBatch(NamedTuple):
 class FutureSampler:
     """A causal model and its vocabulary, set up to roll futures out (the base of
     :class:`foresight.forecast.Forecaster`)."""
+
+    # With a vocabulary that has MONTH markers: write them from the sampler's clock, never draw them from the
+    # model (:class:`foresight.forecast.months.MonthClock`); False lets the model write its own (an A/B switch).
+    force_months: bool = True
 
     def __init__(self, model: Any, vocab: Vocabulary) -> None:
         self.model = model.eval()
@@ -208,7 +213,8 @@ class FutureSampler:
         would put the first event of every quiet subject at a fixed offset after ``as_of``, most often inside the
         horizon (this made futures hold about twice the observed admissions: see tests/test_catchment.py). Later
         gaps advance by the representative length, the clock the model was trained on. ``[END]`` with
-        ``extract_end``: see :meth:`sample_futures`.
+        ``extract_end``: see :meth:`sample_futures`. MONTH markers (``force_months``): see
+        :mod:`foresight.forecast.months`.
 
         ``should_stop()``: asked before the prompt pass and before every decoding step; True raises
         :class:`SamplingCancelled` (see :meth:`sample_futures`).
@@ -250,11 +256,14 @@ class FutureSampler:
         survival = torch.ones(rows, dtype=torch.float64)
         is_time = torch.tensor(self.is_time)
         match_d = match.to(dev) if match is not None else None
+        months = MonthClock(self.vocab, tls, n) if self.force_months and self.vocab.config.month_tokens else None
         for step_no in range(max_new_tokens):
             if should_stop is not None and should_stop():
                 raise SamplingCancelled(f"sampling stopped after {step_no} decoding steps")
             remaining = (wait[active] - elapsed[active]).clamp(min=0.0)
             probs = self._probabilities(logits, remaining, censor[active] - elapsed[active], temperature, top_p)
+            if months is not None:
+                probs = months.constrain(probs, active, elapsed[active])
             if expected is not None:  # P(the next token is a tally-k event), at the week the clock stands in
                 week = ((elapsed[active] - start[active]).clamp(min=0) // (7 * DAY)).long().clamp(max=n_weeks - 1)
                 expected[active, week] += (probs.cpu().double() @ tally.double())
@@ -276,6 +285,8 @@ class FutureSampler:
                 nxt[redraw] = torch.multinomial(p + (p.sum(-1, keepdim=True) <= 0) * self._year_only, 1,
                                                 generator=gen)[:, 0]
                 censored &= ~redraw
+            if months is not None:
+                months.update(active, nxt)
             step_s = self._gap_seconds(nxt, remaining, gen)
             new_elapsed = elapsed[active] + step_s
             # the next event would fall past the horizon, or not before the extract's end (itself past it)

@@ -2,10 +2,10 @@
 
 Sequence layout of one subject (every token is one id of the vocabulary)::
 
-    BOS  GENDER//F  RACE//WHITE  BIRTH//1950-1954  YEAR//2150  AGE//63        static prefix + first markers
+    BOS  GENDER//F  RACE//WHITE  BIRTH//1950-1954  YEAR//2150  MONTH//03  AGE//63   static prefix + first markers
     ADMIT//EMERGENCY  LAB//MIMIC//50912 Q7 ...                                 events at the first timestamp
     TIME//6H-12H  LAB//MIMIC//50912 Q4 ...                                     a gap, then the next timestamp
-    TIME//1Y TIME//1Y TIME//3M-6M  YEAR//2152  AGE//65  ADMIT//ELECTIVE ...   long gaps repeat the 1-year token
+    TIME//1Y TIME//1Y TIME//3M-6M  YEAR//2152  MONTH//07  AGE//65  ADMIT//ELECTIVE ...   long gaps repeat 1Y
     ... MEDS_DEATH   (or END: the record ends with the subject alive)
 
 - **Vocabulary** (fitted on the train split only): a code is a token only if at least ``min_subjects`` distinct
@@ -20,8 +20,11 @@ Sequence layout of one subject (every token is one id of the vocabulary)::
   kept the clock closest to the truth but, when a gap of months left the clock weeks ahead, merged the next
   hospital stay into one timestamp: 20% of MIMIC-IV demo stays and 33% of simulated ones had length 0 in
   tokens; with the limit, 0.8% and 0%.)
-  ``YEAR//y`` and ``AGE//a`` tokens mark when the clock's calendar year or the subject's age changes, so
-  decoding reproduces them exactly and encode -> decode -> encode is the identity.
+  ``YEAR//y``, ``MONTH//mm`` and ``AGE//a`` tokens mark when the clock's calendar year, calendar month or the
+  subject's age changes (in that order, after the group's interval tokens), so decoding reproduces them exactly
+  and encode -> decode -> encode is the identity. MONTH markers (``month_tokens``, on for vocabularies fitted
+  since it exists) let the model see the season: the year alone let it learn only the annual mean of a hazard
+  with a winter peak.
 - **Values**: a numeric value becomes ``Q1``..``Q10`` right after its code, from per-code deciles fitted on train
   (only the nine inner edges are stored: no minimum or maximum of anybody's value is kept).
 - **Same timestamp**: events sharing a timestamp stay together in a canonical order (admission-type events
@@ -80,6 +83,15 @@ def years_of(seconds: np.ndarray) -> np.ndarray:
     return seconds.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
 
 
+def months_of(seconds: np.ndarray) -> np.ndarray:
+    """Calendar month (1..12) of each epoch-seconds value.
+
+    >>> months_of(np.array([to_epoch(datetime(2025, 1, 31, 23)), to_epoch(datetime(1969, 12, 1))]))
+    array([ 1, 12])
+    """
+    return seconds.astype("datetime64[s]").astype("datetime64[M]").astype(np.int64) % 12 + 1
+
+
 def ages(clock: np.ndarray, birth: np.ndarray) -> np.ndarray:
     """Whole years of age at ``clock`` for a birth at ``birth`` (both epoch seconds).
 
@@ -114,7 +126,8 @@ def encode_arrays(
 
     The steps: drop repeats (``dedup_window_minutes``), pick the static prefix, sort the timed events into
     timestamps, run the token clock over them, merge timestamps the clock cannot tell apart into groups, order
-    each group's events canonically, decide the YEAR/AGE markers, then lay every token out in one flat array.
+    each group's events canonically, decide the YEAR/MONTH/AGE markers, then lay every token out in one flat
+    array.
     """
     subjects, birth, (st_sub, st_tok), timed, clock, groups = _clocked(
         vocab, subject, time_s, token, value, birth_by_subject or {})
@@ -318,17 +331,19 @@ def _canonical_order(vocab: Vocabulary, timed: _Timed, groups: _Groups) -> _Even
 
 
 class _Markers(NamedTuple):
-    """YEAR/AGE marker token of each group and whether the group carries it."""
+    """YEAR/MONTH/AGE marker token of each group and whether the group carries it."""
 
     year_tok: np.ndarray  # (G,)
     year_change: np.ndarray  # (G,) bool
     age_tok: np.ndarray  # (G,)
     age_change: np.ndarray  # (G,) bool
+    month_tok: np.ndarray  # (G,)
+    month_change: np.ndarray  # (G,) bool (all False without ``month_tokens``)
 
 
 def _marker_changes(vocab: Vocabulary, groups: _Groups, birth: np.ndarray) -> _Markers:
-    """YEAR when the clock's year token changes, AGE when the age token does (a band token is repeated only
-    when the band changes); the first group of a subject always carries both."""
+    """YEAR when the clock's year token changes, MONTH when its calendar month does, AGE when the age token does
+    (a band token is repeated only when the band changes); the first group of a subject always carries all."""
     cfg = vocab.config
     year = years_of(groups.clock)
     g_birth = birth[groups.sub]
@@ -336,13 +351,16 @@ def _marker_changes(vocab: Vocabulary, groups: _Groups, birth: np.ndarray) -> _M
     age = np.where(has_birth, ages(groups.clock, np.where(has_birth, g_birth, 0)), -1)
     year_tok = vocab.marker_ids("YEAR", year)
     age_tok = np.where(age < 0, vocab.index[UNK_AGE], vocab.marker_ids("AGE", age))
-    year_change = groups.first_of_subject.copy()
-    year_change[1:] |= year_tok[1:] != year_tok[:-1]
-    age_change = groups.first_of_subject.copy()
-    age_change[1:] |= age_tok[1:] != age_tok[:-1]
-    year_change &= cfg.year_tokens
-    age_change &= cfg.age_tokens
-    return _Markers(year_tok, year_change, age_tok, age_change)
+    month_tok = vocab.marker_ids("MONTH", months_of(groups.clock)) if cfg.month_tokens else \
+        np.zeros(len(groups.sub), dtype=np.int64)
+
+    def changes(tok: np.ndarray, on: bool) -> np.ndarray:
+        change = groups.first_of_subject.copy()
+        change[1:] |= tok[1:] != tok[:-1]
+        return change & on
+
+    return _Markers(year_tok, changes(year_tok, cfg.year_tokens), age_tok, changes(age_tok, cfg.age_tokens),
+                    month_tok, changes(month_tok, cfg.month_tokens))
 
 
 @dataclass
@@ -354,17 +372,17 @@ class _Layout:
     head_len: np.ndarray  # (S,) BOS + statics + birth band
     died: np.ndarray  # (S,) bool: the sequence ends with MEDS_DEATH, not END
     g_ntime: np.ndarray  # (G,) interval tokens before the group
-    g_pre: np.ndarray  # (G,) tokens before the group's first code: intervals, YEAR, AGE
+    g_pre: np.ndarray  # (G,) tokens before the group's first code: intervals, YEAR, MONTH, AGE
     first_of_grp: np.ndarray  # (E,) bool: the event opens its group
     ev_total: np.ndarray  # (E,) tokens of the event: its code and value, plus its group's markers when first
 
 
 def _layout(vocab: Vocabulary, ev: _Events, groups: _Groups, marks: _Markers, n_static: np.ndarray) -> _Layout:
-    """Lengths: per group [TIME//1Y]*years [TIME bin] [YEAR] [AGE]; per event code [+ value]; per subject
+    """Lengths: per group [TIME//1Y]*years [TIME bin] [YEAR] [MONTH] [AGE]; per event code [+ value]; per subject
     BOS + statics + birth band ... END (unless the subject died)."""
     n_subj = len(n_static)
     g_ntime = groups.years + (groups.bin >= 0)
-    g_pre = g_ntime + marks.year_change + marks.age_change
+    g_pre = g_ntime + marks.year_change + marks.month_change + marks.age_change
     ev_len = 1 + ev.has_q.astype(np.int64)
     first_of_grp = np.ones(len(ev.sub), dtype=bool)
     first_of_grp[1:] = ev.grp[1:] != ev.grp[:-1]
@@ -395,7 +413,7 @@ def _write_heads(vocab: Vocabulary, out: np.ndarray, out_clock: np.ndarray, lay:
 
 def _write_events(vocab: Vocabulary, out: np.ndarray, out_clock: np.ndarray, lay: _Layout, ev: _Events,
                   groups: _Groups, marks: _Markers) -> None:
-    """Each group's interval tokens and YEAR/AGE markers, then its events' code (and value) tokens."""
+    """Each group's interval tokens and YEAR/MONTH/AGE markers, then its events' code (and value) tokens."""
     ev_start = np.zeros(len(ev.sub), dtype=np.int64)
     if len(ev.sub):
         running = np.cumsum(lay.ev_total) - lay.ev_total
@@ -413,7 +431,11 @@ def _write_events(vocab: Vocabulary, out: np.ndarray, out_clock: np.ndarray, lay
         yp = gb + g_ntime
         out[yp[year_change]] = marks.year_tok[year_change]
         out_clock[yp[year_change]] = groups.clock[year_change]
-        ap = yp + year_change
+        mp = yp + year_change
+        month_change = marks.month_change
+        out[mp[month_change]] = marks.month_tok[month_change]
+        out_clock[mp[month_change]] = groups.clock[month_change]
+        ap = mp + month_change
         out[ap[age_change]] = marks.age_tok[age_change]
         out_clock[ap[age_change]] = groups.clock[age_change]
     code_pos = ev_start + np.where(lay.first_of_grp, lay.g_pre[ev.grp], 0)
@@ -492,7 +514,7 @@ def decode(
     """Tokens -> MEDS-shaped events (``subject_id`` omitted) with times to the bins' resolution.
 
     ``start_time`` anchors the token clock (the time of the first timed event); ``birth_time`` restores the
-    MEDS_BIRTH event. Interval tokens advance the clock by their bin's representative length; YEAR/AGE markers
+    MEDS_BIRTH event. Interval tokens advance the clock by their bin's representative length; YEAR/MONTH/AGE markers
     carry no time of their own; value tokens give the decile bin's representative value.
     """
     events: list[dict[str, Any]] = []

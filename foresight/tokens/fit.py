@@ -36,6 +36,7 @@ from foresight.tokens.vocab import (
     YEAR_PREFIX,
     TokenizerConfig,
     Vocabulary,
+    month_marker_tokens,
     time_tokens,
 )
 
@@ -278,9 +279,11 @@ def _quantile_batches(counts: list[tuple[str, int]]) -> list[list[str]]:
 
 
 def _token_list(config: TokenizerConfig, marker_map: dict[str, dict[str, str]], code_map: dict[str, str]) -> list[str]:
-    """The vocabulary in id order: specials, interval bins, deciles, markers (bands, then RARE), code tokens."""
+    """The vocabulary in id order: specials, interval bins, deciles, markers (bands, then RARE, then the twelve
+    months when ``month_tokens``: after the others, so a vocabulary without them keeps every id), code tokens."""
     markers = sorted({t for m in marker_map.values() for t in m.values()})
     markers += [f"{p}RARE" for p in (BIRTH_PREFIX, YEAR_PREFIX, AGE_PREFIX)]
+    markers += month_marker_tokens(config)
     tokens = list(SPECIAL_TOKENS)
     tokens += [t for t, _ in time_tokens(config)]
     tokens += [f"{QUANTILE_PREFIX}{i}" for i in range(1, config.n_quantiles + 1)]

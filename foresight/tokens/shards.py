@@ -96,10 +96,10 @@ def index_rows(vocab: Vocabulary, chunk: EncodedChunk, written: int) -> np.ndarr
 
 
 def first_markers(vocab: Vocabulary, chunk: EncodedChunk) -> np.ndarray:
-    """How many of each prefix's last tokens are interval/YEAR/AGE markers of the first timestamp."""
+    """How many of each prefix's last tokens are interval/YEAR/MONTH/AGE markers of the first timestamp."""
     is_marker = (vocab.is_time | vocab.is_marker)[chunk.tokens]
     n = np.zeros(len(chunk.subject_ids), dtype=np.int64)
-    for k in range(1, 4):  # at most TIME-free YEAR + AGE (+ safety)
+    for k in range(1, 5):  # at most TIME-free YEAR + MONTH + AGE (+ safety)
         pos = chunk.offsets[:-1] + chunk.prefix_lens - k
         ok = (chunk.prefix_lens - k >= 0) & (n == k - 1)
         hit = ok & is_marker[np.clip(pos, 0, max(len(chunk.tokens) - 1, 0))]

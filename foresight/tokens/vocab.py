@@ -3,7 +3,8 @@
 A code is a token only if at least ``min_subjects`` distinct train subjects have it (fitted in
 :mod:`foresight.tokens.fit`). A rarer code maps to its nearest ancestor (``codes.parent_codes``) whose pooled
 subjects reach the floor, else to ``KIND//RARE`` (or ``RARE`` when even that is too rare). Static, age, year and
-birth-band tokens obey the same floor. :class:`Vocabulary` also holds the ONE definition of token classes
+birth-band tokens obey the same floor (the twelve ``MONTH//`` markers are fixed, like the interval bins).
+:class:`Vocabulary` also holds the ONE definition of token classes
 (``is_event``, ``is_time``, ``is_marker``, ``is_value``, ``is_special``, ``is_static``) that every reader uses.
 """
 
@@ -27,6 +28,7 @@ SPECIAL_TOKENS = (PAD, BOS, END, RARE, UNK_AGE)
 QUANTILE_PREFIX = "Q"
 TIME_PREFIX = "TIME//"
 YEAR_PREFIX = "YEAR//"
+MONTH_PREFIX = "MONTH//"
 AGE_PREFIX = "AGE//"
 BIRTH_PREFIX = "BIRTH//"
 MINUTE = 60
@@ -49,6 +51,10 @@ class TokenizerConfig:
     birth_min_band: int = 5  # birth years are never finer than this (they are quasi-identifiers)
     age_tokens: bool = True
     year_tokens: bool = True
+    # MONTH//01..MONTH//12: the calendar month of the token clock, written like YEAR (see the codec). Twelve fixed
+    # tokens whatever the data (no floor: like the interval bins, they name no value of anybody's). Vocabularies
+    # saved before this option existed have none (read back as False), so their tokens stay byte-identical.
+    month_tokens: bool = True
     static_kinds: tuple[str, ...] = ("GENDER", "RACE", "ETHNICITY")  # taken out of the stream into the prefix
     drop_kinds: tuple[str, ...] = ()  # kinds left out entirely
     dedup_window_minutes: float = 0.0  # drop a repeat of the same token within this window (0 = keep all)
@@ -65,13 +71,14 @@ class TokenizerConfig:
     def from_options(cls, d: dict[str, Any]) -> TokenizerConfig:
         """A config from a user's options (a JSON file, CLI flags): fields left out take today's defaults — unlike
         :meth:`from_dict`, which reads a SAVED config with the rules its tokens were made with."""
-        return cls.from_dict({"clock_correction": cls.clock_correction, **d})
+        return cls.from_dict({"clock_correction": cls.clock_correction, "month_tokens": cls.month_tokens, **d})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
         """The config saved in a ``vocab.json`` (lists back to tuples; options added since get their old rule)."""
         d = dict(d)
         d.setdefault("clock_correction", float("inf"))  # the rule their tokens were made with
+        d.setdefault("month_tokens", False)  # no MONTH markers before the option existed
         for k in ("time_bin_edges_minutes", "static_kinds", "drop_kinds", "marker_bands"):
             if k in d:
                 d[k] = tuple(d[k])
@@ -116,6 +123,15 @@ def time_tokens(config: TokenizerConfig) -> list[tuple[str, float]]:
     return out
 
 
+def month_marker_tokens(config: TokenizerConfig) -> list[str]:
+    """The calendar-month markers, January first (none when ``config.month_tokens`` is off).
+
+    >>> month_marker_tokens(TokenizerConfig())[:2], len(month_marker_tokens(TokenizerConfig(month_tokens=False)))
+    (['MONTH//01', 'MONTH//02'], 0)
+    """
+    return [f"{MONTH_PREFIX}{m:02d}" for m in range(1, 13)] if config.month_tokens else []
+
+
 @dataclass
 class Vocabulary:
     """The fitted vocabulary: token strings, the code -> token map, value deciles and what each rule did."""
@@ -147,12 +163,14 @@ class Vocabulary:
         # The ONE definition of token classes (model, forecast, evaluate and privacy read these masks):
         # time gaps, calendar/age markers, decile values, specials/birth band, static facts, and events (the rest).
         self.is_time = np.array([t.startswith(TIME_PREFIX) for t in self.tokens])
-        self.is_marker = np.array([t.startswith((YEAR_PREFIX, AGE_PREFIX)) for t in self.tokens])
+        self.is_marker = np.array([t.startswith((YEAR_PREFIX, MONTH_PREFIX, AGE_PREFIX)) for t in self.tokens])
         self.is_value = np.array([t.startswith(QUANTILE_PREFIX) and t[len(QUANTILE_PREFIX):].isdigit()
                                   for t in self.tokens])
         self.is_special = np.array([t in (PAD, BOS, END) or t.startswith(BIRTH_PREFIX) for t in self.tokens])
         self.is_event = ~(self.is_time | self.is_marker | self.is_value | self.is_special | self.is_static)
         self._marker_tables = {kind: self._marker_table(kind, mapping) for kind, mapping in self.marker_map.items()}
+        if self.config.month_tokens:  # month m (1..12) -> MONTH//mm: a fixed table, never RARE
+            self._marker_tables["MONTH"] = (1, np.array([self.index[t] for t in month_marker_tokens(self.config)]), -1)
 
     def _marker_table(self, kind: str, mapping: dict[str, str]) -> tuple[int, np.ndarray, int]:
         """(lowest value, token id per value from there on, id of KIND//RARE) for vectorised marker lookups."""
@@ -167,7 +185,8 @@ class Vocabulary:
         return lo, table, rare
 
     def marker_ids(self, kind: str, values: np.ndarray) -> np.ndarray:
-        """Token ids of AGE/YEAR/BIRTH markers for integer values (vectorised; unknown values -> KIND//RARE)."""
+        """Token ids of AGE/YEAR/BIRTH/MONTH markers for integer values (vectorised; unknown values -> KIND//RARE;
+        months are 1..12)."""
         lo, table, rare = self._marker_tables[kind]
         pos = np.asarray(values, dtype=np.int64) - lo
         ok = (pos >= 0) & (pos < len(table))
@@ -245,6 +264,7 @@ def _prefix_parents(code: str) -> list[str]:
 
 
 def _is_marker(token: str) -> bool:
-    """Not a code: a time/year/age/birth marker or a special token (a string test, for codes outside the
+    """Not a code: a time/year/month/age/birth marker or a special token (a string test, for codes outside the
     vocabulary; for token ids use the Vocabulary masks)."""
-    return token.startswith((TIME_PREFIX, YEAR_PREFIX, AGE_PREFIX, BIRTH_PREFIX)) or token in (PAD, BOS, END, UNK_AGE)
+    return (token.startswith((TIME_PREFIX, YEAR_PREFIX, MONTH_PREFIX, AGE_PREFIX, BIRTH_PREFIX))
+            or token in (PAD, BOS, END, UNK_AGE))
