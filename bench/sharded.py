@@ -16,6 +16,7 @@ splits, quarantine).
 
     python bench/sharded.py                       # demo x10, single vs 1 vs 2 workers, 1 run each
     python bench/sharded.py --copies 1 --runs 3 --workers 1 2
+    python bench/sharded.py --meds 100000 --workers 2 --check   # the simulator's MEDS output of 100k lives
 
 ``--tokenize N`` benchmarks ``foresight tokenize`` instead, on N simulated lives (the warehouse
 bench/tokenize_bench.py builds once under bench/out/): single node, then ``--workers`` 1 and 2 (N shards on a
@@ -58,13 +59,13 @@ CLI = [str(Path(sys.executable).with_name("foresight"))]
 COMPARED = ("events EXCLUDE (load_id)", "quarantine EXCLUDE (run_id)", "codes", "subject_splits")
 
 
-def one_config(inp: Path, workers: int | None, runs: int, keep: Path | None = None) -> dict:
-    """Median wall and in-load seconds of ``runs`` loads; ``keep``: copy the last warehouse there."""
+def one_config(inp: Path, workers: int | None, runs: int, keep: Path | None = None, kind: str = "mimic-iv") -> dict:
+    """Median wall and in-load seconds of ``runs`` loads of ``kind``; ``keep``: copy the last warehouse there."""
     walls, inner, events = [], [], 0
     for _ in range(runs):
         with tempfile.TemporaryDirectory(dir=OUT) as tmp:
             db = Path(tmp) / "w.duckdb"
-            cmd = [*CLI, "etl", "mimic-iv", "--input", str(inp), "--db", str(db), "--json"]
+            cmd = [*CLI, "etl", kind, "--input", str(inp), "--db", str(db), "--json"]
             if workers:
                 cmd += ["--workers", str(workers)]
             wall, _, out = run_once(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -214,6 +215,8 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="compare each sharded warehouse with the single-node one")
     ap.add_argument("--tokenize", type=int, metavar="N", help="benchmark tokenize on N simulated lives instead")
     ap.add_argument("--profile", type=int, nargs="+", metavar="K", help="with --tokenize: serial runs of K shards")
+    ap.add_argument("--meds", type=int, metavar="N",
+                    help="load the simulator's MEDS output of N lives (bench/out/sim-N) instead of the MIMIC demo")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.tokenize and args.profile:
@@ -222,14 +225,20 @@ def main() -> None:
     if args.tokenize:
         tokenize_bench(args.tokenize, args.workers, args.check)
         return
-    inp = DEMO if args.copies == 1 else replicate(DEMO, OUT / f"mimic-x{args.copies}", args.copies)
+    kind = "meds" if args.meds else "mimic-iv"
+    if args.meds:
+        from tokenize_bench import simulated_input
+
+        inp = simulated_input(args.meds)
+    else:
+        inp = DEMO if args.copies == 1 else replicate(DEMO, OUT / f"mimic-x{args.copies}", args.copies)
     keep = OUT / "sharded-bench-single.duckdb" if args.check else None
-    base = one_config(inp, None, args.runs, keep)
+    base = one_config(inp, None, args.runs, keep, kind)
     rows = [base]
     print(json.dumps(base), flush=True)
     for n in args.workers:
         other = OUT / f"sharded-bench-{n}.duckdb" if args.check else None
-        row = one_config(inp, n, args.runs, other)
+        row = one_config(inp, n, args.runs, other, kind)
         row["speedup_wall"] = round(base["wall_s"] / row["wall_s"], 2)
         row["speedup_load"] = round(base["load_s"] / row["load_s"], 2)
         if args.check:

@@ -51,6 +51,15 @@ def demo_warehouse() -> Path:
     return db
 
 
+def simulated_input(n: int) -> Path:
+    """The simulator's MEDS output of ``n`` subjects (seed 1), written once under bench/out/sim-N."""
+    sim = OUT / f"sim-{n}"
+    if not (sim / "metadata" / "dataset.json").exists():
+        run_measured([FORESIGHT, "simulate", "--subjects", str(n), "--out", str(sim), "--seed", "1",
+                      "--workers", "2"])
+    return sim
+
+
 def simulated_warehouse(n: int) -> Path:
     """A warehouse of ``n`` simulated subjects, built once.
 
@@ -64,10 +73,7 @@ def simulated_warehouse(n: int) -> Path:
     db = OUT / f"tokenize-sim-{n}.duckdb"
     if db.exists():
         return db
-    sim = OUT / f"sim-{n}"
-    if not (sim / "metadata" / "dataset.json").exists():
-        run_measured([FORESIGHT, "simulate", "--subjects", str(n), "--out", str(sim), "--seed", "1",
-                      "--workers", "2"])
+    sim = simulated_input(n)
     con = warehouse.connect(db)
     try:
         con.execute(f"""
