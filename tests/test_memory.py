@@ -200,3 +200,27 @@ def test_event_bounded_chunks_write_the_same_tokens(sim_db, tmp_path, monkeypatc
     for split in ("train", "tuning", "held_out"):
         a, b = (np.load(tmp_path / d / f"{split}.index.npy") for d in ("default", "small"))
         assert a.dtype == b.dtype and (a == b).all()
+
+
+def test_the_clock_error_sample_is_bounded_uniform_and_keeps_the_exact_maximum():
+    """A split's clock errors are summarised from a fixed-size sample (it used to grow with every chunk)."""
+    import numpy as np
+
+    from foresight.tokens.shards import ClockErrorSample
+
+    rng = np.random.default_rng(1)
+    chunks = [rng.exponential(600.0, size=int(n)) for n in rng.integers(1, 5_000, size=60)]
+    chunks[17][3] = 1e6  # one far outlier in the middle: the reported max must be it
+    sample = ClockErrorSample(size=2_000)
+    for c in chunks:
+        sample.add(c)
+    everything = np.concatenate(chunks)
+    got = sample.values()
+    assert len(got) == 2_000 < len(everything)
+    assert got.max() == 1e6
+    assert abs(np.percentile(got, 50) - np.percentile(everything, 50)) < 0.1 * np.percentile(everything, 50)
+    again = ClockErrorSample(size=2_000)
+    for c in chunks:
+        again.add(c)
+    assert np.array_equal(again.values(), got)  # the same every run (fixed seed): summaries do not flicker
+    assert len(ClockErrorSample().values()) == 0

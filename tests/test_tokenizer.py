@@ -488,9 +488,16 @@ def test_stays_after_long_gaps_keep_their_length(tmp_path, correction):
 
 
 def test_quantile_edges_do_not_depend_on_the_batching(demo_db, demo_tokens, tmp_path, monkeypatch):
-    """Codes are taken in batches to bound memory; the edges must be those of one query over all codes."""
-    monkeypatch.setattr(T, "QUANTILE_BATCH_VALUES", 2_000)  # dozens of queries on the MIMIC demo
+    """Codes are taken in batches to bound memory, and a code with more values than a batch is sorted and streamed;
+    the edges must be bit for bit those of one query over all codes."""
+    from foresight.tokens import fit
+
+    streamed = []
+    whole = fit.streamed_quantiles
+    monkeypatch.setattr(fit, "quantile_batch_values", lambda con: 2_000)  # dozens of queries on the MIMIC demo
+    monkeypatch.setattr(fit, "streamed_quantiles", lambda *a: streamed.append(a[1]) or whole(*a))
     T.tokenize(demo_db, tmp_path / "batched", T.TokenizerConfig(min_subjects=5))
     one = T.Vocabulary.load(demo_tokens[0] / "vocab.json").quantile_edges
     assert len(one) > 20
+    assert len(streamed) >= 3  # codes with more than 2,000 values went the sorted-stream way
     assert T.Vocabulary.load(tmp_path / "batched" / "vocab.json").quantile_edges == one

@@ -10,12 +10,14 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import duckdb
 import typer
 from rich.progress import Progress
 
 from foresight import purposes, tokens, warehouse
 from foresight.cli.app import DbOption, ExcludeOption, JsonOption, emit, err, fail, opt_out_list
 from foresight.cli.sharded import TokenizeSchedulerOption, TokenizeWorkersOption, run_sharded_tokenize
+from foresight.warehouse.csv_scan import first_line
 
 
 def export_meds(
@@ -100,6 +102,11 @@ def _tokenize_here(db: Path, out: Path, cfg: tokens.TokenizerConfig, exclude_sub
                                    purpose=purpose)
     except (tokens.TokenizeError, purposes.PurposeError) as exc:
         fail(str(exc))
+    except duckdb.OutOfMemoryException as exc:
+        fail(f"DuckDB ran out of the memory budget while tokenizing {db} ({first_line(exc)}); {out} was left as it "
+             "was. Give it more with `foresight --memory SIZE tokenize ...` (or FORESIGHT_MEMORY)", code=4)
+    except duckdb.Error as exc:
+        fail(f"DuckDB error while tokenizing {db} ({out} was left as it was): {first_line(exc)}", code=4)
 
 
 def _encode_in_model_vocabulary(db: Path, out: Path, model: Path, exclude_subjects: Path | None,

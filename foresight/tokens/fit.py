@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +27,7 @@ import pyarrow as pa
 
 from foresight.schema import BIRTH_CODE, DEATH_CODE, SEP, code_kind
 from foresight.tokens.codec import marker_values
-from foresight.tokens.from_warehouse import register_code_map, subject_chunks, subject_events
+from foresight.tokens.from_warehouse import memory_limit_bytes, register_code_map, subject_chunks, subject_events
 from foresight.tokens.vocab import (
     AGE_PREFIX,
     BIRTH_PREFIX,
@@ -248,8 +249,9 @@ def _fit_quantile_edges(con: Any, config: TokenizerConfig, code_map: dict[str, s
         """,
         [config.min_values_for_quantiles],
     ).fetchall()
-    edges_rows = []
-    for batch in _quantile_batches(counts):
+    limit = quantile_batch_values(con)
+    edges_rows = [(code, streamed_quantiles(con, code, n, probs)) for code, n in counts if n > limit]
+    for batch in _quantile_batches([(code, n) for code, n in counts if n <= limit], limit):
         edges_rows += con.execute(
             """
             SELECT code, quantile_cont(numeric_value, ?::DOUBLE[]) FROM train_events
@@ -261,8 +263,36 @@ def _fit_quantile_edges(con: Any, config: TokenizerConfig, code_map: dict[str, s
     return {c: [float(x) for x in e] for c, e in sorted(edges_rows) if code_map.get(c) == c and len(e) == n_edges}
 
 
-def _quantile_batches(counts: list[tuple[str, int]]) -> list[list[str]]:
-    """Codes in batches of at most QUANTILE_BATCH_VALUES values (a code with more is a batch of its own).
+def quantile_batch_values(con: Any) -> int:
+    """How many values one exact-quantile query may hold on ``con``: QUANTILE_BATCH_VALUES, or fewer under a small
+    memory budget (a 32nd of it in doubles), so the fit's memory does not grow with the commonest code."""
+    return max(1 << 16, min(QUANTILE_BATCH_VALUES, memory_limit_bytes(con) // 32))
+
+
+def streamed_quantiles(con: Any, code: str, n: int, probs: Sequence[float]) -> list[float]:
+    """The exact ``quantile_cont`` of one code with more values than a batch holds, in bounded memory: DuckDB sorts
+    the values (spilling beyond its budget) and the two values around each quantile's position are read from the
+    sorted stream; DuckDB interpolates between them itself, so the edges are bit for bit what ``quantile_cont``
+    over all ``n`` values gives (checked in tests)."""
+    spots = [(n - 1) * p for p in probs]
+    wanted = {i for h in spots for i in (math.floor(h), math.ceil(h))}
+    at: dict[int, float] = {}
+    values_of = ("FROM train_events WHERE code = $code AND numeric_value IS NOT NULL AND isfinite(numeric_value)")
+    kind = con.execute(f"SELECT typeof(numeric_value) {values_of} LIMIT 1", {"code": code}).fetchall()[0][0]
+    start = 0
+    ordered = con.sql(f"SELECT numeric_value {values_of} ORDER BY 1", params={"code": code})
+    for batch in ordered.to_arrow_reader(1 << 20):
+        values = batch.column(0).to_numpy()
+        at |= {i: float(values[i - start]) for i in wanted if start <= i < start + len(values)}
+        start += len(values)
+    # in the column's own type (FLOAT values interpolate in FLOAT), as quantile_cont over the column does
+    return [float(con.execute(f"SELECT quantile_cont(v, ?) FROM (SELECT unnest([?, ?]::{kind}[]) AS v)",
+                              [h - math.floor(h), at[math.floor(h)], at[math.ceil(h)]]).fetchall()[0][0])
+            for h in spots]
+
+
+def _quantile_batches(counts: list[tuple[str, int]], limit: int = QUANTILE_BATCH_VALUES) -> list[list[str]]:
+    """Codes in batches of at most ``limit`` values (a code with more is a batch of its own).
 
     Exact quantiles hold every value of a group in memory (DuckDB cannot spill them), so batching keeps memory
     bounded as the cohort grows (one pass over all codes at once ran out of a 512 MB limit at 1M subjects).
@@ -270,7 +300,7 @@ def _quantile_batches(counts: list[tuple[str, int]]) -> list[list[str]]:
     batches: list[list[str]] = [[]]
     in_batch = 0
     for code, n in counts:
-        if batches[-1] and in_batch + n > QUANTILE_BATCH_VALUES:
+        if batches[-1] and in_batch + n > limit:
             batches.append([])
             in_batch = 0
         batches[-1].append(code)

@@ -25,14 +25,18 @@ BYTES_PER_EVENT = 1024
 MIN_CHUNK_EVENTS = 100_000
 
 
-def events_per_chunk(con: Any) -> int:
-    """The most events a chunk of subjects should hold on this connection, from its DuckDB memory budget."""
+def memory_limit_bytes(con: Any) -> int:
+    """The DuckDB memory budget of this connection in bytes (1 GiB when DuckDB words it otherwise, e.g. unlimited)."""
     setting = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
     try:
-        budget = parse_memory(str(setting).replace(" ", ""))
+        return parse_memory(str(setting).replace(" ", ""))
     except MemoryBudgetError:  # DuckDB's own wording of an unlimited budget, say
-        budget = 1 << 30
-    return max(MIN_CHUNK_EVENTS, budget // BYTES_PER_EVENT)
+        return 1 << 30
+
+
+def events_per_chunk(con: Any) -> int:
+    """The most events a chunk of subjects should hold on this connection, from its DuckDB memory budget."""
+    return max(MIN_CHUNK_EVENTS, memory_limit_bytes(con) // BYTES_PER_EVENT)
 
 
 def subject_chunks(con: Any, ids: np.ndarray, split: str | None, per: int, max_events: int | None = None
@@ -52,11 +56,12 @@ def subject_chunks(con: Any, ids: np.ndarray, split: str | None, per: int, max_e
     pos = np.clip(np.searchsorted(known, ids), 0, max(len(known) - 1, 0))
     per_subject = np.where((len(known) > 0) & (known[pos] == ids), n[pos], 0) if len(known) else np.zeros(len(ids))
     chunks, start, in_chunk = [], 0, 0
-    for i, k in enumerate(per_subject.tolist()):
-        if i > start and (i - start >= per or in_chunk + k > max_events):
-            chunks.append((int(ids[start]), int(ids[i - 1]), i - start))
-            start, in_chunk = i, 0
-        in_chunk += k
+    for block in range(0, len(ids), 1 << 16):  # Python ints a block at a time: no list as long as the cohort
+        for i, k in enumerate(per_subject[block:block + (1 << 16)].tolist(), start=block):
+            if i > start and (i - start >= per or in_chunk + k > max_events):
+                chunks.append((int(ids[start]), int(ids[i - 1]), i - start))
+                start, in_chunk = i, 0
+            in_chunk += k
     chunks.append((int(ids[start]), int(ids[-1]), len(ids) - start))
     return chunks
 
@@ -81,7 +86,11 @@ def encode_subjects(con: Any, vocab: Vocabulary, lo: int, hi: int, split: str | 
                     as_of: datetime | None = None, cohort_table: str | None = None) -> EncodedChunk:
     """Encode the subjects with ids in [lo, hi] (of ``split`` / in ``cohort_table(subject_id)`` when given),
     from their events up to ``as_of``. ``register_code_map`` must have run on ``con``."""
-    data, births = subject_events(con, vocab, lo, hi, split, as_of, cohort_table)
+    return encode_fetched(vocab, *subject_events(con, vocab, lo, hi, split, as_of, cohort_table))
+
+
+def encode_fetched(vocab: Vocabulary, data: dict[str, np.ndarray], births: list[tuple[int, int]]) -> EncodedChunk:
+    """Encode what :func:`subject_events` fetched (numpy only, no connection: safe on a worker thread)."""
     chunk = encode_arrays(vocab, data["subject_id"], data["t"], data["tok"], data["v"], dict(births))
     # subjects with a birth but no other event still get a (short) sequence
     present = set(chunk.subject_ids.tolist())

@@ -8,6 +8,9 @@ and ``<split>.index.npy`` (read back by :mod:`foresight.dataset`).
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,14 @@ import numpy as np
 
 from foresight.tokens.codec import NO_TIME, EncodedChunk
 from foresight.tokens.folder import seal
-from foresight.tokens.from_warehouse import encode_subjects, subject_chunks
+from foresight.tokens.from_warehouse import (
+    MIN_CHUNK_EVENTS,
+    encode_fetched,
+    encode_subjects,
+    events_per_chunk,
+    subject_chunks,
+    subject_events,
+)
 from foresight.tokens.vocab import MINUTE, Vocabulary
 
 # One row per subject: where its tokens are, how long its static prefix is (with and without the markers of
@@ -31,18 +41,18 @@ def write_split(
     ``subjects_per_chunk`` subjects and a memory-budget's worth of events each): (tokens written, clock-error
     sample, subjects with only static facts). ``register_code_map`` must have run on ``con``;
     ``progress(split, done, total)`` is called after each chunk."""
-    written, errors, static_only, n_index, done = 0, [], 0, 0, 0
+    written, static_only, n_index, done = 0, 0, 0, 0
+    errors = ClockErrorSample()
     index_tmp = out / f"{split}.index.part"  # index rows streamed to disk: memory stays flat with the cohort
     with (open(out / f"{split}.bin", "wb") as ftok, open(out / f"{split}.clock.bin", "wb") as fclk,
           open(index_tmp, "wb") as fidx):
-        for lo, hi, n_subjects in subject_chunks(con, ids, split, vocab.config.subjects_per_chunk):
-            chunk = encode_subjects(con, vocab, lo, hi, split)
+        for chunk, n_subjects in encoded_chunks(con, vocab, split, ids):
             ftok.write(chunk.tokens.astype(vocab.dtype).tobytes())
             fclk.write(clock_minutes(chunk).tobytes())
             rows = index_rows(vocab, chunk, written)
             fidx.write(rows.tobytes())
             n_index += len(rows)
-            errors.append(chunk.clock_error_s[::max(1, len(chunk.clock_error_s) // 10_000)])  # a sample
+            errors.add(chunk.clock_error_s)
             # no timed event at all (static facts and/or a birth only): a valid but empty-looking record that
             # the summary names, so a cohort full of them (a broken extract) does not pass unnoticed
             static_only += int((chunk.t0_s == NO_TIME).sum())
@@ -51,7 +61,65 @@ def write_split(
             if progress is not None:
                 progress(split, done, len(ids))
     save_index(index_tmp, out / f"{split}.index.npy", n_index)
-    return written, np.concatenate(errors) if errors else np.zeros(0), static_only
+    return written, errors.values(), static_only
+
+
+def encoded_chunks(con: Any, vocab: Vocabulary, split: str, ids: np.ndarray) -> Iterator[tuple[EncodedChunk, int]]:
+    """The split's chunks encoded, in subject order, with the number of subjects in each.
+
+    With DuckDB on more than one thread (the connection's ``threads``; the sharded path's workers use one), the
+    chunks are encoded on a pool of that many threads while this one fetches the next chunk's events: DuckDB and
+    numpy's sorts and gathers release the GIL, so the cores overlap. Each chunk then holds 1/threads of the events
+    a chunk would hold alone, so the memory in flight stays about the same. Any chunking writes the same tokens.
+    """
+    per = vocab.config.subjects_per_chunk
+    threads = int(con.execute("SELECT current_setting('threads')").fetchall()[0][0])
+    if threads <= 1:
+        for lo, hi, n in subject_chunks(con, ids, split, per):
+            yield encode_subjects(con, vocab, lo, hi, split), n
+        return
+    plan = subject_chunks(con, ids, split, per, max(MIN_CHUNK_EVENTS, events_per_chunk(con) // threads))
+    pending: deque[tuple[Future[EncodedChunk], int]] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="encode") as pool:
+        for lo, hi, n in plan:
+            pending.append((pool.submit(encode_fetched, vocab, *subject_events(con, vocab, lo, hi, split)), n))
+            if len(pending) >= threads:
+                done, k = pending.popleft()
+                yield done.result(), k
+        while pending:
+            done, k = pending.popleft()
+            yield done.result(), k
+
+
+class ClockErrorSample:
+    """A uniform random sample (fixed seed: the same every run) of at most ``size`` of a split's clock errors, with
+    their exact maximum always kept: what the summary's percentiles are taken from, in memory that stays the same
+    whatever the cohort (a sample per chunk grew with the number of chunks: ~100 MB at a million lives)."""
+
+    def __init__(self, size: int = 100_000, seed: int = 0) -> None:
+        self.size, self.rng = size, np.random.default_rng(seed)
+        self.keys, self.kept, self.max = np.zeros(0), np.zeros(0), None
+
+    def add(self, errors: np.ndarray) -> None:
+        """Offer one chunk's errors (seconds) to the sample."""
+        if not len(errors):
+            return
+        top = float(errors.max())
+        self.max = top if self.max is None else max(self.max, top)
+        keys = np.concatenate([self.keys, self.rng.random(len(errors))])
+        kept = np.concatenate([self.kept, np.asarray(errors, dtype=np.float64)])
+        if len(keys) > self.size:  # the smallest random keys: a uniform sample of everything offered so far
+            keep = np.argpartition(keys, self.size)[: self.size]
+            keys, kept = keys[keep], kept[keep]
+        self.keys, self.kept = keys, kept
+
+    def values(self) -> np.ndarray:
+        """The sample, its largest value replaced by the exact maximum of every error offered."""
+        if self.max is None:
+            return np.zeros(0)
+        out = self.kept.copy()
+        out[int(np.argmax(out))] = self.max
+        return out
 
 
 def save_index(raw: Path, dest: Path, n: int, block: int = 1 << 20) -> None:
