@@ -49,10 +49,9 @@ def subject_chunks(con: Any, ids: np.ndarray, split: str | None, per: int, max_e
         return []
     max_events = max_events or events_per_chunk(con)
     cond = "subject_id IN (SELECT subject_id FROM subject_splits WHERE split = ?)" if split is not None else "true"
-    counts = con.execute(f"SELECT subject_id, count(*) AS n FROM events WHERE {cond} GROUP BY 1",
+    counts = con.execute(f"SELECT subject_id, count(*) AS n FROM events WHERE {cond} GROUP BY 1 ORDER BY 1",
                          [split] if split is not None else []).fetchnumpy()
-    order = np.argsort(counts["subject_id"])
-    known, n = counts["subject_id"][order], counts["n"][order]
+    known, n = counts.pop("subject_id"), counts.pop("n")
     pos = np.clip(np.searchsorted(known, ids), 0, max(len(known) - 1, 0))
     per_subject = np.where((len(known) > 0) & (known[pos] == ids), n[pos], 0) if len(known) else np.zeros(len(ids))
     chunks, start, in_chunk = [], 0, 0
