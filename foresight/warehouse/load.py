@@ -200,8 +200,7 @@ class Load:
         accounting.stage_quarantine(con, table, v_cols, keep, file=res.file, lines=lines, **run)
         n_q = accounting.check_validation(con, table, keep, res.file)
         self.warnings.extend(accounting.field_warnings(con, table, v_cols, keep, res.file))
-        dropped = accounting.drop_reasons(con, table, keep, has_notes, n_optout, res.file)
-        loaded = accounting.count_loaded(con, table, keep, has_notes)
+        dropped, loaded = accounting.line_outcomes(con, table, keep, has_notes, n_optout, res.file)
         if has_notes:
             res.notes = accounting.stage_notes(con, table, keep, file=res.file, **run)
         events = accounting.stage_events(con, table, keep, **run)
