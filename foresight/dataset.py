@@ -44,6 +44,7 @@ from foresight.tokens import (
     months_of,
     years_of,
 )
+from foresight.tokens.history import HistoryBlock
 
 IGNORE_INDEX = -100
 
@@ -77,8 +78,11 @@ def extract_end_seconds(vocab: Vocabulary) -> int | None:
 class PackedSplit:
     """One split of a tokenized dataset: memory-mapped tokens, token clock and subject index."""
 
-    def __init__(self, data_dir: str | Path, split: str, vocab: Vocabulary | None = None) -> None:
+    def __init__(self, data_dir: str | Path, split: str, vocab: Vocabulary | None = None,
+                 history: HistoryBlock | None = None) -> None:
         data_dir = Path(data_dir)
+        # continuation pieces carry the history block (foresight.tokens.history) when the model is trained with one
+        self.history = history
         # a folder that tokenize (or a canary insertion) did not finish, or that changed since, is refused here:
         # train, evaluate, the privacy audit and canary insertion all read shards through this class
         check_complete(data_dir, split)
@@ -119,11 +123,19 @@ class PackedSplit:
         r = self.index[i]
         return np.asarray(self.tokens[r["offset"]:r["offset"] + r["length"]], dtype=np.int64)
 
+    def history_block(self, i: int, pos: int) -> np.ndarray:
+        """The history block of subject ``i`` cut at absolute token position ``pos`` (empty without one)."""
+        if self.history is None:
+            return np.zeros(0, dtype=np.int64)
+        r = self.index[i]
+        return self.history.block(self.tokens[r["offset"] + r["head_len"]:pos], self.vocab)
+
     def continuation_prefix(self, i: int, pos: int) -> np.ndarray:
-        """Head of subject ``i`` plus the YEAR/MONTH/AGE markers that hold at absolute token position ``pos`` (in the
-        encoder's order)."""
+        """Head of subject ``i``, its history block (when the split has one), then the YEAR/MONTH/AGE markers that
+        hold at absolute token position ``pos`` (in the encoder's order)."""
         r = self.index[i]
         head = np.asarray(self.tokens[r["offset"]:r["offset"] + r["head_len"]], dtype=np.int64)
+        head = np.concatenate([head, self.history_block(i, pos)])
         cfg = self.vocab.config
         if r["t0"] == NO_TIME:
             return head
@@ -140,10 +152,11 @@ class PackedSplit:
                 markers.append(int(self.vocab.marker_ids("AGE", ages(clock, np.array([r["birth"]])))[0]))
         return np.concatenate([head, np.array(markers, dtype=np.int64)])
 
-    def _continuation_len(self, i: int) -> int:
+    def _continuation_len(self, i: int, pos: int) -> int:
         cfg = self.vocab.config
-        return int(self.index[i]["head_len"]) + (int(cfg.year_tokens) + int(cfg.month_tokens) + int(cfg.age_tokens)
-                                                  if self.index[i]["t0"] != NO_TIME else 0)
+        markers = int(cfg.year_tokens) + int(cfg.month_tokens) + int(cfg.age_tokens)
+        return int(self.index[i]["head_len"]) + len(self.history_block(i, pos)) + (
+            markers if self.index[i]["t0"] != NO_TIME else 0)
 
     def plan(self, seq_len: int, *, seed: int, epoch: int, min_body: int = 2) -> RowPlan:
         """Pack every subject's timeline into rows of ``seq_len + 1`` tokens (inputs + shifted labels)."""
@@ -158,7 +171,7 @@ class PackedSplit:
             pos, end = int(r["offset"] + r["prefix_len"]), int(r["offset"] + r["length"])
             first = True
             while first or pos < end:
-                pre = int(r["prefix_len"]) if first else self._continuation_len(i)
+                pre = int(r["prefix_len"]) if first else self._continuation_len(i, pos)
                 if pre + min(min_body, end - pos) > width:
                     raise ValueError(f"seq_len {seq_len} cannot hold a prefix of {pre} tokens plus a token")
                 space = width - fill
@@ -195,11 +208,15 @@ class PackedSplit:
         """
         lo, hi = np.searchsorted(plan.row, [r, r + 1])
         ids, pos_ids, clocks, starts, t0s = [], [], [], [], []
+        summary: list[np.ndarray] = []  # positions (in the row) of history-block tokens: no loss on them
         n = 0
         for p in range(lo, hi):
             i, s, ln = int(plan.subject[p]), int(plan.start[p]), int(plan.length[p])
             if plan.continuation[p]:
                 pre = self.continuation_prefix(i, s)
+                n_block = len(self.history_block(i, s))
+                if n_block:
+                    summary.append(n + int(self.index[i]["head_len"]) + np.arange(n_block))
                 # the re-inserted head stands for the state just before the cut, so the clock of the last token
                 # before the cut: a piece that starts with a TIME token then still shows the gap it encodes
                 pre_clock = np.full(len(pre), int(self.clock_min[s - 1]), dtype=np.int64)
@@ -229,6 +246,8 @@ class PackedSplit:
         boundary[np.array(starts[1:], dtype=np.int64)] = True
         labels[boundary[1:]] = IGNORE_INDEX  # never predict the first token of the next piece
         labels[seq[1:] == self._pad] = IGNORE_INDEX
+        if summary:
+            labels[np.concatenate(summary) - 1] = IGNORE_INDEX  # the block is a summary, not events to predict
         gap_min = np.where(labels != IGNORE_INDEX, clock[1:] - clock[:-1], 0)
         return {"input_ids": seq[:-1], "labels": labels, "position_ids": positions[:-1],
                 "time_to_next_days": np.maximum(gap_min, 0).astype(np.float32) / np.float32(1440.0),

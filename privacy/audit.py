@@ -182,8 +182,9 @@ def load_inputs(model_dir: Path, data_dir: Path, device: str | None) -> AuditInp
     if data_vocab.tokens != fc.vocab.tokens:
         raise AuditError(f"{data_dir}: its vocabulary differs from the model's: audit the model against the data "
                          "directory it was trained on")
-    train = PackedSplit(data_dir, "train", vocab=data_vocab)
-    held = PackedSplit(data_dir, "held_out", vocab=data_vocab)
+    # scored the way the model was trained: continuation pieces carry its history block, if it has one
+    train = PackedSplit(data_dir, "train", vocab=data_vocab, history=fc.history)
+    held = PackedSplit(data_dir, "held_out", vocab=data_vocab, history=fc.history)
     trained_on = (fc.meta.get("data") or {}).get("train_tokens")
     if trained_on is not None and int(trained_on) != train.n_tokens:
         raise AuditError(f"{data_dir}: its train split has {train.n_tokens:,} tokens, the model was trained on "
@@ -387,7 +388,7 @@ def forgotten_check(model: Any, vocab: Any, subject_ids: list[int], db: str | Pa
             return {"subjects": 0, "in_training_data": in_train, "rows": [
                 {"slice": "all", "measured": False, "members": 0, "nonmembers": len(non_idx),
                  "why": "none of the listed subjects has events in the warehouse"}]}
-        split = PackedSplit(tmp, "forgotten", vocab=vocab)
+        split = PackedSplit(tmp, "forgotten", vocab=vocab, history=held.history)  # scored like the non-members
         idx, non = mia.balanced_sample(np.arange(len(split)), non_idx, cfg["audit"]["max_subjects_per_side"],
                                        cfg["audit"]["seed"])
         k = cfg["mia"]["min_k"]

@@ -314,4 +314,8 @@ def _fit_context(split: Any, i: int, toks: np.ndarray, end: int, context: int, b
     if is_value[int(toks[start])]:  # never start on a value token without its code
         start += 1
     pre = split.continuation_prefix(i, off + start)
+    while len(pre) + end - start > room and start < end - 1:  # a history block takes room from the body
+        start += len(pre) + end - start - room
+        start += int(start < end - 1 and is_value[int(toks[start])])
+        pre = split.continuation_prefix(i, off + start)
     return np.concatenate([pre, toks[start:end]])

@@ -57,7 +57,8 @@ def test_rows_carry_seconds_from_each_subjects_last_event_to_the_extract_end(dem
 
 def _piece_lengths(ps: PackedSplit, plan, r: int) -> list[int]:
     lo, hi = np.searchsorted(plan.row, [r, r + 1])
-    return [int(plan.length[p]) + (ps._continuation_len(int(plan.subject[p])) if plan.continuation[p] else
+    return [int(plan.length[p]) + (ps._continuation_len(int(plan.subject[p]), int(plan.start[p]))
+                                   if plan.continuation[p] else
                                    int(plan.start[p] - ps.index[int(plan.subject[p])]["offset"]))
             for p in range(lo, hi)]
 

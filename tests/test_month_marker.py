@@ -113,7 +113,7 @@ def test_continuation_rows_and_cut_prompts_carry_the_month(folders):
         pre = [ps.vocab.tokens[t] for t in ps.continuation_prefix(i, pos)]
         before = [ps.vocab.tokens[t] for t in ps.tokens[ps.index[i]["offset"]:pos]]
         assert pre[-3:] == [[t for t in before if t.startswith(k)][-1] for k in ("YEAR//", "MONTH//", "AGE//")]
-        assert len(pre) == ps._continuation_len(i)
+        assert len(pre) == ps._continuation_len(i, pos)
         checked += 1
     assert checked > 5
     # a forecast prompt cut to the context keeps the current MONTH marker too

@@ -47,6 +47,10 @@ def train(
     end_censoring: Annotated[bool | None, typer.Option(
         "--end-censoring/--no-end-censoring", help="Score the position before [END] as censored at the extract's "
                                                    "end (default) or [END] as an ordinary token.")] = None,
+    history_block: Annotated[int | None, typer.Option(
+        help="Pieces that continue a cut timeline start with up to this many distinct codes of --history-kinds "
+             "recorded before the cut (0: none).")] = None,
+    history_kinds: Annotated[str | None, typer.Option(help="Code kinds of the history block, e.g. DX,PX.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of initialisation and data order.")] = None,
     stop_at_step: Annotated[int | None, typer.Option(
         help="Checkpoint at this step and stop (resume later with --resume).")] = None,
@@ -63,7 +67,8 @@ def train(
     given = {"preset": preset, "max_steps": max_steps, "seq_len": seq_len, "micro_batch": micro_batch,
              "grad_accum": grad_accum, "lr": lr, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
              "time_head": time_head, "end_as_censoring": end_censoring, "seed": seed, "stop_at_step": stop_at_step,
-             "init_from": str(init_from) if init_from is not None else None}
+             "init_from": str(init_from) if init_from is not None else None, "history_block": history_block,
+             "history_kinds": history_kinds}
     cfg = train_config(config, given)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))

@@ -43,7 +43,7 @@ def next_event_accuracy(forecaster: Forecaster, data_dir: str | Path, split: str
     """Strict top-k next-event accuracy on ``split``, with the frequency and Markov baselines."""
     vocab = forecaster.vocab
     model = forecaster.model
-    ps = PackedSplit(data_dir, split, vocab)
+    ps = PackedSplit(data_dir, split, vocab, history=forecaster.history)
     train = PackedSplit(data_dir, "train", vocab)
     is_event = vocab.is_event
     seq_len = seq_len or int(forecaster.meta.get("training", {}).get("seq_len", 0) or 256)

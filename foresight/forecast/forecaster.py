@@ -54,6 +54,7 @@ from foresight.tokens import (
     register_code_map,
     to_epoch,
 )
+from foresight.tokens.history import HistoryBlock
 from foresight.train.card import check_complete
 
 
@@ -120,6 +121,8 @@ class Forecaster(FutureSampler):
         # without it the same arithmetic would return numbers that look like rates and mean nothing.
         self.has_time_head = bool((self.meta.get("time_head") or {}).get("enabled"))
         self.event_bias = torch.from_numpy(M.event_log_bias(vocab)) if self.has_time_head else None
+        # the history block the model was trained with (None for models trained without one)
+        self.history = HistoryBlock.from_training(self.meta.get("training"))
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | None = None) -> Forecaster:
@@ -185,9 +188,10 @@ class Forecaster(FutureSampler):
         return trained or int(getattr(self.model.config, "max_position_embeddings", 512))
 
     def fit_context(self, tokens: np.ndarray) -> np.ndarray:
-        """Cut a long timeline the way training cut it: head (BOS, sex, race, birth band) + the current YEAR,
-        MONTH and AGE markers + the most recent tokens, ``context`` tokens in all. Positions past the trained row length
-        were never seen in training, so a longer prompt would only be out of distribution."""
+        """Cut a long timeline the way training cut it: head (BOS, sex, race, birth band) + the history block of
+        what was cut (when the model has one) + the current YEAR, MONTH and AGE markers + the most recent tokens,
+        ``context`` tokens in all. Positions past the trained row length were never seen in training, so a longer
+        prompt would only be out of distribution."""
         ctx = self.context
         if len(tokens) <= ctx:
             return tokens
@@ -199,9 +203,17 @@ class Forecaster(FutureSampler):
                    for p in (YEAR_PREFIX, MONTH_PREFIX, AGE_PREFIX)]
         markers = [m for m in markers if m is not None]
         start = len(tokens) - (ctx - head - len(markers))
-        while start < len(tokens) - 1 and self.is_value[int(tokens[start])]:
-            start += 1  # never begin with a value token cut off from its code
-        return np.concatenate([tokens[:head], np.array(markers, dtype=np.int64), tokens[start:]])
+        while True:
+            while start < len(tokens) - 1 and self.is_value[int(tokens[start])]:
+                start += 1  # never begin with a value token cut off from its code
+            block = (self.history.block(tokens[head:start], self.vocab) if self.history is not None
+                     else np.zeros(0, dtype=np.int64))
+            # the block takes room from the body; cutting later can only grow it, so this settles
+            fits = len(tokens) - (ctx - head - len(markers) - len(block))
+            if start >= fits:
+                break
+            start = fits
+        return np.concatenate([tokens[:head], block, np.array(markers, dtype=np.int64), tokens[start:]])
 
     def timeline_from_events(self, events: Sequence[dict[str, Any]], as_of: datetime | None = None) -> Timeline:
         """A timeline posted as MEDS-shaped events (``time``, ``code``, optional ``numeric_value``).

@@ -152,11 +152,18 @@ def resume_checkpoint(engine: Any, path: Path, cfg: TrainConfig, fingerprint: st
     state (``step``, ``epoch_rows``, ``train_config``, ``data_fingerprint``)."""
     state = load_checkpoint(engine, path, rank=rank, world_size=world_size)
     saved_cfg = state.get("train_config", {})
+    defaults = TrainConfig()
     for key in TrainConfig.MUST_MATCH_ON_RESUME:
-        if saved_cfg.get(key) != getattr(cfg, key):
-            raise CheckpointError(f"{path}: was trained with {key}={saved_cfg.get(key)!r}, this run asks "
+        # an option added since the checkpoint was saved had its default then; tuples may come back as lists
+        saved, wanted = saved_cfg.get(key, getattr(defaults, key)), getattr(cfg, key)
+        if _comparable(saved) != _comparable(wanted):
+            raise CheckpointError(f"{path}: was trained with {key}={saved!r}, this run asks "
                                   f"for {getattr(cfg, key)!r}")
     if state.get("data_fingerprint") != fingerprint:
         raise CheckpointError(f"{path}: was trained on data with fingerprint {state.get('data_fingerprint')}, "
                               f"{data_dir} has {fingerprint}")
     return state
+
+
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value

@@ -48,10 +48,21 @@ class TrainConfig:
     end_as_censoring: bool = True
     stop_at_step: int = 0  # > 0: checkpoint at this step and stop without saving the model (time-boxed jobs)
     init_from: str = ""  # a trained model directory to start from (fine-tuning; same preset and vocabulary); "": fresh
+    # A piece that continues a cut timeline starts with up to this many distinct codes of ``history_kinds`` recorded
+    # before the cut (foresight.tokens.history), so the model keeps what a short context would forget; 0: none
+    history_block: int = 0
+    history_kinds: tuple[str, ...] = ("DX", "PX")
 
     # Changing these between a checkpoint and its resumption would silently train a different run.
     MUST_MATCH_ON_RESUME = ("preset", "seq_len", "micro_batch", "grad_accum", "seed", "time_head",
-                           "end_as_censoring")
+                           "end_as_censoring", "history_block", "history_kinds")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.history_block <= self.seq_len // 2:
+            raise ValueError(f"history_block {self.history_block}: must be 0 (none) up to half of seq_len "
+                             f"({self.seq_len // 2}), or the block crowds out the timeline it summarises")
+        if self.history_block and not self.history_kinds:
+            raise ValueError("history_kinds is empty: name the code kinds of the history block (e.g. DX,PX)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -60,6 +71,10 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown training option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        if "history_kinds" in d:  # a JSON list, or "DX,PX"
+            kinds = d["history_kinds"]
+            d = {**d, "history_kinds": tuple(k.strip().upper() for k in
+                                             (kinds.split(",") if isinstance(kinds, str) else kinds) if k.strip())}
         return cls(**d)
 
 

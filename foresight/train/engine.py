@@ -8,7 +8,7 @@ import os
 import random
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import numpy as np
 from foresight import model as M
 from foresight.dataset import PackedSplit, RowStream
 from foresight.tokens import PAD, Vocabulary
+from foresight.tokens.history import HistoryBlock
 from foresight.train.checkpoint import CHECKPOINT_DIR, find_checkpoint
 from foresight.train.config import TrainConfig, deepspeed_config, precision_of
 from foresight.train.errors import TrainingError
@@ -190,8 +191,9 @@ def setup(data_dir: Path, out: Path, cfg: TrainConfig, ds_path: Path | None, *, 
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
 
-    train_split = PackedSplit(data_dir, "train")
-    tuning_split = PackedSplit(data_dir, "tuning", vocab=train_split.vocab)
+    history = HistoryBlock.from_training(asdict(cfg))
+    train_split = PackedSplit(data_dir, "train", history=history)
+    tuning_split = PackedSplit(data_dir, "tuning", vocab=train_split.vocab, history=history)
     if len(train_split) == 0:  # no subject, no row (every subject fills at least one)
         raise TrainingError("the train split has no rows to train on")
     latest = find_checkpoint(out, resume=resume)
