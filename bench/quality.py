@@ -152,12 +152,18 @@ def study_oracle(sim_dir: Path) -> Callable[[Any, Any], np.ndarray]:
 # --- one row -------------------------------------------------------------------------------------------------
 
 
-def row_id(lives: int, preset: str, context: int, tokens: int, seed: int) -> str:
-    return f"n{lives}-{preset}-ctx{context}-tok{tokens}-seed{seed}"
+def row_id(lives: int, preset: str, context: int, tokens: int, seed: int, history_block: int = 0) -> str:
+    return f"n{lives}-{preset}-ctx{context}" + (f"-hist{history_block}" if history_block else "") + \
+        f"-tok{tokens}-seed{seed}"
+
+
+def _ctx(f: dict[str, Any]) -> str:
+    """The context column: its length, and the history block's when the row has one."""
+    return f"{f['context']}" + (f" + history {f['history_block']}" if f.get("history_block") else "")
 
 
 def train_row(c: dict[str, Any], rdir: Path, args: argparse.Namespace, preset: str, context: int, tokens: int,
-              seed: int) -> dict[str, Any]:
+              seed: int, history_block: int = 0) -> dict[str, Any]:
     """Train one row's model (skipped when ``train.json`` says it finished); returns the training record."""
     from foresight.train import TrainConfig, train
 
@@ -172,7 +178,7 @@ def train_row(c: dict[str, Any], rdir: Path, args: argparse.Namespace, preset: s
     cfg = TrainConfig(preset=preset, seq_len=context, micro_batch=micro, grad_accum=args.grad_accum,
                       max_steps=steps, warmup_steps=warmup, lr=args.lr, min_lr=args.min_lr, eval_every=0,
                       eval_rows=args.eval_rows, checkpoint_every=0, log_every=max(1, steps // 10), seed=seed,
-                      time_head=args.time_head)
+                      time_head=args.time_head, history_block=history_block)
     if model.exists():
         shutil.rmtree(model)
     console.log(f"  training {preset}, context {context}, micro-batch {micro} x {args.grad_accum}: {steps:,} steps "
@@ -183,7 +189,8 @@ def train_row(c: dict[str, Any], rdir: Path, args: argparse.Namespace, preset: s
     minutes = (time.perf_counter() - t0) / 60
     m = summary.get("metrics", {})
     rec = {"config": {k: getattr(cfg, k) for k in ("preset", "seq_len", "micro_batch", "grad_accum", "max_steps",
-                                                   "warmup_steps", "lr", "min_lr", "seed", "time_head")},
+                                                   "warmup_steps", "lr", "min_lr", "seed", "time_head",
+                                                   "history_block")},
            "status": summary["status"], "parameters": summary["parameters"], "steps": steps,
            "tokens_per_step": per_step, "train_tokens": steps * per_step,
            "epochs": round(steps * per_step / max(c["train_tokens_total"], 1), 3),
@@ -199,7 +206,7 @@ def train_row(c: dict[str, Any], rdir: Path, args: argparse.Namespace, preset: s
 def evaluate_row(c: dict[str, Any], rdir: Path, args: argparse.Namespace, oracle: Callable) -> dict[str, Any]:
     """evaluate_model at discharges and admissions, plus the as-of tasks; returns the merged report."""
     from foresight.evaluate import ADMISSION_TASKS, evaluate_model
-    from foresight.evaluate.report import RiskScoring, plot_calibration
+    from foresight.evaluate.report import RiskScoring, plot_calibration, write_points
     from foresight.forecast import Forecaster, load_task
 
     model, out = rdir / "model", rdir / "evaluation"
@@ -225,6 +232,7 @@ def evaluate_row(c: dict[str, Any], rdir: Path, args: argparse.Namespace, oracle
         report["skipped"] += scoring.skipped
         report["eval_points"].update(scoring.points_used)
         report["calibration_plot"] = str(plot_calibration(report["tasks"], out / "calibration.png"))
+        report["points_file_as_of"] = str(write_points(scoring.results, out / "points_as_of.parquet"))
     for t in report["tasks"]:
         t.setdefault("at", "discharges")
         if "positives" not in t:  # round(rate x points): the report holds the observed rate of the scored points
@@ -236,8 +244,8 @@ def evaluate_row(c: dict[str, Any], rdir: Path, args: argparse.Namespace, oracle
 
 
 def run_row(c: dict[str, Any], args: argparse.Namespace, oracle: Callable, lives: int, preset: str, context: int,
-            tokens: int, seed: int) -> dict[str, Any]:
-    rid = row_id(lives, preset, context, tokens, seed)
+            tokens: int, seed: int, history_block: int = 0) -> dict[str, Any]:
+    rid = row_id(lives, preset, context, tokens, seed, history_block)
     rdir = args.out / "runs" / rid
     if (rdir / "row.json").exists() and not args.force:
         console.log(f"[{rid}] done before: reusing {rdir / 'row.json'}")
@@ -246,11 +254,12 @@ def run_row(c: dict[str, Any], args: argparse.Namespace, oracle: Callable, lives
         shutil.rmtree(rdir)
     rdir.mkdir(parents=True, exist_ok=True)
     console.rule(rid)
-    tr = train_row(c, rdir, args, preset, context, tokens, seed)
+    tr = train_row(c, rdir, args, preset, context, tokens, seed, history_block)
     rep = evaluate_row(c, rdir, args, oracle)
     ne = rep["next_event"]
     row = {"row": rid, "date": date.today().isoformat(), "machine": machine(), "command": " ".join(sys.argv),
            "lives": lives, "cohort_seed": args.cohort_seed, "preset": preset, "context": context, "seed": seed,
+           "history_block": history_block,
            "requested_train_tokens": tokens, **{k: tr[k] for k in ("parameters", "steps", "tokens_per_step",
                                                                    "train_tokens", "epochs", "training_minutes",
                                                                    "tuning_loss", "unigram_entropy_tuning",
@@ -269,6 +278,35 @@ def run_row(c: dict[str, Any], args: argparse.Namespace, oracle: Callable, lives
     summary_table([row], title=f"{rid}: trained {tr['training_minutes']:.1f} min, evaluated "
                                f"{row['evaluation_minutes']:.1f} min")
     return row
+
+
+def compare_rows(a: Path, b: Path, n_boot: int = 1000) -> list[dict[str, Any]]:
+    """Row ``a``'s model minus row ``b``'s on the same held-out points (same cohort and ``--eval-seed``): paired
+    AUROC and Brier differences with patient-bootstrap CIs, per task, from each row's points files."""
+    import pandas as pd
+
+    from foresight.evaluate.metrics import paired_difference
+
+    def points(row: Path) -> pd.DataFrame:
+        ev = row / "evaluation"
+        return pd.concat([pd.read_parquet(f) for f in (ev / "points.parquet", ev / "points_as_of.parquet")
+                          if f.exists()], ignore_index=True)
+
+    pa_, pb = points(a), points(b)
+    out = []
+    for (task, at), ga in pa_.groupby(["task", "at"], sort=False):
+        gb = pb[(pb["task"] == task) & (pb["at"] == at)]
+        if len(ga) != len(gb) or not (ga["subject_id"].to_numpy() == gb["subject_id"].to_numpy()).all() or \
+                not (ga["y"].to_numpy() == gb["y"].to_numpy()).all():
+            raise SystemExit(f"{task} @ {at}: the two rows were not scored on the same points (cohort, "
+                             "--max-points and --eval-seed must match)")
+        y, g = ga["y"].to_numpy(), ga["subject_id"].to_numpy()
+        rec = {"task": task, "at": at, "points": len(y), "positives": int(y.sum())}
+        for who in ("model", "model_calibrated"):
+            if who in ga and who in gb:
+                rec[who] = paired_difference(y, ga[who].to_numpy(), gb[who].to_numpy(), g, n_boot=n_boot)
+        out.append(rec)
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -307,6 +345,7 @@ def flat_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             rec: dict[str, Any] = {k: r[k] for k in ("row", "lives", "preset", "parameters", "context", "seed",
                                                      "train_tokens", "steps", "epochs", "training_minutes",
                                                      "tuning_loss")}
+            rec["history_block"] = r.get("history_block", 0)
             rec.update(task=t["task"], at=t["at"], points=t["points"], positives=t.get("positives"),
                        observed_rate=t.get("observed_rate"))
             for who in PREDICTORS:
@@ -342,7 +381,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
              "|---:|---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---|---|---|---|---|"]
     for f in flat_rows(rows):
         lines.append(
-            f"| {f['lives']:,} | {f['preset']} ({f['parameters'] / 1e6:.2f}M) | {f['context']} | "
+            f"| {f['lives']:,} | {f['preset']} ({f['parameters'] / 1e6:.2f}M) | {_ctx(f)} | "
             f"{f['train_tokens'] / 1e6:.2f}M ({f['epochs']:.2f}) | {f['training_minutes']:.1f} | "
             f"{_f(f['tuning_loss'], 4)} | {f['task']} @ {f['at']} | {f['points']:,} ({f['positives']}) | "
             f"{_with_ci(f['model_auroc'], f['model_auroc_lo'], f['model_auroc_hi'])} | "
@@ -354,7 +393,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     text = "\n".join(lines) + "\n"
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for f in flat_rows(rows):
-        groups.setdefault((f["lives"], f["preset"], f["context"], f["train_tokens"], f["task"], f["at"]), []).append(f)
+        groups.setdefault((f["lives"], f["preset"], _ctx(f), f["train_tokens"], f["task"], f["at"]), []).append(f)
     if any(len(g) > 1 for g in groups.values()):
         text += ("\nMedian over seeds (paired AUROC differences; range over seeds in brackets):\n\n"
                  "| lives | preset | context | train tokens | task @ points | seeds | model AUROC | model - logistic | "
@@ -390,14 +429,14 @@ def plot_learning_curve(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows), squeeze=False)
     for ax in axes.ravel()[n:]:
         ax.set_axis_off()
-    series = sorted({(f["lives"], f["preset"], f["context"]) for f in flat})
+    series = sorted({(f["lives"], f["preset"], _ctx(f)) for f in flat})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (task, at) in zip(axes.ravel(), panels, strict=False):
         ax.axhline(0.0, color="grey", lw=1, ls="--")
         for k, s in enumerate(series):
             pts = sorted((f["train_tokens"], f["seed"], f["d_auroc_model-oracle"], f["d_auroc_model-oracle_lo"],
                           f["d_auroc_model-oracle_hi"]) for f in flat
-                         if (f["lives"], f["preset"], f["context"]) == s and (f["task"], f["at"]) == (task, at))
+                         if (f["lives"], f["preset"], _ctx(f)) == s and (f["task"], f["at"]) == (task, at))
             pts = [p for p in pts if not math.isnan(p[2])]
             if not pts:
                 continue
@@ -473,6 +512,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--contexts", "--context", type=int, nargs="+", default=[1024], help="training seq_len(s)")
     ap.add_argument("--train-tokens", type=int, nargs="+", default=[9_830_400],
                     help="token budgets per row (input positions seen in training); several make a learning curve")
+    ap.add_argument("--history-blocks", "--history-block", type=int, nargs="+", default=[0],
+                    help="history block sizes (foresight.tokens.history; 0 = none): an A/B in one run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (init and data order)")
     ap.add_argument("--cohort-seed", type=int, default=1, help="the simulator's seed (one cohort per size)")
     ap.add_argument("--tokens-per-step", type=int, default=2048,
@@ -498,6 +539,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--min-subjects", type=int, default=10, help="tokenizer: codes seen in fewer train subjects")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="simulator processes")
     ap.add_argument("--force", action="store_true", help="redo rows that finished before (cohorts stay cached)")
+    ap.add_argument("--compare", nargs=2, type=Path, metavar=("ROW_A", "ROW_B"),
+                    help="paired differences, row A's model minus row B's, on their common points (run folders)")
     ap.add_argument("--report-only", action="store_true",
                     help="rebuild quality.csv/.md and learning_curve.png from every row.json under --out")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "quality")
@@ -509,6 +552,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.perf_counter()
+    if args.compare:
+        res = compare_rows(*args.compare)
+        for r in res:
+            line = f"{r['task']} @ {r['at']}: {r['points']:,} points ({r['positives']} positive)"
+            for who in ("model", "model_calibrated"):
+                if who in r:
+                    d = r[who]
+                    line += (f"; {who} A - B: AUROC {_signed(d['auroc'], *(d['ci'] or (math.nan, math.nan)))}, "
+                             f"Brier {_signed(d['brier'], *(d['brier_ci'] or (math.nan, math.nan)), nd=4)}")
+            console.print(line)
+        (args.out / "compare.json").write_text(json.dumps({"a": str(args.compare[0]), "b": str(args.compare[1]),
+                                                           "tasks": res}, indent=1))
+        return []
     if args.report_only:
         rows = [json.loads(p.read_text()) for p in sorted((args.out / "runs").glob("*/row.json"))]
     else:
@@ -525,7 +581,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                                 f"lie before each life's last {context}")
                     for tokens in args.train_tokens:
                         for seed in args.seeds:
-                            rows.append(run_row(c, args, oracle, lives, preset, context, tokens, seed))
+                            for hb in args.history_blocks:
+                                rows.append(run_row(c, args, oracle, lives, preset, context, tokens, seed, hb))
     paths = write_outputs(rows, args.out)
     summary_table(rows, title=f"quality study: {len(rows)} row(s), {(time.perf_counter() - t0) / 60:.1f} min")
     for name, p in paths.items():

@@ -158,6 +158,15 @@ def test_evaluate_without_db_finds_the_warehouse_and_scores_admission_tasks(sim_
     # a long stay is common enough to be ranked: the model and the count baseline both carry signal
     los = tasks[("los_over_7d", "admissions")]
     assert 0.05 < los["observed_rate"] < 0.95 and np.isfinite(los["model"]["metrics"]["auroc"])
+    # every scored point is kept, so two models scored with one seed can be compared point by point
+    import pyarrow.parquet as pq
+
+    pts = pq.read_table(report["points_file"]).to_pandas()
+    for (name, at), t in tasks.items():
+        mine = pts[(pts["task"] == name) & (pts["at"] == at)]
+        assert len(mine) == t["model"]["metrics"]["n"] and abs(mine["y"].mean() - t["observed_rate"]) < 1e-9
+        ok = mine["model"].notna()
+        assert abs(((mine["model"][ok] - mine["y"][ok]) ** 2).mean() - t["model"]["metrics"]["brier"]) < 1e-9
 
 
 def test_evaluate_says_which_tasks_it_skipped_when_the_warehouse_is_gone(sim_model, tmp_path):

@@ -162,9 +162,33 @@ def _write_report(report: dict[str, Any], scoring: RiskScoring, out_dir: Path) -
     report["skipped"] = scoring.skipped
     report["calibration_plot"] = (str(plot_calibration(scoring.results, out_dir / "calibration.png"))
                                   if scoring.results else None)
+    report["points_file"] = str(write_points(scoring.results, out_dir / "points.parquet")) if scoring.results \
+        else None
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
     report["report"] = str(out_dir / "report.json")
     return report
+
+
+def write_points(results: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Every scored point of every task: ``task``, ``at``, ``subject_id``, the outcome ``y`` and each predictor's
+    risk (NaN where a predictor gave none), in scoring order — so two models scored with the same seed can be
+    compared point by point (a paired difference), and a user can compute any metric of their own."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = sorted({k for r in results for k in r["_p"]})
+    cols: dict[str, list[Any]] = {"task": [], "at": [], "subject_id": [], "y": [], **{n: [] for n in names}}
+    for r in results:
+        n = len(r["_y"])
+        cols["task"] += [r["task"]] * n
+        cols["at"] += [r.get("at", "")] * n
+        cols["subject_id"] += list(r["_subjects"])
+        cols["y"] += list(r["_y"])
+        for name in names:
+            cols[name] += list(r["_p"].get(name, [math.nan] * n))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path)
+    return path
 
 
 def skipped_notes(report: dict[str, Any]) -> list[str]:
