@@ -18,8 +18,6 @@ steps x 2,048 tokens), trained twice from the same seed: A = ``end_as_censoring=
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
 import sys
 import time
@@ -33,13 +31,11 @@ OUT = REPO / "bench" / "out" / "censoring"
 AS_OF = ("2025-10-01", "2025-06-01", "2024-06-01")
 
 
-@functools.cache
 def _catchment() -> Any:
     """bench/catchment.py as a module (its cohort builder and log line), loaded by path: bench/ is not a package."""
-    spec = importlib.util.spec_from_file_location("bench_catchment", Path(__file__).with_name("catchment.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from foresight.devtools.scripts import load_script
+
+    return load_script(Path(__file__).with_name("catchment.py"))
 
 
 def log(message: str) -> None:

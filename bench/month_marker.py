@@ -21,8 +21,6 @@ For M, with the future's MONTH markers drawn by the model (``free``) and written
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
 import sys
 import time
@@ -36,13 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
-@functools.cache
 def _censoring() -> Any:
     """bench/end_censoring.py as a module (cohort, training recipe, forecasts, evaluation), loaded by path."""
-    spec = importlib.util.spec_from_file_location("bench_end_censoring", Path(__file__).with_name("end_censoring.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from foresight.devtools.scripts import load_script
+
+    return load_script(Path(__file__).with_name("end_censoring.py"))
 
 
 def tokens_per_life(folder: Path) -> dict[str, float]:
