@@ -73,7 +73,9 @@ def train_tiny(tokens: Path, model: Path, context: int = 1024, micro_batch: int 
                       warmup_steps=max(1, steps // 20), lr=3e-3, min_lr=3e-4, eval_every=0, checkpoint_every=0,
                       log_every=max(1, steps // 10))
     log(f"training tiny, context {context}: {steps:,} steps (one epoch of {total:,} tokens)")
-    return train(tokens, model, cfg, log=lambda m: None).get("metrics", {})
+    # a run stopped part-way (its checkpoint saved on the signal) continues from where it stopped
+    resume = (model / "checkpoints" / "latest").exists()
+    return train(tokens, model, cfg, log=lambda m: None, resume=resume).get("metrics", {})
 
 
 def estimators(fc: Any, db: Path, sim: Path, as_of: datetime, weeks: int, split: str,
