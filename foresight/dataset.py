@@ -152,11 +152,14 @@ class PackedSplit:
                 markers.append(int(self.vocab.marker_ids("AGE", ages(clock, np.array([r["birth"]])))[0]))
         return np.concatenate([head, np.array(markers, dtype=np.int64)])
 
-    def _continuation_len(self, i: int, pos: int) -> int:
+    def _markers_len(self, i: int) -> int:
+        """How many YEAR/MONTH/AGE markers a continuation prefix of subject ``i`` carries."""
         cfg = self.vocab.config
-        markers = int(cfg.year_tokens) + int(cfg.month_tokens) + int(cfg.age_tokens)
-        return int(self.index[i]["head_len"]) + len(self.history_block(i, pos)) + (
-            markers if self.index[i]["t0"] != NO_TIME else 0)
+        timed = self.index[i]["t0"] != NO_TIME
+        return int(cfg.year_tokens) + int(cfg.month_tokens) + int(cfg.age_tokens) if timed else 0
+
+    def _continuation_len(self, i: int, pos: int) -> int:
+        return int(self.index[i]["head_len"]) + len(self.history_block(i, pos)) + self._markers_len(i)
 
     def plan(self, seq_len: int, *, seed: int, epoch: int, min_body: int = 2) -> RowPlan:
         """Pack every subject's timeline into rows of ``seq_len + 1`` tokens (inputs + shifted labels)."""
@@ -214,9 +217,10 @@ class PackedSplit:
             i, s, ln = int(plan.subject[p]), int(plan.start[p]), int(plan.length[p])
             if plan.continuation[p]:
                 pre = self.continuation_prefix(i, s)
-                n_block = len(self.history_block(i, s))
+                head_len = int(self.index[i]["head_len"])
+                n_block = len(pre) - head_len - self._markers_len(i)  # head, block, markers
                 if n_block:
-                    summary.append(n + int(self.index[i]["head_len"]) + np.arange(n_block))
+                    summary.append(n + head_len + np.arange(n_block))
                 # the re-inserted head stands for the state just before the cut, so the clock of the last token
                 # before the cut: a piece that starts with a TIME token then still shows the gap it encodes
                 pre_clock = np.full(len(pre), int(self.clock_min[s - 1]), dtype=np.int64)

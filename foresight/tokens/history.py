@@ -41,7 +41,7 @@ class HistoryBlock:
 
     max_tokens: int
     kinds: tuple[str, ...] = DEFAULT_HISTORY_KINDS
-    _masks: dict[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    _masks: dict[int, tuple[Vocabulary, np.ndarray]] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -60,11 +60,11 @@ class HistoryBlock:
 
     def mask(self, vocab: Vocabulary) -> np.ndarray:
         """(V,) bool: the tokens a block may hold (event tokens of the block's kinds)."""
-        key = id(vocab)
-        if key not in self._masks:
+        cached = self._masks.get(id(vocab))
+        if cached is None or cached[0] is not vocab:  # an id is only unique while its object lives
             kinds = np.array([code_kind(t) in self.kinds for t in vocab.tokens])
-            self._masks[key] = kinds & vocab.is_event
-        return self._masks[key]
+            cached = self._masks[id(vocab)] = (vocab, kinds & vocab.is_event)
+        return cached[1]
 
     def block(self, before_cut: np.ndarray, vocab: Vocabulary) -> np.ndarray:
         """The block for a cut: distinct tokens of the block's kinds in ``before_cut`` (the body tokens recorded
@@ -75,8 +75,3 @@ class HistoryBlock:
             return np.zeros(0, dtype=np.int64)
         uniq, first = np.unique(toks, return_index=True)
         return uniq[np.argsort(first, kind="stable")][: self.max_tokens]
-
-    def to_training(self) -> dict[str, Any]:
-        """The keys a model records (``training.history_block``, ``training.history_kinds``)."""
-        return {"history_block": self.max_tokens, "history_kinds": list(self.kinds)}
-
