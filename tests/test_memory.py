@@ -35,6 +35,14 @@ def test_the_budget_is_applied_from_the_argument_the_environment_and_the_machine
     with warehouse.connect(db, memory_limit="300MB") as con:
         assert con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0] == "286.1 MiB"
         assert con.execute("SELECT current_setting('temp_directory')").fetchall()[0][0] == str(db.resolve()) + ".tmp"
+        # the settings that follow the budget: one thread for 300 MB, the allocator flushing at 1/8 and 1/4 of it
+        assert con.execute("SELECT current_setting('threads')").fetchall()[0][0] == 1
+        assert con.execute("SELECT current_setting('allocator_bulk_deallocation_flush_threshold')"
+                           ).fetchall()[0][0] == "71.5 MiB"
+    with warehouse.connect(db, memory_limit="8GB") as con:  # a large budget: every core, DuckDB's own thresholds
+        assert con.execute("SELECT current_setting('threads')").fetchall()[0][0] == (os.cpu_count() or 1)
+        assert con.execute("SELECT current_setting('allocator_bulk_deallocation_flush_threshold')"
+                           ).fetchall()[0][0] == "512.0 MiB"
     monkeypatch.setenv(connection.MEMORY_ENV, "1.5GiB")
     assert _setting(db, "memory_limit") == "1.5 GiB"
     monkeypatch.delenv(connection.MEMORY_ENV)

@@ -43,6 +43,10 @@ from foresight.tokens.vocab import (
 
 QUANTILE_BATCH_VALUES = 8_000_000  # numeric values per exact-quantile query (~64 MB of doubles)
 FIT_CHUNK_SUBJECTS = 100_000  # train subjects per chunk of the distinct-subject counts (see the module docstring)
+# ... at most one per this many bytes of the DuckDB budget: the marker fit's DISTINCT (band, subject) over a chunk
+# holds ~40 (value, subject) rows a subject, and at 100,000 subjects asked a 122 MiB budget for one 64 MiB block
+BUDGET_PER_FIT_SUBJECT = 4096
+MIN_FIT_CHUNK_SUBJECTS = 10_000
 
 # A chunk of train subjects: the ids [lo, hi] of consecutive train subjects, or None for all of them.
 Chunk = tuple[int, int] | None
@@ -75,7 +79,7 @@ def fit_vocabulary(con: Any, config: TokenizerConfig | None = None, *, chunk_sub
     config = config or TokenizerConfig()
     ids = _train_subject_ids(con)
     n_train = len(ids)
-    chunks = train_chunks(ids, chunk_subjects or FIT_CHUNK_SUBJECTS)
+    chunks = train_chunks(ids, chunk_subjects or fit_chunk_subjects(memory_limit_bytes(con)))
     del ids
     create_train_views(con, config, chunks)
     code_vocab, report = fit_codes(con, config, chunks, n_train, train_event_counts(con))
@@ -128,6 +132,17 @@ def _train_subject_ids(con: Any) -> np.ndarray:
             "the warehouse has no events" if n_all == 0 else
             "no subject with events is in the train split: the vocabulary is fitted on train only")
     return ids
+
+
+def fit_chunk_subjects(budget: int) -> int:
+    """Train subjects per fit chunk under a DuckDB budget of ``budget`` bytes: ``FIT_CHUNK_SUBJECTS``, fewer when
+    the budget is small (one per ``BUDGET_PER_FIT_SUBJECT`` bytes, at least ``MIN_FIT_CHUNK_SUBJECTS``). Any size
+    gives the same fit; smaller chunks only cost more queries.
+
+    >>> fit_chunk_subjects(128 << 20), fit_chunk_subjects(1 << 30)
+    (32768, 100000)
+    """
+    return max(MIN_FIT_CHUNK_SUBJECTS, min(FIT_CHUNK_SUBJECTS, budget // BUDGET_PER_FIT_SUBJECT))
 
 
 def train_subject_ids(con: Any) -> np.ndarray:

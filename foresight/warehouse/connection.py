@@ -8,7 +8,11 @@ the RAM available when the connection opens and at least 256 MB) and its ``temp_
 (:func:`temp_directory`), where DuckDB spills what does not fit: loads and fits then run in a flat footprint
 whatever the input size. The budget
 bounds DuckDB's buffer manager; the process's peak RSS sits a few hundred MB above it (Python, the allocator's
-caches, the arrays a tokenizer chunk holds).
+caches, the arrays a tokenizer chunk holds). Two more settings follow the budget, because both are memory outside
+the buffer manager that DuckDB's defaults size for a large machine (:func:`budget_settings`): the number of threads
+(each holds its own partial hash tables and sort runs; DuckDB's guide asks for 1-4 GB a thread, so a small budget
+gets fewer threads, never more than the cores) and the thresholds at which DuckDB's allocator hands freed memory
+back to the system (by default 128 MiB after a task and 512 MiB after a bulk free, half of a 1 GB budget).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ MEMORY_ENV = "FORESIGHT_MEMORY"
 LEGACY_MEMORY_ENV = "FORESIGHT_DUCKDB_MEMORY"
 TEMP_ENV = "FORESIGHT_TEMP_DIR"
 MIN_DEFAULT, PER_CORE = 256 << 20, 1 << 30  # the default budget: 1 GB per core, <= half the available RAM
+PER_THREAD = 256 << 20  # the least budget per DuckDB thread (below DuckDB's 1-4 GB advice; measured, RESULTS.md)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*|%)\s*$", re.IGNORECASE)
@@ -81,11 +86,28 @@ def temp_directory(path: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"foresight-duckdb-{os.getuid()}"
 
 
+def budget_settings(budget: int, cores: int | None = None) -> dict[str, int]:
+    """DuckDB settings that follow a memory budget of ``budget`` bytes: ``threads`` (one per
+    :data:`PER_THREAD` of budget, at least 1, at most ``cores``), and the allocator's flush thresholds (an eighth
+    and a quarter of the budget, never above DuckDB's defaults) so freed memory goes back to the system before
+    the process grows far past the budget.
+
+    >>> budget_settings(128 << 20, cores=2)["threads"], budget_settings(1 << 30, cores=2)["threads"]
+    (1, 2)
+    """
+    cores = cores or os.cpu_count() or 1
+    return {"threads": max(1, min(cores, budget // PER_THREAD)),
+            "allocator_flush_threshold": min(128 << 20, budget // 8),
+            "allocator_bulk_deallocation_flush_threshold": min(512 << 20, budget // 4)}
+
+
 def configure(con: duckdb.DuckDBPyConnection, temp_dir: Path, memory_limit: str | None = None) -> int:
-    """Apply the memory budget (``memory_limit`` or :func:`memory_budget`'s default) and the spill folder to a
-    DuckDB connection; returns the budget in bytes."""
+    """Apply the memory budget (``memory_limit`` or :func:`memory_budget`'s default), the settings that follow it
+    (:func:`budget_settings`) and the spill folder to a DuckDB connection; returns the budget in bytes."""
     budget = memory_budget(memory_limit)
     con.execute(f"SET memory_limit = '{budget // 1024}KiB'")
+    for name, value in budget_settings(budget).items():
+        con.execute(f"SET {name} = {value}" if name == "threads" else f"SET {name} = '{value // 1024}KiB'")
     con.execute(f"SET temp_directory = {sql_literal(str(temp_dir))}")
     return budget
 
