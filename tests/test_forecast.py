@@ -329,3 +329,56 @@ def test_forecast_flow_publishes_the_plot_and_the_json_as_artifacts(sim_small, t
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and png == Path(result["plot"]).read_bytes()
     published = json.loads(by_key["forecast-json"].data.removeprefix("```json\n").removesuffix("\n```"))
     assert published == json.loads(Path(result["json"]).read_text()) and len(published["weeks"]) == 2
+
+
+def test_integrated_window_exits_agree_with_sampled_ones_and_never_score_zero(tiny):
+    """task_risks with the exits from the window integrated (the default) estimates the same risk as sampling them
+    (both unbiased: agreement within the two standard errors), with a smaller spread per path, and no path is
+    worth exactly 0 because its first gap happened to be long. One prompt waits 3 days past its last event (the
+    straddling gap bin), one has its extract end inside the window ([END] is redrawn, not an exit)."""
+    fc, db = tiny
+    tls = alive_timelines(fc, db, 3)
+    tls[1].as_of = tls[1].clock + timedelta(days=3)
+    task = BUILTIN_TASKS["admission_30d"]
+    ends = [None, tls[2].clock + timedelta(days=10)]
+    for end in ends:
+        p_s, se_s = fc.task_risks(tls, task, 600, seed=1, integrate_exits=False, extract_end=end)
+        p_i, se_i = fc.task_risks(tls, task, 150, seed=2, extract_end=end)
+        assert fc.integrate_exits is True
+        for k in range(len(tls)):
+            assert abs(p_i[k] - p_s[k]) <= 4 * math.hypot(se_i[k], se_s[k]) + 1e-3, (k, p_i[k], p_s[k])
+            assert se_i[k] * math.sqrt(150) < se_s[k] * math.sqrt(600)  # less spread per path
+        assert (p_i > 0).all()
+    few, _ = fc.task_risks(tls, task, 2, seed=3)
+    assert (few > 0).all()  # two paths that each drew a long first gap still carry the in-window share
+
+
+def test_exit_share_of_gaps_and_end(tiny):
+    """_exit_share by hand: a gap leaves the window when its representative length is longer than the room left;
+    while waiting, the part of its bin's log-uniform range above the room; [END] only where the extract ends after
+    the window; nothing else leaves."""
+    import torch
+
+    fc, _ = tiny
+    day = 86_400.0
+    room = torch.tensor([10 * day, 10 * day])
+    remaining = torch.tensor([0.0, 3 * day])
+    share = fc._exit_share(remaining, room, torch.tensor([True, False]))
+    t = torch.tensor(fc.vocab.time_ids)
+    rep = fc.time_rep_s[t]
+    assert share[0, t].tolist() == (rep > room[0]).double().tolist()
+    lo = torch.maximum(fc.time_lower_s[t], remaining[1])
+    hi = torch.maximum(fc.time_upper_s_finite[t], lo)
+    for k, tok in enumerate(t.tolist()):
+        if tok == fc.year_id:
+            want = 1.0
+        elif hi[k] <= lo[k]:
+            want = float(lo[k] > room[1])
+        else:
+            cut = min(max(room[1].item(), lo[k].item()), hi[k].item())
+            want = (math.log(hi[k]) - math.log(cut)) / (math.log(hi[k]) - math.log(lo[k]))
+        assert share[1, tok].item() == pytest.approx(want, abs=1e-9), fc.vocab.tokens[tok]
+    assert share[:, fc.end_id].tolist() == [1.0, 0.0]
+    others = torch.ones(len(fc.vocab.tokens), dtype=torch.bool)
+    others[t], others[fc.end_id] = False, False
+    assert share[:, others].abs().sum().item() == 0.0
