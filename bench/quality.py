@@ -267,7 +267,8 @@ def run_row(c: dict[str, Any], args: argparse.Namespace, oracle: Callable, lives
            "train_config": tr["config"], "cohort": {**{k: c["stats"][k] for k in ("simulate", "load", "tokenize")
                                                        if k in c["stats"]},
                                                     **context_coverage(c["train_lengths"], context)},
-           "samples": args.samples, "max_points": args.max_points, "as_of": args.as_of.isoformat(),
+           "samples": args.samples, "integrate_exits": not args.sampled_exits, "max_points": args.max_points,
+           "as_of": args.as_of.isoformat(),
            "evaluation_minutes": round(rep["seconds"] / 60, 2),
            "next_event": {"top1": ne["topk"].get("top1"), "top10": ne["topk"].get("top10"),
                           "markov_top1": ne["baselines"]["markov"].get("top1"),
@@ -526,6 +527,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-rows", type=int, default=256, help="tuning rows for the final tuning loss")
     ap.add_argument("--time-head", action="store_true", help="train the time head (scored as model_time_head)")
     ap.add_argument("--samples", type=int, default=10, help="futures per prediction point")
+    ap.add_argument("--sampled-exits", action="store_true",
+                    help="sample the exits from a task's window instead of integrating them (the estimator before "
+                         "2026-12-05; FutureSampler.integrate_exits): an A/B switch")
     ap.add_argument("--max-points", type=int, default=5000, help="held-out prediction points per kind")
     ap.add_argument("--next-event-rows", type=int, default=200, help="held-out rows for next-event accuracy")
     ap.add_argument("--discharge-tasks", nargs="*", default=["admission_30d"])
@@ -550,6 +554,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.sampled_exits:
+        from foresight.forecast.sampling import FutureSampler
+        FutureSampler.integrate_exits = False
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.perf_counter()
     if args.compare:

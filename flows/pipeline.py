@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.retry import transient
 from foresight import pipeline as P
+from foresight.evaluate.risks import RISK_SAMPLES
 from foresight.train import TrainConfig
 
 
@@ -163,7 +164,7 @@ def pipeline(
     canary_references: int = 5000,
     train_options: dict[str, Any] | None = None,
     tasks: list[str] | None = None,
-    eval_samples: int = 20,
+    eval_samples: int = RISK_SAMPLES,
     eval_points: int = 300,
     eval_at: str = "discharges",
     horizon_days: float = 28,

@@ -119,7 +119,7 @@ def run_demo(workdir: Path, *, subjects: int = DEMO_SUBJECTS, seed: int = 1, con
             t1 = time.perf_counter()
             result = pipeline(
                 source="meds", input=workdir / "sim", workdir=workdir, as_of=DEMO_AS_OF, min_subjects=10,
-                train_options=TRAIN_OPTIONS, tasks=["admission_30d"], eval_samples=10, eval_points=500,
+                train_options=TRAIN_OPTIONS, tasks=["admission_30d"], eval_samples=3, eval_points=500,
                 eval_at="discharges",
                 horizon_days=DEMO_HORIZON_DAYS, forecast_samples=20, forecast_split=None,
                 forecast_db=catchment_db, forecast_oracle_dir=workdir / "catchment" / "sim",

@@ -270,7 +270,9 @@ def evaluate(
     oracle: Annotated[Path | None, typer.Option(
         "--oracle", help="Simulator output folder (`foresight simulate`): adds the simulator's true risk where "
                          "its oracle answers the task.")] = None,
-    samples: Annotated[int, typer.Option(help="Monte Carlo futures per prediction point.")] = 20,
+    samples: Annotated[int | None, typer.Option(
+        help="Monte Carlo futures per prediction point (default: foresight.evaluate's RISK_SAMPLES, 5: exits from "
+             "the window are integrated, so a few paths suffice).", min=1)] = None,
     max_points: Annotated[int, typer.Option(help="Held-out prediction points at most, per kind of point (a "
                                                  "seeded subsample).")] = 500,
     out: Annotated[Path | None, typer.Option(help="Report folder (default MODEL/evaluation).")] = None,
@@ -290,7 +292,10 @@ def evaluate(
     with the reason.
     """
     from foresight.evaluate import evaluate_model, resolve_tasks, skipped_notes
+    from foresight.evaluate.risks import RISK_SAMPLES
     from foresight.pipeline import simulator_oracle
+
+    samples = samples or RISK_SAMPLES
 
     if task_config is not None:
         from foresight.evaluate.aces import aces_summary, evaluate_aces_task

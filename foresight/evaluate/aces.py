@@ -43,7 +43,7 @@ from foresight.evaluate.calibrate import METHODS
 from foresight.evaluate.locate import locate_warehouse
 from foresight.evaluate.points import PredictionPoint
 from foresight.evaluate.report import plot_calibration
-from foresight.evaluate.risks import evaluate_task
+from foresight.evaluate.risks import RISK_SAMPLES, evaluate_task
 from foresight.evaluate.tasks import LabelledTask
 from foresight.forecast import Forecaster, TaskSpec
 
@@ -307,7 +307,7 @@ def write_predictions(path: str | Path, points: Sequence[PredictionPoint], y: Se
 
 
 def evaluate_aces_task(model_dir: str | Path, config: str | Path, *, data_dir: str | Path | None = None,
-                       db: str | Path | None = None, samples: int = 20, max_points: int = 500,
+                       db: str | Path | None = None, samples: int = RISK_SAMPLES, max_points: int = 500,
                        out_dir: str | Path | None = None, seed: int = 0,
                        calibration: str | None = "platt") -> dict[str, Any]:
     """Score the model zero-shot on an ACES task config; report.json, predictions.parquet, calibration.png.

@@ -19,7 +19,7 @@ from foresight.evaluate.crosssource import tokens_for_model
 from foresight.evaluate.locate import locate_warehouse
 from foresight.evaluate.next_event import next_event_accuracy
 from foresight.evaluate.points import PredictionPoint, points_of_kind
-from foresight.evaluate.risks import evaluate_task
+from foresight.evaluate.risks import RISK_SAMPLES, evaluate_task
 from foresight.evaluate.tasks import EvalTask, plan_tasks, point_kinds
 from foresight.forecast import Forecaster
 
@@ -35,7 +35,7 @@ def evaluate_model(
     admission_tasks: Sequence[EvalTask] | None = None,
     at: Sequence[str] | None = None,
     as_of: datetime | None = None,
-    samples: int = 20,
+    samples: int = RISK_SAMPLES,
     max_points: int = 500,
     out_dir: str | Path | None = None,
     oracle: Oracle | None = None,

@@ -19,9 +19,13 @@ from foresight.evaluate.tasks import EvalTask, task_spec
 from foresight.forecast import Forecaster, Timeline
 from foresight.warehouse import extract_end
 
+# futures per prediction point: exits from the window are integrated (FutureSampler.integrate_exits), so 5 paths
+# spread less than 20 sampled ones did, at the cost of ~8 (bench/RESULTS.md, 2026-12-05 sixth session)
+RISK_SAMPLES = 5
+
 
 def evaluate_task(forecaster: Forecaster, con: Any, task: EvalTask, points: Sequence[PredictionPoint], *,
-                  samples: int = 20, seed: int = 0, train_points: Sequence[PredictionPoint] = (),
+                  samples: int = RISK_SAMPLES, seed: int = 0, train_points: Sequence[PredictionPoint] = (),
                   oracle: Callable[[Sequence[PredictionPoint]], np.ndarray] | None = None,
                   n_boot: int = 200, tuning_points: Sequence[PredictionPoint] = (),
                   calibration: str = "platt") -> dict[str, Any]:
@@ -81,7 +85,7 @@ def _model_risks(forecaster: Forecaster, con: Any, spec: Any, flip: bool, points
 
 
 def calibrated_risks(forecaster: Forecaster, con: Any, task: EvalTask, tuning_points: Sequence[PredictionPoint],
-                     p_model: np.ndarray, *, samples: int = 20, seed: int = 0,
+                     p_model: np.ndarray, *, samples: int = RISK_SAMPLES, seed: int = 0,
                      method: str = "platt") -> tuple[np.ndarray | None, Any]:
     """``p_model`` recalibrated by a map fitted on the model's risks and the outcomes at ``tuning_points`` only.
 

@@ -48,6 +48,54 @@ class SampledBatch(NamedTuple):
     expected: torch.Tensor | None = None
 
 
+class _PathWeights:
+    """What each (prompt, sample) row of :meth:`FutureSampler.sample_batch` carries for a task's risk: the survival
+    ``S`` (sampled exits: ``S *= 1 - P(match)`` at every step, risk ``1 - S``), or with ``integrate`` the weight
+    ``W`` of staying match-free inside the window and the hit ``H`` (``H += W P(match)``, ``W *= 1 - P(match)``,
+    then ``W *= 1 - P(exit)``; risk ``H``). ``end_exits`` (rows,): ``[END]`` is an exit (the extract ends after
+    the window)."""
+
+    def __init__(self, rows: int, integrate: bool, end_exits: torch.Tensor) -> None:
+        self.integrate, self.end_exits = integrate, end_exits
+        self.s = torch.ones(rows, dtype=torch.float64)
+        self.w = torch.ones(rows, dtype=torch.float64)
+        self.h = torch.zeros(rows, dtype=torch.float64)
+
+    def settle(self, sampler: FutureSampler, probs: torch.Tensor, match: torch.Tensor, active: torch.Tensor,
+               remaining: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+        """Account for this step's P(match) (and, integrating, P(exit)); returns the (unnormalised) probabilities
+        to draw the path's next token from: no match, and integrating, nothing that leaves the window."""
+        p_match = (probs * match).sum(-1).double().cpu().clamp(0, 1)
+        probs = probs.masked_fill(match, 0.0)
+        if not self.integrate:
+            self.s[active] *= 1.0 - p_match
+            return probs
+        self.h[active] += self.w[active] * p_match
+        self.w[active] *= 1.0 - p_match
+        share = sampler._exit_share(remaining, room, self.end_exits[active])
+        pc = probs.double().cpu()
+        total = pc.sum(-1)
+        p_exit = torch.where(total > 0, (pc * share).sum(-1) / total.clamp_min(1e-300), 0.0)
+        self.w[active] *= 1.0 - p_exit.clamp(0, 1)
+        return probs * (1.0 - share).to(device=probs.device, dtype=probs.dtype)
+
+    def roulette(self, active: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """(len(active),) True where a path stops: below ``WEIGHT_FLOOR`` a path goes on with probability
+        ``W / floor`` at the floor's weight (unbiased), else stops."""
+        low = self.w[active] < WEIGHT_FLOOR
+        stop = torch.zeros(len(active), dtype=torch.bool)
+        if low.any():
+            u = torch.rand(int(low.sum()), generator=gen, dtype=torch.float64)
+            goes_on = u * WEIGHT_FLOOR < self.w[active[low]]
+            self.w[active[low]] = torch.where(goes_on, WEIGHT_FLOOR, 0.0).double()
+            stop[low.nonzero()[:, 0][~goes_on]] = True
+        return stop
+
+    def survival(self) -> torch.Tensor:
+        """(rows,) 1 - the path's risk."""
+        return 1.0 - self.h if self.integrate else self.s
+
+
 class FutureSampler:
     """A causal model and its vocabulary, set up to roll futures out (the base of
     :class:`foresight.forecast.Forecaster`)."""
@@ -272,11 +320,8 @@ class FutureSampler:
         start = wait.clone()  # as_of, in seconds after each prompt's clock
         n_weeks = max(1, math.ceil(horizon_days / 7))
         expected = torch.zeros((rows, n_weeks, tally.shape[1]), dtype=torch.float64) if tally is not None else None
-        survival = torch.ones(rows, dtype=torch.float64)
-        integrate = integrate_exits and match is not None
-        weight = torch.ones(rows, dtype=torch.float64)  # integrate: P(no match yet and still inside the window)
-        hit = torch.zeros(rows, dtype=torch.float64)  # integrate: P(a match inside the window), summed over steps
-        end_exits = censor >= limit  # [END] drawn by such a row means no event before the window's end
+        paths = _PathWeights(rows, integrate_exits and match is not None, censor >= limit)
+        integrate = paths.integrate
         is_time = torch.tensor(self.is_time)
         match_d = match.to(dev) if match is not None else None
         months = MonthClock(self.vocab, tls, n) if self.force_months and self.vocab.config.month_tokens else None
@@ -292,20 +337,7 @@ class FutureSampler:
                 expected[active, week] += (probs.cpu().double() @ tally.double())
             no_way = torch.zeros(len(active), dtype=torch.bool)
             if match_d is not None:  # accumulate P(match now), then continue down a non-matching path
-                p_match = (probs * match_d).sum(-1).double().cpu().clamp(0, 1)
-                if integrate:
-                    hit[active] += weight[active] * p_match
-                    weight[active] *= 1.0 - p_match
-                else:
-                    survival[active] *= 1.0 - p_match
-                probs = probs.masked_fill(match_d, 0.0)
-                if integrate:  # take the ways out of the window off the weight; continue inside it
-                    share = self._exit_share(remaining, limit[active] - elapsed[active], end_exits[active])
-                    pc = probs.double().cpu()
-                    total = pc.sum(-1)
-                    p_exit = torch.where(total > 0, (pc * share).sum(-1) / total.clamp_min(1e-300), 0.0)
-                    weight[active] *= 1.0 - p_exit.clamp(0, 1)
-                    probs = probs * (1.0 - share).to(device=probs.device, dtype=probs.dtype)
+                probs = paths.settle(self, probs, match_d, active, remaining, limit[active] - elapsed[active])
                 no_way = probs.sum(-1).cpu() <= 0  # only matches were possible: the path is settled
                 probs = torch.where(no_way.to(dev)[:, None], torch.ones_like(probs), probs)
             probs = probs.cpu()
@@ -332,12 +364,7 @@ class FutureSampler:
             elapsed[active] = new_elapsed
             done = over | (nxt == self.death_id) | no_way
             if integrate:
-                low = weight[active] < WEIGHT_FLOOR
-                if low.any():
-                    u = torch.rand(int(low.sum()), generator=gen, dtype=torch.float64)
-                    goes_on = u * WEIGHT_FLOOR < weight[active[low]]
-                    weight[active[low]] = torch.where(goes_on, WEIGHT_FLOOR, 0.0).double()
-                    done[low.nonzero()[:, 0][~goes_on]] = True
+                done |= paths.roulette(active, gen)
             if stop is not None:
                 done |= stop[nxt]
             if bool(done.all()):
@@ -353,9 +380,7 @@ class FutureSampler:
             cache = step.cache
             logits = step.logits[:, -1]
             next_pos = next_pos + 1
-        if integrate:
-            survival = 1.0 - hit
-        return SampledBatch([generated[r, : length[r]].tolist() for r in range(rows)], survival,
+        return SampledBatch([generated[r, : length[r]].tolist() for r in range(rows)], paths.survival(),
                             [clock_at[r, : length[r]].numpy() for r in range(rows)], expected)
 
     def _probabilities(self, logits: torch.Tensor, remaining: torch.Tensor, to_end: torch.Tensor,
