@@ -20,7 +20,8 @@ from foresight.forecast import Forecaster, Timeline
 from foresight.warehouse import extract_end
 
 # futures per prediction point: exits from the window are integrated (FutureSampler.integrate_exits), so 5 paths
-# spread less than 20 sampled ones did, at the cost of ~8 (bench/RESULTS.md, 2026-12-05 sixth session)
+# spread less than 20 sampled ones did, at about the same cost (~4x per path; bench/RESULTS.md, 2026-12-05 sixth
+# session)
 RISK_SAMPLES = 5
 
 

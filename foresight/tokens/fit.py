@@ -79,7 +79,7 @@ def fit_vocabulary(con: Any, config: TokenizerConfig | None = None, *, chunk_sub
     config = config or TokenizerConfig()
     ids = _train_subject_ids(con)
     n_train = len(ids)
-    chunks = train_chunks(ids, chunk_subjects or fit_chunk_subjects(memory_limit_bytes(con)))
+    chunks = train_chunks(ids, chunk_subjects) if chunk_subjects else budget_chunks(con, ids)
     del ids
     create_train_views(con, config, chunks)
     code_vocab, report = fit_codes(con, config, chunks, n_train, train_event_counts(con))
@@ -143,6 +143,11 @@ def fit_chunk_subjects(budget: int) -> int:
     (32768, 100000)
     """
     return max(MIN_FIT_CHUNK_SUBJECTS, min(FIT_CHUNK_SUBJECTS, budget // BUDGET_PER_FIT_SUBJECT))
+
+
+def budget_chunks(con: Any, ids: np.ndarray) -> list[Chunk]:
+    """:func:`train_chunks` of the sorted ``ids`` at :func:`fit_chunk_subjects` for ``con``'s DuckDB budget."""
+    return train_chunks(ids, fit_chunk_subjects(memory_limit_bytes(con)))
 
 
 def train_subject_ids(con: Any) -> np.ndarray:

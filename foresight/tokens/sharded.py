@@ -45,7 +45,7 @@ from foresight import optout, purposes, warehouse
 from foresight.schema import BIRTH_CODE, SPLITS
 from foresight.tokens import build, fit
 from foresight.tokens.folder import building
-from foresight.tokens.from_warehouse import memory_limit_bytes, register_code_map
+from foresight.tokens.from_warehouse import register_code_map
 from foresight.tokens.shards import INDEX_DTYPE, save_index, write_split
 from foresight.tokens.vocab import TokenizerConfig, Vocabulary
 from foresight.warehouse.connection import sql_literal
@@ -193,7 +193,7 @@ def fit_shard(db: Path, work: Path, shard: tuple[int, int], excluded: list[int],
     with staged(work / f"fit-{shard[0]:04d}") as part, shard_connection(db, shard, excluded, memory_limit) as con:
         ids = fit.train_subject_ids(con)
         np.save(part / "train_ids.npy", ids)
-        fit.create_train_views(con, config, fit.train_chunks(ids, fit.fit_chunk_subjects(memory_limit_bytes(con))))
+        fit.create_train_views(con, config, fit.budget_chunks(con, ids))
         copy_to(con, "SELECT node, subject_id FROM code_pairs", part / "code_pairs.parquet")
         copy_to(con, "SELECT code, count(*) AS n FROM train_events GROUP BY code", part / "counts.parquet")
         copy_to(con, "SELECT subject_id, time, code, numeric_value FROM train_events WHERE (numeric_value IS NOT NULL "
@@ -241,7 +241,7 @@ def reduce_codes(db: Path, work: Path, n: int, config: TokenizerConfig, maps: li
             "the warehouse has no events" if sum(m["events"] for m in maps) == 0 else
             "no subject with events is in the train split: the vocabulary is fitted on train only")
     with warehouse.connect(db, read_only=True) as con:
-        chunks = fit.train_chunks(ids, fit.fit_chunk_subjects(memory_limit_bytes(con)))
+        chunks = fit.budget_chunks(con, ids)
         con.execute("CREATE OR REPLACE TEMP TABLE code_pairs AS SELECT node, subject_id FROM "
                     f"{parquet(f / 'code_pairs.parquet' for f in fits)} ORDER BY subject_id")
         con.execute(f"CREATE OR REPLACE TEMP VIEW train_events AS SELECT * FROM "
