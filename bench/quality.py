@@ -348,7 +348,7 @@ def flat_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                                                      "tuning_loss")}
             rec["history_block"] = r.get("history_block", 0)
             rec.update(task=t["task"], at=t["at"], points=t["points"], positives=t.get("positives"),
-                       observed_rate=t.get("observed_rate"))
+                       observed_rate=t.get("observed_rate"), oracle_points=_m(t, "oracle", "n"))
             for who in PREDICTORS:
                 for metric in ("auroc", "auprc", "brier", "ece"):
                     rec[f"{who}_{metric}"] = _m(t, who, metric)
@@ -374,6 +374,15 @@ def _signed(d: float, lo: float, hi: float, nd: int = 3) -> str:
     return "n/a" if math.isnan(d) else f"{d:+.{nd}f}" + ("" if math.isnan(lo) else f" [{lo:+.{nd}f}, {hi:+.{nd}f}]")
 
 
+def _oracle_cell(f: dict[str, Any]) -> str:
+    """The oracle's AUROC, with its own point count where it is known for fewer points than the task has (a stay
+    before the cohort's start date: survivor-selected, so the simulator gives no probability): those metrics are
+    of a subset, and only the paired model - oracle difference compares like with like."""
+    n = f.get("oracle_points", math.nan)
+    known = isinstance(n, int | float) and not math.isnan(n)
+    return _f(f["oracle_auroc"]) + (f" (on {int(n):,})" if known and int(n) != f["points"] else "")
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The table for bench/RESULTS.md: one line per row x task; a median-over-seeds table when seeds repeat."""
     lines = ["| lives | preset (params) | context | train tokens (epochs) | train min | tuning loss | task @ points | "
@@ -386,7 +395,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             f"{f['train_tokens'] / 1e6:.2f}M ({f['epochs']:.2f}) | {f['training_minutes']:.1f} | "
             f"{_f(f['tuning_loss'], 4)} | {f['task']} @ {f['at']} | {f['points']:,} ({f['positives']}) | "
             f"{_with_ci(f['model_auroc'], f['model_auroc_lo'], f['model_auroc_hi'])} | "
-            f"{_f(f['logistic_counts_auroc'])} | {_f(f['gbm_counts_auroc'])} | {_f(f['oracle_auroc'])} | "
+            f"{_f(f['logistic_counts_auroc'])} | {_f(f['gbm_counts_auroc'])} | {_oracle_cell(f)} | "
             + " | ".join(_signed(f[f"d_auroc_model-{w}"], f[f"d_auroc_model-{w}_lo"], f[f"d_auroc_model-{w}_hi"])
                          for w in BASELINES)
             + " | " + " / ".join(_f(f[f"{w}_brier"], 4) for w in ("model", *BASELINES))

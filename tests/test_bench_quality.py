@@ -53,3 +53,13 @@ def test_context_coverage() -> None:
     cov = q.context_coverage([100, 300, 500], 256)
     assert cov["lives_longer_than_context"] == round(2 / 3, 4)
     assert cov["tokens_before_last_context"] == round((44 + 244) / 900, 4)
+
+
+def test_the_oracle_cell_names_its_own_point_count() -> None:
+    """Admission-time oracles are unknown for stays before the cohort's start: the table must say the oracle's
+    AUROC is of fewer points, or it reads as if the model beat the ceiling."""
+    q = _load()
+    f = {"oracle_auroc": 0.805, "oracle_points": 2108, "points": 3000}
+    assert q._oracle_cell(f) == "0.805 (on 2,108)"
+    assert q._oracle_cell({**f, "oracle_points": 3000}) == "0.805"
+    assert q._oracle_cell({**f, "oracle_points": math.nan}) == "0.805"
