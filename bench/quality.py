@@ -378,9 +378,8 @@ def _oracle_cell(f: dict[str, Any]) -> str:
     """The oracle's AUROC, with its own point count where it is known for fewer points than the task has (a stay
     before the cohort's start date: survivor-selected, so the simulator gives no probability): those metrics are
     of a subset, and only the paired model - oracle difference compares like with like."""
-    n = f.get("oracle_points", math.nan)
-    known = isinstance(n, int | float) and not math.isnan(n)
-    return _f(f["oracle_auroc"]) + (f" (on {int(n):,})" if known and int(n) != f["points"] else "")
+    n = f["oracle_points"]
+    return _f(f["oracle_auroc"]) + (f" (on {int(n):,})" if not math.isnan(n) and n != f["points"] else "")
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
