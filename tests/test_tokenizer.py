@@ -225,6 +225,34 @@ def test_empty_warehouse_is_a_clear_error(tmp_path):
         T.tokenize(tmp_path / "w.duckdb", tmp_path / "tok")
 
 
+def test_a_load_published_between_the_fit_and_the_shards_is_refused(tmp_path, monkeypatch):
+    """The fit and the shards run on two connections (the fit's memory is given back before encoding): a load
+    published in between would pair a vocabulary with shards of other data, so tokenize refuses and the previous
+    folder stays."""
+    import foresight.tokens.build as build
+
+    db = tiny_warehouse(tmp_path / "w.duckdb")
+    T.tokenize(db, tmp_path / "tok", T.TokenizerConfig(min_subjects=3))
+    before = (tmp_path / "tok" / "vocab.json").read_bytes()
+    opened, real_connect = [], build.warehouse.connect
+
+    def connect(path, *args, **kwargs):  # a writer slips in before the second (the shards') connection
+        opened.append(path)
+        if len(opened) == 2:
+            with real_connect(path) as con:
+                con.execute("INSERT INTO etl_runs VALUES ('late', 's', 'meds', 'x', '{}', now(), now(), 0, 0, 0, 0, "
+                            "'{}', 0, 0, '[]', 'test')")
+        return real_connect(path, *args, **kwargs)
+
+    monkeypatch.setattr(build.warehouse, "connect", connect)
+    with pytest.raises(T.TokenizeError, match="changed while it was being tokenized"):
+        T.tokenize(db, tmp_path / "tok", T.TokenizerConfig(min_subjects=3))
+    assert len(opened) == 2 and (tmp_path / "tok" / "vocab.json").read_bytes() == before
+    monkeypatch.undo()
+    T.tokenize(db, tmp_path / "tok", T.TokenizerConfig(min_subjects=3))  # run again: the new run is taken in
+    assert T.Vocabulary.load(tmp_path / "tok" / "vocab.json").fingerprint != json.loads(before)["fingerprint"]
+
+
 def test_static_only_subject_and_round_trip_on_synthetic(tmp_path):
     db = tiny_warehouse(tmp_path / "w.duckdb")
     with warehouse.connect(db) as con:  # no timed event at all: 1000 has a sex and a birth, 1003 only a birth,

@@ -62,11 +62,21 @@ def tokenize(
     excluded = set(exclude_subjects or ())
     with warehouse.connect(db, read_only=True) as con:
         n_hidden, provenance = covered_provenance(con, excluded, purpose)
-        # built in a sibling folder and swapped in whole once sealed (tokens/folder.py): a tokenize killed at any
-        # point leaves the previous folder, never an old vocabulary beside new shards
-        with building(out) as tmp:
-            summary = _write_folder(con, tmp, config, (excluded, n_hidden), progress, provenance)
-            write_summary(tmp, summary, out, db, t_start)
+        vocab, markers_coarsened = _fit_without(con, config, excluded, n_hidden)
+        describe_run(vocab, provenance, warehouse.extract_end(con))
+    # The shards are written on a fresh connection: DuckDB keeps memory its fit statements used (36 MiB more at
+    # 1M lives than at 100k, freed only when the connection closes; bench/RESULTS.md), which the encoder's peak
+    # would otherwise sit on top of. Built in a sibling folder and swapped in whole once sealed
+    # (tokens/folder.py): a tokenize killed at any point leaves the previous folder, never an old vocabulary
+    # beside new shards.
+    with warehouse.connect(db, read_only=True) as con, building(out) as tmp:
+        if excluded:
+            optout.hide_subjects(con, excluded)
+        if data_fingerprint(con, optout.digest(excluded) if excluded else None) != vocab.fingerprint:
+            raise TokenizeError(f"{db}: the warehouse changed while it was being tokenized (a load was published "
+                                "between the vocabulary fit and the shards); run tokenize again")
+        summary = _write_folder(con, tmp, vocab, new_summary(vocab, provenance, markers_coarsened), progress)
+        write_summary(tmp, summary, out, db, t_start)
     return summary
 
 
@@ -103,15 +113,11 @@ def write_summary(tmp: Path, summary: dict[str, Any], out: Path, db: Path, t_sta
     (tmp / "tokenize_summary.json").write_text(json.dumps(summary, indent=1))
 
 
-def _write_folder(con: Any, tmp: Path, config: TokenizerConfig, optout_hidden: tuple[set[int], int], progress: Any,
-                  provenance: dict[str, Any]) -> dict[str, Any]:
-    """Fit the vocabulary (recording ``provenance`` in its report) and write the vocabulary, the code
-    descriptions and every split into ``tmp``; returns the summary so far."""
-    vocab, markers_coarsened = _fit_without(con, config, *optout_hidden)
-    describe_run(vocab, provenance, warehouse.extract_end(con))
+def _write_folder(con: Any, tmp: Path, vocab: Vocabulary, summary: dict[str, Any], progress: Any) -> dict[str, Any]:
+    """Write the fitted ``vocab``, the code descriptions and every split into ``tmp`` (opted-out subjects already
+    hidden on ``con``); returns ``summary`` (:func:`new_summary`) with the splits recorded."""
     register_code_map(con, vocab)
     descriptions = code_descriptions(con, vocab)
-    summary = new_summary(vocab, provenance, markers_coarsened)
     _write_splits(con, vocab, tmp, progress, summary)
     finish_folder(tmp, vocab, descriptions, summary)
     return summary
