@@ -64,9 +64,9 @@ def tokenize(
         n_hidden, provenance = covered_provenance(con, excluded, purpose)
         vocab, markers_coarsened = _fit_without(con, config, excluded, n_hidden)
         describe_run(vocab, provenance, warehouse.extract_end(con))
-    # The shards are written on a fresh connection: DuckDB keeps memory its fit statements used (36 MiB more at
-    # 1M lives than at 100k, freed only when the connection closes; bench/RESULTS.md), which the encoder's peak
-    # would otherwise sit on top of. Built in a sibling folder and swapped in whole once sealed
+    # The shards are written on a fresh connection: DuckDB holds on to memory its fit statements used outside its
+    # buffer pool (35 MiB at 1M lives, 6 at 100k; freed only when the connection closes, bench/RESULTS.md), which
+    # the encoder's peak would otherwise sit on top of. Built in a sibling folder and swapped in whole once sealed
     # (tokens/folder.py): a tokenize killed at any point leaves the previous folder, never an old vocabulary
     # beside new shards.
     with warehouse.connect(db, read_only=True) as con, building(out) as tmp:
