@@ -148,9 +148,9 @@ def mean_bias(rows: list[dict[str, Any]]) -> dict[str, float]:
     for name in sorted({r["method"] for r in rows}):
         obs = np.array([r["observed"] for r in rows if r["method"] == name], dtype=float)
         err = np.array([r["mean"] for r in rows if r["method"] == name], dtype=float) - obs
+        high = obs > np.median(obs)
         out[name] = round(float(err.mean()), 3)
-        out[f"{name}@high"] = round(float(err[obs > np.median(obs)].mean()), 3) if (obs > np.median(obs)).any() \
-            else float("nan")
+        out[f"{name}@high"] = round(float(err[high].mean()), 3) if high.any() else float("nan")
     return out
 
 
