@@ -2,7 +2,7 @@
 
 1. **simulate** ``--lives`` lives with the simulator's DEFAULT hazards (no x3), load them into a warehouse,
    tokenize (cached under ``--out/cohort-n<lives>-s<seed>``);
-2. **train** a tiny model one epoch at a 1024-token context (cached);
+2. **train** a tiny model ``--epochs`` epochs (default one) at a 1024-token context (cached);
 3. **estimators**: at one as-of date, the model's expected admissions of the held-out cohort over 12 weeks by
    (a) Monte Carlo futures (events counted), (b) Rao-Blackwellised expected counts with 1-4 futures, (c) (b) on
    a weighted stratified subset of the people — each with its standard error and CPU seconds, so accuracy per
@@ -59,21 +59,30 @@ def cohort(root: Path, lives: int, seed: int, config: dict[str, Any] | None = No
     return {"sim": sim, "db": db, "tokens": tok}
 
 
-def train_tiny(tokens: Path, model: Path, context: int = 1024, micro_batch: int = 2) -> dict[str, Any]:
-    """One epoch of the tiny preset (skipped when the model folder is complete)."""
+def train_tiny(tokens: Path, model: Path, context: int = 1024, micro_batch: int = 2,
+               epochs: int = 1) -> dict[str, Any]:
+    """``epochs`` epochs of the tiny preset (skipped when the model folder already holds that many steps).
+
+    A model folder trained for fewer epochs continues from its last checkpoint with the longer cosine schedule
+    (the learning rate climbs back to where the longer schedule is at that step: a warm restart)."""
     import numpy as np
 
     from foresight.train import TrainConfig, train
 
-    if (model / "foresight.json").exists():
-        return json.loads((model / "foresight.json").read_text()).get("metrics", {})
     total = int(np.load(tokens / "train.index.npy")["length"].sum())
-    steps = max(1, math.ceil(total / (micro_batch * context)))
+    epoch_steps = max(1, math.ceil(total / (micro_batch * context)))
+    steps = epochs * epoch_steps
+    card = model / "foresight.json"
+    if card.exists():
+        metrics = json.loads(card.read_text()).get("metrics", {})
+        if metrics.get("steps", 0) >= steps:
+            return metrics
+    # the warm-up belongs to the first epoch's schedule, so a longer run resumed from it keeps the same one
     cfg = TrainConfig(preset="tiny", seq_len=context, micro_batch=micro_batch, max_steps=steps,
-                      warmup_steps=max(1, steps // 20), lr=3e-3, min_lr=3e-4, eval_every=0, checkpoint_every=0,
-                      log_every=max(1, steps // 10))
-    log(f"training tiny, context {context}: {steps:,} steps (one epoch of {total:,} tokens)")
-    # a run stopped part-way (its checkpoint saved on the signal) continues from where it stopped
+                      warmup_steps=max(1, epoch_steps // 20), lr=3e-3, min_lr=3e-4, eval_every=0,
+                      checkpoint_every=0, log_every=max(1, steps // 10))
+    log(f"training tiny, context {context}: {steps:,} steps ({epochs} epoch(s) of {total:,} tokens)")
+    # a run stopped part-way (its checkpoint saved on the signal), or a shorter run, continues from its checkpoint
     resume = (model / "checkpoints" / "latest").exists()
     return train(tokens, model, cfg, log=lambda m: None, resume=resume).get("metrics", {})
 
@@ -156,8 +165,9 @@ def mean_bias(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def markdown(study: dict[str, Any]) -> str:
     a = study["args"]
-    lines = [f"### Catchment forecasts: {a['lives']:,} simulated lives (default hazards), tiny model, one epoch, "
-             f"context 1024 — {study['date']}, 2-core CPU shared with other jobs (timings are upper bounds)",
+    lines = [f"### Catchment forecasts: {a['lives']:,} simulated lives (default hazards), tiny model, "
+             f"{a.get('epochs', 1)} epoch(s), context 1024 — {study['date']}, 2-core CPU shared with other jobs "
+             "(timings are upper bounds)",
              "", f"Command: `{study['command']}`", "",
              f"Estimators of the expected emergency admissions of the {a['split']} cohort over "
              f"{a['weeks']} weeks from {a['as_of']}:", "",
@@ -191,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--split", default="held_out")
     p.add_argument("--as-of", default="2024-06-01", help="the estimators' comparison date")
     p.add_argument("--weeks", type=int, default=12, help="the estimators' horizon")
+    p.add_argument("--epochs", type=int, default=1, help="training epochs of the tiny model (a shorter run resumes)")
     p.add_argument("--skip-estimators", action="store_true")
     p.add_argument("--estimator-people", type=int, default=None, help="a random part of the cohort (speed)")
     args = p.parse_args(argv)
@@ -201,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     root = args.out / f"cohort-n{args.lives}-s{args.seed}"
     paths = cohort(root, args.lives, args.seed)
-    train_tiny(paths["tokens"], root / "model")
+    train_tiny(paths["tokens"], root / "model", epochs=args.epochs)
     fc = Forecaster.from_pretrained(root / "model")
     study: dict[str, Any] = {"date": datetime.now().date().isoformat(), "command": " ".join(["python",
                              "bench/catchment.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -210,8 +210,7 @@ def clock_shard(db: Path, work: Path, shard: tuple[int, int], excluded: list[int
     """Step 3 for one shard -> ``work/clock-K/clock_markers.parquet``: the YEAR/AGE values the encoder writes for
     its train subjects with ``code_vocab``'s code tokens (:func:`~.fit.clock_marker_table`)."""
     with staged(work / f"clock-{shard[0]:04d}") as part, shard_connection(db, shard, excluded, memory_limit) as con:
-        fit.clock_marker_table(con, code_vocab)
-        copy_to(con, "SELECT kind, v, subject_id, n FROM clock_markers", part / "clock_markers.parquet")
+        fit.clock_marker_table(con, code_vocab, part / "clock_markers.parquet")
 
 
 def encode_shard(db: Path, work: Path, shard: tuple[int, int], excluded: list[int], memory_limit: str | None,
