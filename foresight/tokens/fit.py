@@ -90,7 +90,7 @@ def fit_vocabulary(con: Any, config: TokenizerConfig | None = None, *, chunk_sub
     code_vocab, report = fit_codes(con, config, chunks, n_train, train_event_counts(con))
     vocab = finish_vocabulary(con, code_vocab, report, chunks)
     con.execute("DROP VIEW train_events; DROP TABLE code_pairs; DROP TABLE drop_kinds; "
-                "DROP TABLE IF EXISTS clock_markers; DROP TABLE IF EXISTS vocab_map")
+                "DROP TABLE IF EXISTS vocab_map")
     return vocab
 
 
@@ -115,7 +115,7 @@ def fit_codes(con: Any, config: TokenizerConfig, chunks: Sequence[Chunk], n_trai
 def finish_vocabulary(con: Any, code_vocab: Vocabulary, report: dict[str, Any], chunks: Sequence[Chunk], *,
                       clock_ready: bool = False) -> Vocabulary:
     """The fitted vocabulary: ``code_vocab`` (:func:`fit_codes`) with its markers (:func:`fit_markers`;
-    ``clock_ready``: the ``clock_markers`` table is already filled), token list, report and fingerprint."""
+    ``clock_ready``: the ``clock_markers`` view is already there), token list, report and fingerprint."""
     config, code_map, quantile_edges = code_vocab.config, code_vocab.code_map, code_vocab.quantile_edges
     # markers are counted on what the encoder writes, which needs the code tokens (dedup, static facts)
     marker_map, report["markers"] = fit_markers(con, config, code_vocab, chunks, clock_ready=clock_ready)
@@ -443,7 +443,8 @@ def fit_markers(
     YEAR and AGE values are those the encoder writes (:func:`clock_marker_table`, with ``code_vocab``: the fitted
     code tokens, markers not yet), so every marker token is written for >= ``min_subjects`` train subjects.
     Subject counts are summed over ``chunks`` of train subjects (:func:`summed`). ``clock_ready``: the
-    ``clock_markers`` table is already filled (a sharded fit builds it per shard), so it is not computed here.
+    ``clock_markers`` view is already there (a sharded fit reads the files its shards wrote), so it is not computed
+    here.
     """
     enabled = {"BIRTH": True, "YEAR": config.year_tokens, "AGE": config.age_tokens}
     out: dict[str, dict[str, str]] = {}

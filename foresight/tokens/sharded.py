@@ -265,9 +265,10 @@ def reduce_markers(con: Any, work: Path, n: int, code_vocab: Vocabulary, report:
                 f"{parquet(work / f'fit-{k:04d}' / 'train_events.parquet' for k in range(n))}")
     clocks = [work / f"clock-{k:04d}" / "clock_markers.parquet" for k in range(n)]
     if all(p.exists() for p in clocks):
-        con.execute(f"CREATE OR REPLACE TEMP TABLE clock_markers AS SELECT * FROM {parquet(clocks)}")
+        # read in place, as the single-node fit reads its file (fit.clock_markers_view), not copied into a table
+        con.execute(f"CREATE OR REPLACE TEMP VIEW clock_markers AS SELECT * FROM {parquet(clocks)}")
     vocab = fit.finish_vocabulary(con, code_vocab, report, chunks, clock_ready=True)
-    con.execute("DROP VIEW train_events; DROP TABLE IF EXISTS clock_markers")
+    con.execute("DROP VIEW train_events; DROP VIEW IF EXISTS clock_markers")
     return vocab
 
 
