@@ -163,40 +163,6 @@ def test_chunked_fit_runs_under_a_tiny_budget(sim_db):
     assert _fit(sim_db, config, 25, memory="64MB").tokens == _fit(sim_db, config, 10**9).tokens
 
 
-def test_clock_markers_are_staged_in_the_spill_folder_and_removed(sim_db, tmp_path, monkeypatch):
-    """The YEAR/AGE values behind the marker fit go to a parquet file in a private folder of the connection's spill
-    folder (not a TEMP table, whose memory DuckDB kept until the connection closed), removed after the fit and
-    after a fit that fails."""
-    spill = tmp_path / "spill"
-    monkeypatch.setenv(connection.TEMP_ENV, str(spill))
-    config = T.TokenizerConfig(min_subjects=10)
-    seen: list[Path] = []
-    real_kind = fit_module._fit_marker_kind
-
-    def kind_fit(con, *args, **kwargs):  # look at the staged file while the fit reads it
-        seen.extend(spill.glob("foresight-clock-*/clock_markers.parquet"))
-        assert con.execute("SELECT count(*) FROM clock_markers").fetchall()[0][0] > 0
-        return real_kind(con, *args, **kwargs)
-
-    monkeypatch.setattr(fit_module, "_fit_marker_kind", kind_fit)
-    with warehouse.connect(sim_db, read_only=True) as con:
-        vocab = T.fit_vocabulary(con, config)
-        assert con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'clock_markers'"
-                           ).fetchall()[0][0] == 0
-    assert len(seen) == 3 and all(p.parent.parent == spill for p in seen)  # BIRTH, YEAR, AGE
-    assert not list(spill.glob("foresight-clock-*"))  # removed with the fit
-    monkeypatch.setattr(fit_module, "_fit_marker_kind", real_kind)
-    assert vocab.marker_map == _fit(sim_db, config, 10**9).marker_map
-
-    def failing(con, *args, **kwargs):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(fit_module, "_fit_marker_kind", failing)
-    with warehouse.connect(sim_db, read_only=True) as con, pytest.raises(RuntimeError, match="disk full"):
-        T.fit_vocabulary(con, config)
-    assert not list(spill.glob("foresight-clock-*"))
-
-
 def test_train_chunks_cover_every_subject_once():
     import numpy as np
 

@@ -15,19 +15,15 @@ the same per-shard counts elsewhere.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import math
-import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from foresight.schema import BIRTH_CODE, DEATH_CODE, SEP, code_kind
 from foresight.tokens.codec import marker_values
@@ -44,7 +40,6 @@ from foresight.tokens.vocab import (
     month_marker_tokens,
     time_tokens,
 )
-from foresight.warehouse.connection import sql_literal
 
 QUANTILE_BATCH_VALUES = 8_000_000  # numeric values per exact-quantile query (~64 MB of doubles)
 FIT_CHUNK_SUBJECTS = 100_000  # train subjects per chunk of the distinct-subject counts (see the module docstring)
@@ -90,7 +85,7 @@ def fit_vocabulary(con: Any, config: TokenizerConfig | None = None, *, chunk_sub
     code_vocab, report = fit_codes(con, config, chunks, n_train, train_event_counts(con))
     vocab = finish_vocabulary(con, code_vocab, report, chunks)
     con.execute("DROP VIEW train_events; DROP TABLE code_pairs; DROP TABLE drop_kinds; "
-                "DROP TABLE IF EXISTS vocab_map")
+                "DROP TABLE IF EXISTS clock_markers; DROP TABLE IF EXISTS vocab_map")
     return vocab
 
 
@@ -115,7 +110,7 @@ def fit_codes(con: Any, config: TokenizerConfig, chunks: Sequence[Chunk], n_trai
 def finish_vocabulary(con: Any, code_vocab: Vocabulary, report: dict[str, Any], chunks: Sequence[Chunk], *,
                       clock_ready: bool = False) -> Vocabulary:
     """The fitted vocabulary: ``code_vocab`` (:func:`fit_codes`) with its markers (:func:`fit_markers`;
-    ``clock_ready``: the ``clock_markers`` view is already there), token list, report and fingerprint."""
+    ``clock_ready``: the ``clock_markers`` table is already filled), token list, report and fingerprint."""
     config, code_map, quantile_edges = code_vocab.config, code_vocab.code_map, code_vocab.quantile_edges
     # markers are counted on what the encoder writes, which needs the code tokens (dedup, static facts)
     marker_map, report["markers"] = fit_markers(con, config, code_vocab, chunks, clock_ready=clock_ready)
@@ -443,36 +438,18 @@ def fit_markers(
     YEAR and AGE values are those the encoder writes (:func:`clock_marker_table`, with ``code_vocab``: the fitted
     code tokens, markers not yet), so every marker token is written for >= ``min_subjects`` train subjects.
     Subject counts are summed over ``chunks`` of train subjects (:func:`summed`). ``clock_ready``: the
-    ``clock_markers`` view is already there (a sharded fit reads the files its shards wrote), so it is not computed
-    here.
+    ``clock_markers`` table is already filled (a sharded fit builds it per shard), so it is not computed here.
     """
     enabled = {"BIRTH": True, "YEAR": config.year_tokens, "AGE": config.age_tokens}
+    if (config.year_tokens or config.age_tokens) and not clock_ready:
+        clock_marker_table(con, code_vocab)
     out: dict[str, dict[str, str]] = {}
     stats: dict[str, dict[str, int]] = {}
-    with contextlib.ExitStack() as stack:
-        if (config.year_tokens or config.age_tokens) and not clock_ready:
-            stack.enter_context(clock_markers_view(con, code_vocab))
-        for kind, sql in MARKER_SOURCES.items():
-            out[kind] = {}
-            if enabled[kind]:
-                out[kind], stats[kind] = _fit_marker_kind(con, config, kind, sql, chunks)
+    for kind, sql in MARKER_SOURCES.items():
+        out[kind] = {}
+        if enabled[kind]:
+            out[kind], stats[kind] = _fit_marker_kind(con, config, kind, sql, chunks)
     return out, stats
-
-
-@contextlib.contextmanager
-def clock_markers_view(con: Any, code_vocab: Vocabulary) -> Iterator[None]:
-    """``clock_markers`` (:func:`clock_marker_table`) as a TEMP view over a parquet file in a private folder inside
-    the connection's spill folder (the same disk, and where DuckDB would have spilled these rows), removed with
-    the view on exit. On disk rather than a TEMP table: at 1M lives DuckDB kept ~33 MiB of such a table's memory
-    outside its buffer pool until the connection closed (bench/RESULTS.md, 2026-12-06)."""
-    spill = Path(con.execute("SELECT current_setting('temp_directory')").fetchall()[0][0] or tempfile.gettempdir())
-    spill.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="foresight-clock-", dir=spill) as tmp:
-        clock_marker_table(con, code_vocab, Path(tmp) / "clock_markers.parquet")
-        try:
-            yield
-        finally:
-            con.execute("DROP VIEW IF EXISTS clock_markers")
 
 
 def _fit_marker_kind(con: Any, config: TokenizerConfig, kind: str, sql: str, chunks: Sequence[Chunk] = (None,)
@@ -516,34 +493,27 @@ def _fit_marker_kind(con: Any, config: TokenizerConfig, kind: str, sql: str, chu
     return mapping, stats
 
 
-CLOCK_SCHEMA = pa.schema([("kind", pa.string()), ("v", pa.int64()), ("subject_id", pa.int64()), ("n", pa.int64())])
-
-
-def clock_marker_table(con: Any, code_vocab: Vocabulary, path: Path) -> None:
-    """``path`` (parquet) and a TEMP view ``clock_markers(kind, v, subject_id, n)`` over it: per train subject, the
-    YEAR and AGE values of its timestamp groups at the token clock and the events behind each, computed chunk by
-    chunk (:func:`subject_chunks`) with the encoder's own steps (:func:`foresight.tokens.codec.marker_values`).
-    Ages are -1 without a birth (the encoder writes AGE//UNK). Each chunk is written as it is computed (a row
-    group per chunk and kind, in subject order, so a read of one chunk of subjects skips the others)."""
+def clock_marker_table(con: Any, code_vocab: Vocabulary) -> None:
+    """TEMP ``clock_markers(kind, v, subject_id, n)``: per train subject, the YEAR and AGE values of its timestamp
+    groups at the token clock and the events behind each, computed chunk by chunk (:func:`subject_chunks`) with
+    the encoder's own steps (:func:`foresight.tokens.codec.marker_values`). Ages are -1 without a birth (the
+    encoder writes AGE//UNK)."""
     register_code_map(con, code_vocab)
-    with pq.ParquetWriter(path, CLOCK_SCHEMA) as writer:
-        writer.write_table(CLOCK_SCHEMA.empty_table())  # a cohort without train events still gets a readable file
-        for lo, hi, _ in subject_chunks(con, train_subject_ids(con), "train", code_vocab.config.subjects_per_chunk):
-            data, births = subject_events(con, code_vocab, lo, hi, "train")
-            sub, year, age, n = marker_values(code_vocab, data["subject_id"], data["t"], data["tok"], data["v"],
-                                              dict(births))
-            for kind, v in (("YEAR", year), ("AGE", age)):
-                # distinct (subject, value) pairs and the events behind each (one sort; np.unique(axis=1) is slower)
-                o = np.lexsort((v, sub))
-                new = np.ones(len(o), dtype=bool)
-                new[1:] = (sub[o][1:] != sub[o][:-1]) | (v[o][1:] != v[o][:-1])
-                starts = np.flatnonzero(new)
-                events = np.add.reduceat(n[o], starts) if len(o) else np.zeros(0, dtype=np.int64)
-                writer.write_table(pa.table({"kind": pa.array([kind] * len(starts), pa.string()),
-                                             "v": v[o][starts].astype(np.int64),
-                                             "subject_id": sub[o][starts].astype(np.int64),
-                                             "n": events.astype(np.int64)}, schema=CLOCK_SCHEMA))
-    con.execute(f"CREATE OR REPLACE TEMP VIEW clock_markers AS SELECT * FROM read_parquet({sql_literal(str(path))})")
+    con.execute("CREATE OR REPLACE TEMP TABLE clock_markers (kind VARCHAR, v BIGINT, subject_id BIGINT, n BIGINT)")
+    for lo, hi, _ in subject_chunks(con, train_subject_ids(con), "train", code_vocab.config.subjects_per_chunk):
+        data, births = subject_events(con, code_vocab, lo, hi, "train")
+        sub, year, age, n = marker_values(code_vocab, data["subject_id"], data["t"], data["tok"], data["v"],
+                                          dict(births))
+        for kind, v in (("YEAR", year), ("AGE", age)):
+            # distinct (subject, value) pairs and the events behind each (one sort; np.unique(axis=1) is slower)
+            o = np.lexsort((v, sub))
+            new = np.ones(len(o), dtype=bool)
+            new[1:] = (sub[o][1:] != sub[o][:-1]) | (v[o][1:] != v[o][:-1])
+            starts = np.flatnonzero(new)
+            events = np.add.reduceat(n[o], starts) if len(o) else np.zeros(0, dtype=np.int64)
+            con.register("clock_chunk", pa.table({"v": v[o][starts], "subject_id": sub[o][starts], "n": events}))
+            con.execute("INSERT INTO clock_markers SELECT ?, v, subject_id, n FROM clock_chunk", [kind])
+            con.unregister("clock_chunk")
 
 
 def _band_name(prefix: str, lo: int, width: int) -> str:

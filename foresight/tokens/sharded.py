@@ -210,7 +210,8 @@ def clock_shard(db: Path, work: Path, shard: tuple[int, int], excluded: list[int
     """Step 3 for one shard -> ``work/clock-K/clock_markers.parquet``: the YEAR/AGE values the encoder writes for
     its train subjects with ``code_vocab``'s code tokens (:func:`~.fit.clock_marker_table`)."""
     with staged(work / f"clock-{shard[0]:04d}") as part, shard_connection(db, shard, excluded, memory_limit) as con:
-        fit.clock_marker_table(con, code_vocab, part / "clock_markers.parquet")
+        fit.clock_marker_table(con, code_vocab)
+        copy_to(con, "SELECT kind, v, subject_id, n FROM clock_markers", part / "clock_markers.parquet")
 
 
 def encode_shard(db: Path, work: Path, shard: tuple[int, int], excluded: list[int], memory_limit: str | None,
@@ -265,10 +266,9 @@ def reduce_markers(con: Any, work: Path, n: int, code_vocab: Vocabulary, report:
                 f"{parquet(work / f'fit-{k:04d}' / 'train_events.parquet' for k in range(n))}")
     clocks = [work / f"clock-{k:04d}" / "clock_markers.parquet" for k in range(n)]
     if all(p.exists() for p in clocks):
-        # read in place, as the single-node fit reads its file (fit.clock_markers_view), not copied into a table
-        con.execute(f"CREATE OR REPLACE TEMP VIEW clock_markers AS SELECT * FROM {parquet(clocks)}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE clock_markers AS SELECT * FROM {parquet(clocks)}")
     vocab = fit.finish_vocabulary(con, code_vocab, report, chunks, clock_ready=True)
-    con.execute("DROP VIEW train_events; DROP VIEW IF EXISTS clock_markers")
+    con.execute("DROP VIEW train_events; DROP TABLE IF EXISTS clock_markers")
     return vocab
 
 
