@@ -150,7 +150,7 @@ sources.load("mimic-iv", KillingConnection(warehouse.connect(db), needle), root)
 """
 
 
-@pytest.mark.parametrize("needle", ["CREATE OR REPLACE TEMP TABLE v_labevents",  # while staging
+@pytest.mark.parametrize("needle", ["CREATE OR REPLACE TABLE fs_stage.v_labevents",  # while staging
                                     "INSERT INTO quarantine SELECT"])               # inside the publish transaction
 def test_killed_process_leaves_previous_state(mimic_demo, tmp_path, needle):
     db = tmp_path / "w.duckdb"

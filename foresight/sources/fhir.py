@@ -208,14 +208,14 @@ def _stage_bundles(load: Load, root: Path) -> None:
     _register(load, "other_resources", "bundles/(resource types not loaded)")
     con.execute(
         """
-        CREATE OR REPLACE TEMP TABLE v_bundle_files AS
+        CREATE OR REPLACE TABLE fs_stage.v_bundle_files AS
         SELECT _line, file AS _source_file, NULL::BIGINT AS _source_row, reason AS _quarantine, NULL AS _drop
         FROM raw_bundle_files;
         CREATE OR REPLACE TEMP VIEW e_bundle_files AS
         SELECT _line, NULL::BIGINT AS subject_id, NULL::TIMESTAMP AS time, NULL::VARCHAR AS code,
                NULL::FLOAT AS numeric_value, NULL AS text_value, NULL AS unit, NULL AS encounter_id
         FROM v_bundle_files WHERE false;
-        CREATE OR REPLACE TEMP TABLE v_other_resources AS
+        CREATE OR REPLACE TABLE fs_stage.v_other_resources AS
         SELECT _line, _source_file, _source_row,
                CASE WHEN marker = 'no-resource' THEN 'Bundle entry without a resource'
                     WHEN marker LIKE 'not-a-bundle: %'

@@ -19,7 +19,7 @@ may also produce free-text notes (view ``n_<table>``), and a source may stage ``
 
 Staging lives outside any transaction, on disk: raw scans and staged rows in the load's staging database file
 (``<warehouse>.staging``, attached as ``fs_stage`` and deleted after the commit; a crashed load's file is deleted
-by the next load), per-table validation in TEMP tables that DuckDB spills to its temp folder. Memory therefore
+by the next load), and per-table validation (``v_<table>``) there too, with TEMP views over it. Memory therefore
 stays within the budget (:func:`~foresight.warehouse.connection.memory_budget`) however big the input; a failing
 table can be retried, and a crash at any point before the commit leaves the warehouse exactly as it was.
 

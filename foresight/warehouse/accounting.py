@@ -1,6 +1,6 @@
 """The steps of :meth:`foresight.warehouse.Load.finish_table`: every staged row of one input table accounted for.
 
-Each step reads the TEMP tables an adapter's SQL built for ``table``: ``raw_<table>`` (the rows read),
+Each step reads the staging tables an adapter's SQL built for ``table``: ``raw_<table>`` (the rows read),
 ``v_<table>(_line, _quarantine, _drop, ...)`` (one row per raw row), ``e_<table>`` (its events) and optionally
 ``n_<table>`` (its free-text notes). ``keep(alias)`` is the opt-out filter (:func:`optout_lines`): a SQL condition
 ``AND <alias>._line NOT IN optout_lines``, or "" when no subject is excluded.

@@ -173,8 +173,9 @@ def publish_shards(con: duckdb.DuckDBPyConnection, names: Sequence[str], source:
     if excluded:  # as a single-node load: opted-out subjects lose their map rows, and splits once without events
         con.execute("DELETE FROM subject_map WHERE source = ? AND list_contains(?::BIGINT[], subject_id)",
                     [source, list(excluded)])
-        con.execute("DELETE FROM subject_splits WHERE list_contains(?::BIGINT[], subject_id) "
-                    "AND subject_id NOT IN (SELECT subject_id FROM events)", [list(excluded)])
+        con.execute("DELETE FROM subject_splits WHERE list_contains(?::BIGINT[], subject_id) AND subject_id NOT IN "
+                    "(SELECT subject_id FROM events WHERE list_contains(?::BIGINT[], subject_id))",
+                    [list(excluded), list(excluded)])  # the subquery only of opted-out ids: see publish.write_splits
 
 
 def merge_accounting(con: duckdb.DuckDBPyConnection, names: Sequence[str], runs: Sequence[dict[str, Any]], *,

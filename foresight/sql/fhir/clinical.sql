@@ -7,7 +7,7 @@
 
 -- Condition -> DX//<vocab>//<code>, known when recorded (recordedDate, else onset) but not before the end of the
 -- encounter that recorded it (inpatient: discharge); DX_END at abatement, never before the DX itself.
-CREATE OR REPLACE TEMP TABLE v_condition AS
+CREATE OR REPLACE TABLE fs_stage.v_condition AS
 WITH t AS (
     SELECT f.* EXCLUDE (resource, j), fhir_best(j.code) AS c,
            coalesce(j.onsetDateTime, j.onsetPeriod.start) AS onset_raw, j.recordedDate AS recorded_raw,
@@ -50,7 +50,7 @@ FROM v_condition WHERE _quarantine IS NULL AND _drop IS NULL AND abate_raw IS NO
 -- MedicationRequest -> RX_START//RXNORM//<code> at authoredOn; the drug is medicationCodeableConcept or the
 -- Medication resource medicationReference points to. R4 MedicationRequests carry no stop time (Synthea's CSV has
 -- one): no RX_STOP from FHIR.
-CREATE OR REPLACE TEMP TABLE v_medication_request AS
+CREATE OR REPLACE TABLE fs_stage.v_medication_request AS
 WITH t AS (
     SELECT f.* EXCLUDE (resource, j), coalesce(fhir_best(j.medicationCodeableConcept), m.c) AS c,
            j.medicationReference.reference AS med_ref, j.authoredOn AS authored_raw,
@@ -79,7 +79,7 @@ FROM v_medication_request WHERE _quarantine IS NULL AND _drop IS NULL;
 
 -- Procedure -> PX//<vocab>//<code>, known when it is over (performedPeriod.end, else its start or
 -- performedDateTime).
-CREATE OR REPLACE TEMP TABLE v_procedure AS
+CREATE OR REPLACE TABLE fs_stage.v_procedure AS
 WITH t AS (
     SELECT f.* EXCLUDE (resource, j), fhir_best(j.code) AS c,
            coalesce(j.performedPeriod.start, j.performedDateTime) AS start_raw, j.performedPeriod.end AS end_raw
@@ -107,7 +107,7 @@ SELECT _line, subject_id, time, 'PX//' || c.vocab || '//' || fs_part(c.code) AS 
 FROM v_procedure WHERE _quarantine IS NULL AND _drop IS NULL;
 
 -- Immunization -> IMMUNIZATION//CVX//<code> at occurrenceDateTime.
-CREATE OR REPLACE TEMP TABLE v_immunization AS
+CREATE OR REPLACE TABLE fs_stage.v_immunization AS
 WITH t AS (
     SELECT f.* EXCLUDE (resource, j), fhir_best(j.vaccineCode) AS c, j.occurrenceDateTime AS date_raw,
            ehr_known(j.occurrenceDateTime) AS time
@@ -132,7 +132,7 @@ FROM v_immunization WHERE _quarantine IS NULL AND _drop IS NULL;
 
 -- AllergyIntolerance -> ALLERGY//<vocab>//<code>, known like a diagnosis (recordedDate, else onset; not before
 -- the end of its encounter when it has one).
-CREATE OR REPLACE TEMP TABLE v_allergy_intolerance AS
+CREATE OR REPLACE TABLE fs_stage.v_allergy_intolerance AS
 WITH t AS (
     SELECT f.* EXCLUDE (resource, j), fhir_best(j.code) AS c, coalesce(j.recordedDate, j.onsetDateTime) AS date_raw,
            j.verificationStatus.coding[1].code AS verification
@@ -159,7 +159,7 @@ FROM v_allergy_intolerance WHERE _quarantine IS NULL AND _drop IS NULL;
 
 -- CarePlan -> CAREPLAN//<vocab>//<code> (the best-coded category: Synthea puts the SNOMED plan there) known
 -- like a diagnosis, CAREPLAN_END at period.end.
-CREATE OR REPLACE TEMP TABLE v_care_plan AS
+CREATE OR REPLACE TABLE fs_stage.v_care_plan AS
 WITH t AS (
     SELECT f.* EXCLUDE (resource, j), fhir_best_of(j.category) AS c, j.period.start AS start_raw,
            j.period.end AS end_raw
@@ -191,7 +191,7 @@ SELECT _line, subject_id, greatest(ehr_known(end_raw), time), 'CAREPLAN_END//' |
 FROM v_care_plan WHERE _quarantine IS NULL AND _drop IS NULL AND end_raw IS NOT NULL;
 
 -- ImagingStudy -> one IMAGING//<DICOM modality>//<SNOMED body site> event per series, at `started`.
-CREATE OR REPLACE TEMP TABLE v_imaging_study AS
+CREATE OR REPLACE TABLE fs_stage.v_imaging_study AS
 WITH t AS (
     SELECT f.* EXCLUDE (resource, j), j.started AS date_raw, ehr_known(j.started) AS time,
            list_transform(coalesce(j.series, []),
@@ -224,7 +224,7 @@ FROM (SELECT *, unnest(series) AS s FROM v_imaging_study WHERE _quarantine IS NU
 -- DiagnosticReport -> REPORT//<vocab>//<code> when issued (else its effective time): a panel's results are
 -- their own Observations; the report event says the panel was reported. Synthea's note-carrying reports
 -- (34117-2) repeat the DocumentReference text, which the notes table takes from the DocumentReference.
-CREATE OR REPLACE TEMP TABLE v_diagnostic_report AS
+CREATE OR REPLACE TABLE fs_stage.v_diagnostic_report AS
 WITH t AS (
     SELECT f.* EXCLUDE (resource, j), fhir_best(j.code) AS c,
            coalesce(j.effectiveDateTime, j.effectivePeriod.end) AS effective_raw, j.issued AS issued_raw

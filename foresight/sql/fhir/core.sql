@@ -4,7 +4,7 @@
 
 -- Patient: the first resource with an id wins. Subject id: this source's subject_map row, else the stable hash
 -- of the lower-case id, the rule the Synthea CSV source uses, so the two exports of one population agree.
-CREATE OR REPLACE TEMP TABLE v_patient AS
+CREATE OR REPLACE TABLE fs_stage.v_patient AS
 WITH j AS (
     SELECT _line, _source_file, _source_row,
            json_transform(resource, '{"id": "VARCHAR", "gender": "VARCHAR", "birthDate": "VARCHAR",
@@ -80,7 +80,7 @@ WHERE p._quarantine IS NULL;
 CREATE OR REPLACE TEMP TABLE fhir_encounters (eid VARCHAR, subject_id BIGINT, start TIMESTAMP, stop TIMESTAMP,
                                               cls VARCHAR);
 
-CREATE OR REPLACE TEMP TABLE v_encounter AS
+CREATE OR REPLACE TABLE fs_stage.v_encounter AS
 WITH t AS (
     SELECT f.* EXCLUDE (resource), lower(trim(f.id_raw)) AS eid, j.period.start AS start_raw,
            ehr_ts(j.period.start) AS start, j.period.end AS stop_raw, ehr_known(j.period.end) AS stop,

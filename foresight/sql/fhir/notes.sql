@@ -3,7 +3,7 @@
 -- when the encounter is: its time is the later of its date and context.period.end (Synthea dates notes at the
 -- encounter's start, yet they list what the whole encounter did).
 
-CREATE OR REPLACE TEMP TABLE v_document_reference AS
+CREATE OR REPLACE TABLE fs_stage.v_document_reference AS
 WITH t AS (
     SELECT f.* EXCLUDE (resource, j), fhir_best(j.type) AS c,
            list_filter(list_transform(coalesce(j.content, []), lambda x: x.attachment),

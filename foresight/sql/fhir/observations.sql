@@ -4,7 +4,7 @@
 -- diastolic; a survey's answers), each with its own code and value: the Synthea CSV writes exactly those rows.
 -- Time: when the result was issued (known to clinicians), never before its effective time.
 
-CREATE OR REPLACE TEMP TABLE v_observation AS
+CREATE OR REPLACE TABLE fs_stage.v_observation AS
 WITH t AS (
     SELECT f.* EXCLUDE (resource, j), fhir_best(j.code) AS c,
            CASE WHEN list_contains(flatten(list_transform(coalesce(j.category, []),

@@ -4,7 +4,7 @@
 -- MEDS reader could use are quarantined with their shard and row: no subject, no code, a value that is not a
 -- finite float32, a time before the subject's own MEDS_BIRTH.
 
-CREATE OR REPLACE TEMP TABLE v_data AS
+CREATE OR REPLACE TABLE fs_stage.v_data AS
 WITH b AS (
     SELECT subject_id, min(time) AS birth FROM raw_data WHERE code = 'MEDS_BIRTH' AND time IS NOT NULL GROUP BY 1
 )

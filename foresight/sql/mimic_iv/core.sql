@@ -16,7 +16,7 @@
 -- rejected (quarantined when required, set to NULL when optional), never silently shifted or stripped.
 
 -- patients: the first row of a subject_id wins; later duplicates are quarantined.
-CREATE OR REPLACE TEMP TABLE v_patients AS
+CREATE OR REPLACE TABLE fs_stage.v_patients AS
 WITH t AS (
     SELECT _line, subject_id AS sid_raw, fs_id(subject_id) AS subject_id, upper(trim(gender)) AS gender,
            anchor_age AS age_raw, fs_id(anchor_age) AS anchor_age,
@@ -76,7 +76,7 @@ CREATE OR REPLACE TEMP MACRO mimic_check_subject(raw, known) AS
         fs_check_subject(raw, known));
 
 -- admissions
-CREATE OR REPLACE TEMP TABLE v_admissions AS
+CREATE OR REPLACE TABLE fs_stage.v_admissions AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id AS hadm_raw, fs_id(r.hadm_id) AS hadm_id,

@@ -2,7 +2,7 @@
 -- Item ids are kept as MIMIC codes (<KIND>//MIMIC//<itemid>); icu/d_items supplies descriptions.
 
 -- icustays -> ICU//ADMIT at intime (first care unit in text_value), ICU//DISCHARGE at outtime (los days).
-CREATE OR REPLACE TEMP TABLE v_icustays AS
+CREATE OR REPLACE TABLE fs_stage.v_icustays AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id, r.stay_id, r.first_careunit, r.last_careunit, r.los AS los_raw,
@@ -32,7 +32,7 @@ FROM v_icustays WHERE _quarantine IS NULL AND outtime IS NOT NULL;
 -- inputevents -> INPUT_START//MIMIC//<itemid> (rate, or the amount for a bolus) at starttime,
 -- INPUT_END//MIMIC//<itemid> (amount given) at endtime, and the patient weight once per stay and value
 -- (VITAL//ICU//WEIGHT_KG) rather than repeated on every infusion row.
-CREATE OR REPLACE TEMP TABLE v_inputevents AS
+CREATE OR REPLACE TABLE fs_stage.v_inputevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id, r.stay_id, r.itemid AS item_raw, fs_id(r.itemid) AS itemid,
@@ -73,7 +73,7 @@ FROM (SELECT *, row_number() OVER (PARTITION BY stay_id, fs_num(weight_raw) ORDE
 WHERE k = 1;
 
 -- outputevents -> OUTPUT//MIMIC//<itemid> (volume) at charttime.
-CREATE OR REPLACE TEMP TABLE v_outputevents AS
+CREATE OR REPLACE TABLE fs_stage.v_outputevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id, r.itemid AS item_raw, fs_id(r.itemid) AS itemid, r.value AS value_raw,
@@ -98,7 +98,7 @@ FROM v_outputevents WHERE _quarantine IS NULL;
 
 -- procedureevents -> PX//MIMIC//<itemid> at starttime (value, e.g. duration, in numeric_value),
 -- PX_END//MIMIC//<itemid> at endtime.
-CREATE OR REPLACE TEMP TABLE v_procedureevents AS
+CREATE OR REPLACE TABLE fs_stage.v_procedureevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id, r.itemid AS item_raw, fs_id(r.itemid) AS itemid, r.value AS value_raw,
@@ -129,7 +129,7 @@ FROM v_procedureevents WHERE _quarantine IS NULL AND endtime IS NOT NULL;
 
 -- datetimeevents -> DATETIME//MIMIC//<itemid> when it was recorded (storetime, else charttime); the date
 -- value itself (e.g. a line insertion date) in text_value.
-CREATE OR REPLACE TEMP TABLE v_datetimeevents AS
+CREATE OR REPLACE TABLE fs_stage.v_datetimeevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id, r.itemid AS item_raw, fs_id(r.itemid) AS itemid, r.value AS value_raw,
@@ -155,7 +155,7 @@ SELECT _line, subject_id, time, 'DATETIME//MIMIC//' || itemid AS code, NULL::FLO
 FROM v_datetimeevents WHERE _quarantine IS NULL;
 
 -- chartevents (absent from the demo copy; loaded when present) -> CHART//MIMIC//<itemid> when stored.
-CREATE OR REPLACE TEMP TABLE v_chartevents AS
+CREATE OR REPLACE TABLE fs_stage.v_chartevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id, r.itemid AS item_raw, fs_id(r.itemid) AS itemid, r.value,

@@ -5,7 +5,7 @@
 -- Optional fields (see core.sql): a storetime that fails its check is set to NULL (the draw time is used) and a
 -- valuenum that is not a number is set to NULL (the row keeps its text value); both are reported in _field_issue.
 -- A number that is absurd (non-finite, beyond 1e9) is a corrupt measurement and quarantines the row.
-CREATE OR REPLACE TEMP TABLE v_labevents AS
+CREATE OR REPLACE TABLE fs_stage.v_labevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id, r.itemid AS item_raw, fs_id(r.itemid) AS itemid,
@@ -43,7 +43,7 @@ FROM v_labevents WHERE _quarantine IS NULL;
 --   organism + antibiotic -> MICRO//SUSC//<ab_itemid> (interpretation S/I/R in text_value, dilution numeric)
 --   organism only         -> MICRO//ORG//<org_itemid> (organism name in text_value)
 --   no organism           -> MICRO//TEST//<test_itemid> (comments, e.g. "No growth", in text_value)
-CREATE OR REPLACE TEMP TABLE v_microbiologyevents AS
+CREATE OR REPLACE TABLE fs_stage.v_microbiologyevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id, r.test_itemid, r.org_itemid, r.ab_itemid, r.org_name, r.interpretation,
@@ -84,7 +84,7 @@ FROM v_microbiologyevents WHERE _quarantine IS NULL;
 
 -- omr (outpatient measurements) -> VITAL//OMR//<result_name> on chartdate; numeric when the value is a
 -- number (weight, height, BMI), text always (blood pressure "120/80" stays text).
-CREATE OR REPLACE TEMP TABLE v_omr AS
+CREATE OR REPLACE TABLE fs_stage.v_omr AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.result_name, r.result_value, r.chartdate AS chartdate_raw,

@@ -3,7 +3,7 @@
 -- package-level and often missing, and names are what drug->ATC maps (e.g. ETHOS's) are keyed on.
 
 -- prescriptions -> RX_START at starttime (dose in numeric_value/unit, route in text_value), RX_STOP at stoptime.
-CREATE OR REPLACE TEMP TABLE v_prescriptions AS
+CREATE OR REPLACE TABLE fs_stage.v_prescriptions AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id, fs_id(r.pharmacy_id) AS pharmacy_id, r.drug, r.route,
@@ -35,7 +35,7 @@ FROM v_prescriptions
 WHERE _quarantine IS NULL AND stoptime IS NOT NULL AND (starttime IS NULL OR stoptime >= starttime);
 
 -- pharmacy: the same orders as prescriptions, verified; only rows without a prescriptions row add events.
-CREATE OR REPLACE TEMP TABLE v_pharmacy AS
+CREATE OR REPLACE TABLE fs_stage.v_pharmacy AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id, r.pharmacy_id AS pharmacy_raw, r.medication, r.route,
@@ -70,7 +70,7 @@ WHERE _quarantine IS NULL AND NOT in_prescriptions AND stoptime IS NOT NULL
 -- emar -> RX_ADMIN//DRUG//<medication> at charttime, only for rows that record a dose actually given
 -- (Administered, Applied, Started, Restarted, with their Delayed/Partial forms); the rest (Not Given,
 -- Flushed, Hold Dose, Stopped, ...) are dropped with the event text as the reason.
-CREATE OR REPLACE TEMP TABLE v_emar AS
+CREATE OR REPLACE TABLE fs_stage.v_emar AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id, r.medication, trim(r.event_txt) AS event_txt,

@@ -1,7 +1,7 @@
 -- MIMIC-IV ward movements: hosp/transfers (TRANSFER//<eventtype>//<careunit> at intime) and
 -- hosp/services (SERVICE//<curr_service> at transfertime).
 
-CREATE OR REPLACE TEMP TABLE v_transfers AS
+CREATE OR REPLACE TABLE fs_stage.v_transfers AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id, r.eventtype, r.careunit, r.intime AS in_raw, fs_ts(r.intime) AS intime,
@@ -25,7 +25,7 @@ SELECT _line, subject_id, intime AS time, 'TRANSFER//' || fs_part(eventtype) || 
        NULL::FLOAT AS numeric_value, NULL AS text_value, NULL AS unit, hadm_id AS encounter_id
 FROM v_transfers WHERE _quarantine IS NULL;
 
-CREATE OR REPLACE TEMP TABLE v_services AS
+CREATE OR REPLACE TABLE fs_stage.v_services AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
            s.birth_floor, r.hadm_id, r.curr_service, r.prev_service, r.transfertime AS time_raw,

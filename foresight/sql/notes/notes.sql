@@ -22,7 +22,7 @@ GROUP BY 1 HAVING count(DISTINCT subject_id) = 1;
 CREATE OR REPLACE TEMP TABLE notes_birth AS
 SELECT subject_id, min(time) AS birth FROM events WHERE code = 'MEDS_BIRTH' GROUP BY 1;
 
-CREATE OR REPLACE TEMP TABLE v_notes AS
+CREATE OR REPLACE TABLE fs_stage.v_notes AS
 WITH r AS (
     SELECT _line, nullif(trim(subject_id), '') AS subject_raw,
            nullif(trim(coalesce(time, charttime, chartdate, date)), '') AS time_raw, text,

@@ -8,7 +8,7 @@
 -- end of that day, ehr_known), never before the diagnosis itself was known. The CSV has only the onset DATE:
 -- Synthea's FHIR export shows most onsets minutes after the recording encounter ends (the condition is added by
 -- a module that runs after the visit closes); a date cannot tell that, and the encounter's end is kept.
-CREATE OR REPLACE TEMP TABLE v_conditions AS
+CREATE OR REPLACE TABLE fs_stage.v_conditions AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
            e.subject_id AS enc_subject, r.START AS start_raw, r.STOP AS stop_raw,
@@ -44,7 +44,7 @@ SELECT _line, subject_id, greatest(stop, time), 'DX_END//' || vocab || '//' || f
 FROM v_conditions WHERE _quarantine IS NULL AND stop IS NOT NULL;
 
 -- medications -> RX_START//RXNORM//<code> at START (the order is known when it is written), RX_STOP at STOP.
-CREATE OR REPLACE TEMP TABLE v_medications AS
+CREATE OR REPLACE TABLE fs_stage.v_medications AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
            e.subject_id AS enc_subject, r.START AS start_raw, r.STOP AS stop_raw,
@@ -79,7 +79,7 @@ FROM v_medications WHERE _quarantine IS NULL AND stop IS NOT NULL;
 
 -- procedures -> PX//SNOMED//<code>, known when the procedure is over (STOP; START when no STOP). Synthea
 -- exports before 2.7 have DATE instead of START/STOP.
-CREATE OR REPLACE TEMP TABLE v_procedures AS
+CREATE OR REPLACE TABLE fs_stage.v_procedures AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
            e.subject_id AS enc_subject, coalesce(r.START, r.DATE) AS start_raw, r.STOP AS stop_raw,
@@ -111,7 +111,7 @@ SELECT _line, subject_id, coalesce(stop, start) AS time, 'PX//' || vocab || '//'
 FROM v_procedures WHERE _quarantine IS NULL;
 
 -- immunizations -> IMMUNIZATION//CVX//<code> at DATE.
-CREATE OR REPLACE TEMP TABLE v_immunizations AS
+CREATE OR REPLACE TABLE fs_stage.v_immunizations AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
            e.subject_id AS enc_subject, r.DATE AS date_raw, ehr_known(r.DATE) AS time,
@@ -138,7 +138,7 @@ SELECT _line, subject_id, time, 'IMMUNIZATION//CVX//' || fs_part(code_raw) AS co
 FROM v_immunizations WHERE _quarantine IS NULL;
 
 -- allergies -> ALLERGY//<SNOMED|RXNORM>//<code>, known like a diagnosis (by the end of the recording encounter).
-CREATE OR REPLACE TEMP TABLE v_allergies AS
+CREATE OR REPLACE TABLE fs_stage.v_allergies AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
            e.subject_id AS enc_subject, r.START AS start_raw, ehr_known_after(e.stop, r.START) AS time,
@@ -166,7 +166,7 @@ SELECT _line, subject_id, time, 'ALLERGY//' || vocab || '//' || fs_part(code_raw
 FROM v_allergies WHERE _quarantine IS NULL;
 
 -- careplans -> CAREPLAN//SNOMED//<code> known like a diagnosis; CAREPLAN_END//SNOMED//<code> at STOP.
-CREATE OR REPLACE TEMP TABLE v_careplans AS
+CREATE OR REPLACE TABLE fs_stage.v_careplans AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
            e.subject_id AS enc_subject, r.START AS start_raw, r.STOP AS stop_raw,
@@ -201,7 +201,7 @@ SELECT _line, subject_id, greatest(stop, time), 'CAREPLAN_END//SNOMED//' || fs_p
 FROM v_careplans WHERE _quarantine IS NULL AND stop IS NOT NULL;
 
 -- devices -> DEVICE//SNOMED//<code> at START, DEVICE_END//SNOMED//<code> at STOP.
-CREATE OR REPLACE TEMP TABLE v_devices AS
+CREATE OR REPLACE TABLE fs_stage.v_devices AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
            e.subject_id AS enc_subject, r.START AS start_raw, r.STOP AS stop_raw,
@@ -236,7 +236,7 @@ FROM v_devices WHERE _quarantine IS NULL AND stop IS NOT NULL;
 
 -- imaging_studies: one CSV row per image instance; one IMAGING//<modality>//<body site> event per series (the
 -- first row of a study Id + SERIES_UID), the other instances of that series are dropped with that reason.
-CREATE OR REPLACE TEMP TABLE v_imaging_studies AS
+CREATE OR REPLACE TABLE fs_stage.v_imaging_studies AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
            e.subject_id AS enc_subject, r.DATE AS date_raw, ehr_known(r.DATE) AS time,

@@ -9,7 +9,7 @@
 -- patient kept, so one bad optional date does not remove them and all their rows. The row counts as loaded (the
 -- invariant read = loaded + quarantined + dropped counts rows); _field_issue names the field and the load reports
 -- it in warnings (Load.finish_table).
-CREATE OR REPLACE TEMP TABLE v_patients AS
+CREATE OR REPLACE TABLE fs_stage.v_patients AS
 WITH t AS (
     SELECT _line, Id AS id_raw, lower(trim(Id)) AS pid,
            BIRTHDATE AS birth_raw, fs_ts(BIRTHDATE) AS birth, DEATHDATE AS death_raw,
@@ -64,7 +64,7 @@ CREATE OR REPLACE TEMP MACRO synthea_check_patient(col, raw, known) AS
         ehr_check_patient(col, raw, known));
 
 -- encounters: the first row of an Id wins.
-CREATE OR REPLACE TEMP TABLE v_encounters AS
+CREATE OR REPLACE TABLE fs_stage.v_encounters AS
 WITH t AS (
     SELECT r._line, trim(r.Id) AS id_raw, lower(trim(r.Id)) AS eid, r.PATIENT AS pat_raw, s.subject_id,
            s.birth_floor, r.START AS start_raw, fs_ts_utc(r.START) AS start, r.STOP AS stop_raw,
