@@ -49,7 +49,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from foresight.atomic import fsync_dir, fsync_file
 from foresight.hashing import sha256, sha256_chunks, sha256_file, sha256_json
-from foresight.train.card import check_complete
 from privacy import gate, registry, signing
 from privacy.registry import INDEX, LOCK, RegistryError
 from privacy.report import approval_html, html_describes, probe_results, render_html
@@ -226,6 +225,10 @@ def check_releasable(model_dir: str | Path, report_path: str | Path | None = Non
     """What makes a model releasable (the module docstring's steps 1-5), or :class:`ReleaseRefused` saying why.
 
     ``approve``: a reviewer approves a REVIEW (then the report must be signed and decide REVIEW)."""
+    # imported here: foresight.train pulls in torch and DeepSpeed, and every CLI command imports this module (through
+    # `foresight keys`), so a top-level import cost each `foresight etl` or `--help` a second of start-up
+    from foresight.train.card import check_complete
+
     model_dir = Path(model_dir)
     path = Path(report_path) if report_path else latest_report(model_dir)
     try:
