@@ -23,9 +23,16 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MEDCAT_DISABLE_VERSION_CHECK", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: each gets one torch thread (and so do its child processes), or the
+    # workers' OpenMP threads spin against each other (a tiny training step 40x slower on two shared cores)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 from foresight import sources, warehouse  # noqa: E402  (every import below runs after the settings above)
 from foresight import tokens as T  # noqa: E402
@@ -151,6 +158,16 @@ def alive_timelines(fc: Forecaster, db: Path, n: int = 6) -> list[Timeline]:
         ids = [r[0] for r in con.execute("SELECT DISTINCT subject_id FROM events ORDER BY 1").fetchall()]
         tls = [fc.timeline_from_warehouse(con, s) for s in ids]
     return [t for t in tls if not t.dead][:n]
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server and database for the whole session (one per xdist worker), shared by every test
+    that runs a flow: starting one costs 10-25 s of a busy CI core. Tests tell their runs apart by flow-run id."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -44,10 +44,10 @@ def test_30_day_admission_auroc_lower_bound_above_chance(sim_model):
             "SELECT subject_id FROM subject_splits WHERE split IN ('tuning', 'held_out')").fetchall()]
         train_ids = [r[0] for r in con.execute(
             "SELECT subject_id FROM subject_splits WHERE split = 'train' LIMIT 800").fetchall()]
-        points = prediction_points(con, ids, mode="events", min_follow_up_days=30, max_per_subject=3)
+        points = prediction_points(con, ids, mode="events", min_follow_up_days=30, max_per_subject=2)
         train_points = prediction_points(con, train_ids, mode="events", min_follow_up_days=30, max_per_subject=1)
         oracle = simulator_oracle(sim_model["sim"])
-        res = evaluate_task(fc, con, task, points, samples=8, train_points=train_points,
+        res = evaluate_task(fc, con, task, points, samples=4, train_points=train_points,
                             oracle=lambda pts: oracle(task, pts), n_boot=300)
     model = res["model"]
     assert model["metrics"]["n"] > 300 and 0.01 < model["metrics"]["prevalence"] < 0.3
@@ -131,7 +131,7 @@ def test_evaluate_without_db_finds_the_warehouse_and_scores_admission_tasks(sim_
     written."""
     tasks = ["admission_30d", "in_hospital_mortality", "icu_during_stay", "length_of_stay"]  # LOS: as LOS > 7 d
     proc = run_cli("evaluate", "--model", str(sim_model["model"]), "--data", str(sim_model["data"]),
-                         *(a for t in tasks for a in ("--task", t)), "--samples", "4", "--max-points", "80",
+                         *(a for t in tasks for a in ("--task", t)), "--samples", "4", "--max-points", "40",
                          "--oracle", str(sim_model["sim"]), "--out", str(tmp_path / "ev"), "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -141,7 +141,7 @@ def test_evaluate_without_db_finds_the_warehouse_and_scores_admission_tasks(sim_
     tasks = {(t["task"], t["at"]): t for t in report["tasks"]}
     assert set(tasks) == {("admission_30d", "discharges"), ("in_hospital_mortality", "admissions"),
                           ("icu_during_stay", "admissions"), ("los_over_7d", "admissions")}
-    assert report["eval_points"]["admissions"]["held_out"] == 80
+    assert report["eval_points"]["admissions"]["held_out"] == 40
     assert "oracle" in tasks[("admission_30d", "discharges")]  # the simulator's oracle answers 30-day admission
     assert {"model-logistic_counts", "model-gbm_counts", "model-oracle"} <= set(
         tasks[("admission_30d", "discharges")]["paired"])
@@ -150,9 +150,9 @@ def test_evaluate_without_db_finds_the_warehouse_and_scores_admission_tasks(sim_
     assert len(paired_lines) == len(report["tasks"]) and "gbm_counts AUROC" in paired_lines[0]
     for name in ("in_hospital_mortality", "icu_during_stay", "los_over_7d"):
         t = tasks[(name, "admissions")]
-        assert t["points"] == 80 and {"model", "prevalence", "logistic_counts"} <= set(t)
+        assert t["points"] == 40 and {"model", "prevalence", "logistic_counts"} <= set(t)
         # the simulator's stay oracle answers every admission from the cohort's entry date (2000) on
-        assert "oracle" in t and "oracle_note" not in t and 0 < t["oracle"]["metrics"]["n"] <= 80
+        assert "oracle" in t and "oracle_note" not in t and 0 < t["oracle"]["metrics"]["n"] <= 40
         assert "model-oracle" in t["paired"]
         assert np.isfinite(t["model"]["metrics"]["brier"]) and 0 <= t["model"]["metrics"]["ece"] <= 1
     # a long stay is common enough to be ranked: the model and the count baseline both carry signal

@@ -71,14 +71,12 @@ def test_cli_bad_input_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and "patients.csv.gz" in proc.stderr
 
 
-def test_prefect_etl_flow_end_to_end(mimic_demo, demo_db, tmp_path):
-    from prefect.testing.utilities import prefect_test_harness
+def test_prefect_etl_flow_end_to_end(mimic_demo, demo_db, tmp_path, prefect_server):
 
     from flows.etl import etl
 
     db = tmp_path / "flow.duckdb"
-    with prefect_test_harness(server_startup_timeout=120):
-        state = etl(source="mimic-iv", input=mimic_demo, db=db, return_state=True)
+    state = etl(source="mimic-iv", input=mimic_demo, db=db, return_state=True)
     assert state.is_completed()
     summary = state.result()
     assert summary["reconciliation"]["rows_read"] == summary["rows_read"]

@@ -359,9 +359,8 @@ def test_cli_etl_fhir_json_contract(tiny_fhir, tmp_path):
         assert "--input" in help_.stdout and "--db" in help_.stdout
 
 
-def test_prefect_etl_flow_loads_each_new_source(tiny_fhir, tmp_path):
+def test_prefect_etl_flow_loads_each_new_source(tiny_fhir, tmp_path, prefect_server):
     """The same flow (one task per table group, then publish and reconcile) runs every new source."""
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.etl import etl
 
@@ -373,9 +372,8 @@ def test_prefect_etl_flow_loads_each_new_source(tiny_fhir, tmp_path):
     with warehouse.connect(tmp_path / "src.duckdb") as con:
         sources.load("synthea", con, csv_root)
         warehouse.export_meds(con, meds_root)
-    with prefect_test_harness(server_startup_timeout=120):
-        states = {kind: etl(source=kind, input=root, db=tmp_path / f"{kind}.duckdb", return_state=True)
-                  for kind, root in (("synthea", csv_root), ("fhir", tiny_fhir), ("meds", meds_root))}
+    states = {kind: etl(source=kind, input=root, db=tmp_path / f"{kind}.duckdb", return_state=True)
+              for kind, root in (("synthea", csv_root), ("fhir", tiny_fhir), ("meds", meds_root))}
     for kind, state in states.items():
         assert state.is_completed(), kind
         summary = state.result()

@@ -293,25 +293,23 @@ def test_admission_points_and_stay_labels_match_the_record(sim_small):
 
 
 @pytest.mark.slow
-def test_forecast_flow_publishes_the_plot_and_the_json_as_artifacts(sim_small, tmp_path):
+def test_forecast_flow_publishes_the_plot_and_the_json_as_artifacts(sim_small, tmp_path, prefect_server):
     import base64
     import json
     import re
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.forecast import forecast
 
-    with prefect_test_harness(server_startup_timeout=120):
-        state = forecast(db=sim_small["db"], model=sim_small["model"], as_of=datetime(2025, 6, 1), horizon_days=14,
-                         out_dir=tmp_path, samples=2, max_subjects=6, history_weeks=8, oracle_dir=sim_small["sim"],
-                         backtest_origins=2, backtest_weeks=2, return_state=True)
-        result = state.result()
-        with get_client(sync_client=True) as client:
-            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    state = forecast(db=sim_small["db"], model=sim_small["model"], as_of=datetime(2025, 6, 1), horizon_days=14,
+                     out_dir=tmp_path, samples=2, max_subjects=6, history_weeks=8, oracle_dir=sim_small["sim"],
+                     backtest_origins=2, backtest_weeks=2, return_state=True)
+    result = state.result()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     by_key = {a.key: a for a in artifacts}
     assert {"weekly-forecast", "forecast-summary", "forecast-json", "forecast-strata", "forecast-backtest"} <= set(
         by_key)

@@ -446,15 +446,13 @@ def test_cli_build_then_etl_notes(mimic_db, tmp_path):
     assert r.returncode == 2 and "model pack not found" in r.stderr
 
 
-def test_prefect_etl_flow_runs_the_notes_source(mimic_db, pack, tmp_path, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
+def test_prefect_etl_flow_runs_the_notes_source(mimic_db, pack, tmp_path, monkeypatch, prefect_server):
 
     from flows.etl import etl
 
     src = _write_notes(tmp_path / "notes.csv", [(1, "2150-05-03 10:00:00", "a", "Pneumonia and asthma.")])
     monkeypatch.setenv("FORESIGHT_MODEL_PACK", str(pack))  # the flow passes only the input path
-    with prefect_test_harness(server_startup_timeout=120):
-        state = etl(source="notes", input=src, db=mimic_db, return_state=True)
+    state = etl(source="notes", input=src, db=mimic_db, return_state=True)
     assert state.is_completed()
     summary = state.result()
     assert summary["events"] == 2 and summary["reconciliation"]["rows_read"] == 1

@@ -66,16 +66,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def harness():
-    """One Prefect test server for the module (starting one costs seconds)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def first_run(sim: Path, harness: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def first_run(sim: Path, prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The whole chain once, from the MEDS files, with default canaries and a gate with every limit open, so its
     model is released (the real release path); the tests below re-run it and start from its warehouse."""
     from flows.pipeline import pipeline

@@ -277,8 +277,7 @@ def test_cli_audit_insert_and_release(negative, cohort, single_thread, tmp_path)
         assert "Usage" in run(app, [*cmd, "--help"]).stdout
 
 
-def test_prefect_flow_gates_the_release(negative, single_thread, tmp_path):
-    from prefect.testing.utilities import prefect_test_harness
+def test_prefect_flow_gates_the_release(negative, single_thread, tmp_path, prefect_server):
 
     from flows.privacy import privacy
     from privacy.signing import init_keys
@@ -288,16 +287,15 @@ def test_prefect_flow_gates_the_release(negative, single_thread, tmp_path):
     cfg.write_text(FAST)
     model = tmp_path / "model"
     shutil.copytree(negative["model"], model, ignore=shutil.ignore_patterns("checkpoints", "privacy"))
-    with prefect_test_harness(server_startup_timeout=120):
-        out = privacy(model=model, data=negative["data"], out=tmp_path / "audit", registry=tmp_path / "registry",
-                      config=cfg, synthetic_samples=0, signing_key=key)
-        assert out["decision"] in ("PASS", "REVIEW")
-        if out["decision"] == "REVIEW":
-            assert out["released"] is None and not (tmp_path / "registry" / "index.jsonl").exists()
-        lenient = tmp_path / "lenient.toml"
-        lenient.write_text('[mia]\nmax_auc = 0.99\nunresolvable = "PASS"\n[canaries]\nunverified = "PASS"\n'
-                           '[vocab_floor]\nnamed_below_floor = "PASS"\n[extraction]\nks = [10]\neidetic = "PASS"\n'
-                           "[audit]\nbootstrap = 200\nmax_subjects_per_side = 48\n")
-        out = privacy(model=model, data=negative["data"], out=tmp_path / "audit2", registry=tmp_path / "registry",
-                      config=lenient, synthetic_samples=0, signing_key=key)
+    out = privacy(model=model, data=negative["data"], out=tmp_path / "audit", registry=tmp_path / "registry",
+                  config=cfg, synthetic_samples=0, signing_key=key)
+    assert out["decision"] in ("PASS", "REVIEW")
+    if out["decision"] == "REVIEW":
+        assert out["released"] is None and not (tmp_path / "registry" / "index.jsonl").exists()
+    lenient = tmp_path / "lenient.toml"
+    lenient.write_text('[mia]\nmax_auc = 0.99\nunresolvable = "PASS"\n[canaries]\nunverified = "PASS"\n'
+                       '[vocab_floor]\nnamed_below_floor = "PASS"\n[extraction]\nks = [10]\neidetic = "PASS"\n'
+                       "[audit]\nbootstrap = 200\nmax_subjects_per_side = 48\n")
+    out = privacy(model=model, data=negative["data"], out=tmp_path / "audit2", registry=tmp_path / "registry",
+                  config=lenient, synthetic_samples=0, signing_key=key)
     assert out["decision"] == "PASS" and Path(out["released"]["path"]).exists()

@@ -114,18 +114,16 @@ def test_failed_or_killed_shard_leaves_previous_run_and_rerun_duplicates_nothing
 
 @pytest.mark.slow  # a temporary Prefect server, a 2-process LocalCluster and 2 flow runs: ~40 s idle, 2 min busy
 @pytest.mark.shared_data
-def test_sharded_flow_on_a_local_dask_cluster_equals_single_node(demo_db, mimic_demo, tmp_path):
+def test_sharded_flow_on_a_local_dask_cluster_equals_single_node(demo_db, mimic_demo, tmp_path, prefect_server):
     """The MIMIC-IV demo through prefect-dask's DaskTaskRunner on a LocalCluster of 2 single-threaded worker
     processes (an existing scheduler, as `--scheduler` uses): the same warehouse as the single-node load; then a
     run whose shards fail leaves it in place."""
     from distributed import LocalCluster
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows import sharded as flow
 
     db = tmp_path / "dask.duckdb"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            prefect_test_harness(server_startup_timeout=120):
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         summary = flow.run("mimic-iv", mimic_demo, db, workers=2, scheduler=cluster.scheduler_address)
         assert summary["shards"] == 2 and summary["events"] > 200_000
         assert tables_of(db) == tables_of(demo_db)

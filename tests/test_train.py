@@ -350,19 +350,17 @@ def test_cli_train_help():
 # --- two ranks and the Prefect flow -------------------------------------------------------------------------
 
 
-def test_flow_in_process_and_two_ranks_agree(demo_data, tmp_path):
+def test_flow_in_process_and_two_ranks_agree(demo_data, tmp_path, prefect_server):
     """The flow trains in-process; with num_gpus=2 it launches two CPU ranks (ZeRO-2) through the DeepSpeed
     launcher, whose run equals one rank accumulating two micro-batches (the same global batch)."""
-    from prefect.testing.utilities import prefect_test_harness
 
     opts = {k: v for k, v in RESUME.items() if k not in ("preset", "max_steps")}
     opts.update(eval_every=0, checkpoint_every=0)
     zero2 = _write(tmp_path / "zero2.json", {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}})
-    with prefect_test_harness(server_startup_timeout=120):
-        one = train_flow(data=demo_data, out=tmp_path / "one", preset="tiny", max_steps=12,
-                         options={**opts, "grad_accum": 2})
-        two = train_flow(data=demo_data, out=tmp_path / "two", preset="tiny", max_steps=12, num_gpus=2,
-                         deepspeed_config=zero2, options=opts)
+    one = train_flow(data=demo_data, out=tmp_path / "one", preset="tiny", max_steps=12,
+                     options={**opts, "grad_accum": 2})
+    two = train_flow(data=demo_data, out=tmp_path / "two", preset="tiny", max_steps=12, num_gpus=2,
+                     deepspeed_config=zero2, options=opts)
     assert one["status"] == two["status"] == "completed"
     assert one["world_size"] == 1 and two["world_size"] == 2
     card = json.loads((tmp_path / "two" / "foresight.json").read_text())
