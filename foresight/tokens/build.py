@@ -15,6 +15,7 @@ from foresight.schema import SPLITS
 from foresight.tokens.fit import TokenizeError, data_fingerprint, fit_vocabulary
 from foresight.tokens.folder import TokenFolderError, building, refuse_foreign
 from foresight.tokens.from_warehouse import register_code_map
+from foresight.tokens.scratch import scratch_database
 from foresight.tokens.shards import write_split
 from foresight.tokens.vocab import TokenizerConfig, Vocabulary
 
@@ -60,7 +61,7 @@ def tokenize(
     out, db = Path(out_dir), Path(db)
     check_request(db, out, purpose)
     excluded = set(exclude_subjects or ())
-    with warehouse.connect(db, read_only=True) as con:
+    with warehouse.connect(db, read_only=True) as con, scratch_database(con):
         n_hidden, provenance = covered_provenance(con, excluded, purpose)
         vocab, markers_coarsened = _fit_without(con, config, excluded, n_hidden)
         describe_run(vocab, provenance, warehouse.extract_end(con))

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from foresight.schema import BIRTH_CODE, DEATH_CODE, SEP, code_kind
+from foresight.tokens import scratch
 from foresight.tokens.codec import marker_values
 from foresight.tokens.from_warehouse import memory_limit_bytes, register_code_map, subject_chunks, subject_events
 from foresight.tokens.vocab import (
@@ -185,7 +186,8 @@ def summed(con: Any, sql: str, params: dict[str, Any] | None, chunks: Sequence[C
 
 
 def create_train_views(con: Any, config: TokenizerConfig, chunks: Sequence[Chunk] = (None,)) -> None:
-    """TEMP ``drop_kinds(kind)``, view ``train_events`` and table ``code_pairs(node, subject_id)`` of train (the
+    """TEMP ``drop_kinds(kind)``, view ``train_events`` and table ``code_pairs(node, subject_id)`` of train (in the
+    scratch database when one is attached, :mod:`foresight.tokens.scratch`; the
     distinct pairs, written chunk by chunk in subject order, so later per-chunk queries read only their chunk)."""
     con.execute(
         """
@@ -202,7 +204,7 @@ def create_train_views(con: Any, config: TokenizerConfig, chunks: Sequence[Chunk
         WHERE s.split = 'train' AND fs_kind(e.code) NOT IN (SELECT kind FROM drop_kinds)
         """
     )
-    con.execute("CREATE OR REPLACE TEMP TABLE code_pairs (node VARCHAR, subject_id BIGINT)")
+    scratch.create_table(con, "code_pairs", "(node VARCHAR, subject_id BIGINT)")
     for chunk in chunks:
         cond, bounds = ("subject_id BETWEEN ? AND ?", list(chunk)) if chunk is not None else ("true", [])
         con.execute(f"INSERT INTO code_pairs SELECT DISTINCT code, subject_id FROM train_events "
@@ -462,7 +464,7 @@ def _fit_marker_kind(con: Any, config: TokenizerConfig, kind: str, sql: str, chu
     # GROUP BY with a count costs what DISTINCT did (both are one hash aggregate) and keeps the events per
     # (value, subject), so the coarsening report below needs no second pass over train events. One chunk of
     # subjects at a time: each grouping holds one chunk, and the table is written in subject order.
-    con.execute("CREATE OR REPLACE TEMP TABLE marker_pairs (v BIGINT, subject_id BIGINT, n HUGEINT)")
+    scratch.create_table(con, "marker_pairs", "(v BIGINT, subject_id BIGINT, n HUGEINT)")
     for chunk in chunks:
         cond, bounds = ("subject_id BETWEEN $lo AND $hi", {"lo": chunk[0], "hi": chunk[1]}) if chunk else ("true", {})
         con.execute(f"INSERT INTO marker_pairs SELECT v, subject_id, sum(n) FROM ({sql}) WHERE v >= 0 AND {cond} "
@@ -494,12 +496,12 @@ def _fit_marker_kind(con: Any, config: TokenizerConfig, kind: str, sql: str, chu
 
 
 def clock_marker_table(con: Any, code_vocab: Vocabulary) -> None:
-    """TEMP ``clock_markers(kind, v, subject_id, n)``: per train subject, the YEAR and AGE values of its timestamp
-    groups at the token clock and the events behind each, computed chunk by chunk (:func:`subject_chunks`) with
-    the encoder's own steps (:func:`foresight.tokens.codec.marker_values`). Ages are -1 without a birth (the
-    encoder writes AGE//UNK)."""
+    """Table ``clock_markers(kind, v, subject_id, n)`` (:func:`foresight.tokens.scratch.create_table`): per train
+    subject, the YEAR and AGE values of its timestamp groups at the token clock and the events behind each, computed
+    chunk by chunk (:func:`subject_chunks`) with the encoder's own steps (:func:`foresight.tokens.codec.marker_values`).
+    Ages are -1 without a birth (the encoder writes AGE//UNK)."""
     register_code_map(con, code_vocab)
-    con.execute("CREATE OR REPLACE TEMP TABLE clock_markers (kind VARCHAR, v BIGINT, subject_id BIGINT, n BIGINT)")
+    scratch.create_table(con, "clock_markers", "(kind VARCHAR, v BIGINT, subject_id BIGINT, n BIGINT)")
     for lo, hi, _ in subject_chunks(con, train_subject_ids(con), "train", code_vocab.config.subjects_per_chunk):
         data, births = subject_events(con, code_vocab, lo, hi, "train")
         sub, year, age, n = marker_values(code_vocab, data["subject_id"], data["t"], data["tok"], data["v"],
