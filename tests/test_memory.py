@@ -232,3 +232,29 @@ def test_the_clock_error_sample_is_bounded_uniform_and_keeps_the_exact_maximum()
         again.add(c)
     assert np.array_equal(again.values(), got)  # the same every run (fixed seed): summaries do not flicker
     assert len(ClockErrorSample().values()) == 0
+
+
+def test_the_fit_tables_live_in_a_scratch_database_that_leaves_nothing_behind(tmp_path):
+    """The fit's per-subject tables go to an on-disk scratch database attached to the read-only warehouse connection
+    (as TEMP tables their memory grew with the cohort), and the scratch folder is gone after the fit."""
+    from foresight.tokens import scratch
+
+    from .conftest import tiny_warehouse
+
+    db = tiny_warehouse(tmp_path / "w.duckdb")
+    spill = Path(_setting(db, "temp_directory"))
+    with warehouse.connect(db, read_only=True) as con:
+        with scratch.scratch_database(con) as path:
+            assert path.parent.parent == spill
+            assert scratch.create_table(con, "code_pairs", "(node VARCHAR, subject_id BIGINT)") == \
+                "fs_fit.main.code_pairs"
+            con.execute("INSERT INTO code_pairs VALUES ('DX//X', 1)")  # the fit's plain names reach it
+            assert con.execute("SELECT database_name, temporary FROM duckdb_tables() WHERE table_name = "
+                               "'code_pairs'").fetchall() == [("fs_fit", False)]
+        assert not path.parent.exists() and not spill.exists()
+        # no scratch database attached (the sharded reduce): a TEMP table, as before
+        assert scratch.create_table(con, "code_pairs", "(node VARCHAR)") == "code_pairs"
+        assert con.execute("SELECT temporary FROM duckdb_tables() WHERE table_name = 'code_pairs'").fetchall() == \
+            [(True,)]
+    T.tokenize(db, tmp_path / "tok", T.TokenizerConfig(min_subjects=2))
+    assert (tmp_path / "tok" / "vocab.json").exists() and not spill.exists()
