@@ -353,7 +353,6 @@ def test_cli_train_help():
 def test_flow_in_process_and_two_ranks_agree(demo_data, tmp_path, prefect_server):
     """The flow trains in-process; with num_gpus=2 it launches two CPU ranks (ZeRO-2) through the DeepSpeed
     launcher, whose run equals one rank accumulating two micro-batches (the same global batch)."""
-
     opts = {k: v for k, v in RESUME.items() if k not in ("preset", "max_steps")}
     opts.update(eval_every=0, checkpoint_every=0)
     zero2 = _write(tmp_path / "zero2.json", {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}})

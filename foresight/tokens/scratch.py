@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ def scratch_database(con: Any) -> Iterator[Path]:
     """Attach a fresh scratch database as ``fs_fit`` on ``con`` (read-write, also on a read-only warehouse) for the
     block; detach it and delete its folder after, whatever happens. Yields the database file."""
     spill = Path(con.execute("SELECT current_setting('temp_directory')").fetchall()[0][0] or tempfile.gettempdir())
+    made_spill = not spill.exists()  # DuckDB creates it only when it spills: remove it after only if made here
     spill.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="foresight-fit-", dir=spill))
     path = folder / "fit.duckdb"
@@ -41,14 +42,14 @@ def scratch_database(con: Any) -> Iterator[Path]:
             con.execute(f"DETACH {SCRATCH}")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-            if spill.exists() and not any(spill.iterdir()):
-                spill.rmdir()  # DuckDB creates the spill folder only when it spills: leave none behind
+            if made_spill:
+                with suppress(OSError):  # not empty: DuckDB (this or another process) spills there now
+                    spill.rmdir()
 
 
-def create_table(con: Any, name: str, columns: str) -> str:
+def create_table(con: Any, name: str, columns: str) -> None:
     """``CREATE OR REPLACE`` the fit table ``name`` (``columns``: its column list in SQL) in the scratch database
-    when one is attached, else as a TEMP table; returns its qualified name for the statements that fill it."""
+    when one is attached, else as a TEMP table. Either way the fit reaches it by its plain name."""
     attached = con.execute("SELECT 1 FROM duckdb_databases() WHERE database_name = ?", [SCRATCH]).fetchall()
-    where = f"{SCRATCH}.main.{name}" if attached else name
-    con.execute(f"CREATE OR REPLACE {'' if attached else 'TEMP '}TABLE {where} {columns}")
-    return where
+    con.execute(f"CREATE OR REPLACE TABLE {SCRATCH}.main.{name} {columns}" if attached else
+                f"CREATE OR REPLACE TEMP TABLE {name} {columns}")
