@@ -14,7 +14,7 @@ import pytest
 from foresight import sources, warehouse
 from foresight import tokens as T
 from foresight.tokens import fit as fit_module
-from foresight.warehouse import connection
+from foresight.warehouse import connection, slices
 
 from .conftest import SHARED_DATA, load_into, rows, run_cli, simulated_warehouse
 
@@ -92,6 +92,51 @@ def test_mimic_demo_under_a_small_budget_loads_the_same_rows(demo_db, mimic_demo
     splits = "SELECT * FROM subject_splits ORDER BY 1"
     assert rows(db, splits) == rows(demo_db, splits)
     assert not Path(str(db) + ".staging").exists()  # the staging file goes with the commit
+
+
+def test_mimic_demo_validated_in_slices_loads_the_same_rows(demo_db, mimic_demo, tmp_path, monkeypatch):
+    """Big tables' validation is written in slices of lines (one statement each) so DuckDB's per-statement
+    bookkeeping does not grow with the input; with slices of 997 lines the demo's big tables take many statements
+    and the load is row for row the one-statement load."""
+    runs: dict[str, int] = {}
+    real = slices.run_sliced
+
+    def counted(con, statement, raw, slice_lines):
+        runs[raw] = real(con, statement, raw, slice_lines)
+        return runs[raw]
+
+    monkeypatch.setattr(slices, "SLICE_LINES", 997)
+    monkeypatch.setattr(slices, "run_sliced", counted)
+    db = tmp_path / "sliced.duckdb"
+    s = load_into("mimic-iv", mimic_demo, db)
+    assert runs["raw_labevents"] > 100 and runs["raw_emar"] > 30 and runs["raw_omr"] > 1  # really sliced
+    assert "raw_patients" not in runs  # core.sql is not row-wise (first-row windows): one statement
+    assert s.rows_read == s.rows_loaded + s.rows_quarantined + s.rows_dropped
+    assert _events(db) == _events(demo_db)
+    assert _quarantine(db) == _quarantine(demo_db)
+    per_table = "SELECT * EXCLUDE (run_id) FROM etl_tables ORDER BY ALL"
+    assert rows(db, per_table) == rows(demo_db, per_table)
+    splits = "SELECT * FROM subject_splits ORDER BY 1"
+    assert rows(db, splits) == rows(demo_db, splits)
+
+
+def test_a_statement_marked_for_slices_must_be_row_wise_create_as(tmp_path):
+    con = duckdb.connect()
+    con.execute("CREATE TABLE raw_x AS SELECT i + 2 AS _line, (i % 7)::VARCHAR AS v FROM range(50) t(i)")
+    con.execute("CREATE TABLE lookup AS SELECT i::VARCHAR AS v, i * 10 AS w FROM range(5) t(i)")
+    one = ("-- sliced by line: raw_x\nCREATE OR REPLACE TABLE v_x AS\n"
+           "SELECT r._line, r.v, l.w FROM raw_x r LEFT JOIN lookup l USING (v);")
+    slices.run_script(con, one.replace("v_x", "whole"), slice_lines=1000)
+    slices.run_script(con, one, slice_lines=8)
+    assert slices.run_sliced(con, one, "raw_x", 8) == 7  # lines 2..51 in slices of 8
+    assert con.execute("SELECT * FROM v_x").fetchall() == con.execute("SELECT * FROM whole").fetchall()
+    with pytest.raises(ValueError, match="reads raw_x 2 times"):
+        slices.run_script(con, "-- sliced by line: raw_x\nCREATE OR REPLACE TABLE v_y AS SELECT * FROM raw_x "
+                               "WHERE _line > (SELECT avg(_line) FROM fs.raw_x);", slice_lines=8)
+    with pytest.raises(ValueError, match="must be CREATE OR REPLACE TABLE"):
+        slices.run_script(con, "-- sliced by line: raw_x\nINSERT INTO v_x SELECT * FROM raw_x;", slice_lines=8)
+    with pytest.raises(ValueError, match="at least 1"):
+        slices.run_script(con, one, slice_lines=0)
 
 
 def test_a_crash_leaves_the_previous_run_and_the_next_load_clears_its_staging(tiny_mimic, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import pytest
 
 from foresight import warehouse
 from foresight.sources import mimic_iv
+from foresight.warehouse import slices
 
 from .conftest import load_into, read_csv_rows
 
@@ -208,7 +209,10 @@ def _corrupt_copy(src: Path, dst: Path) -> dict:
             "bad_hadm": a[1], "lab_cols": len(cols)}
 
 
-def test_corrupted_copy_is_quarantined_and_nothing_lost(mimic_demo, tmp_path):
+@pytest.mark.parametrize("slice_lines", [None, 997])
+def test_corrupted_copy_is_quarantined_and_nothing_lost(mimic_demo, tmp_path, monkeypatch, slice_lines):
+    if slice_lines:  # big tables' validation written in slices of lines (as at scale): the same lines and reasons
+        monkeypatch.setattr(slices, "SLICE_LINES", slice_lines)
     info = _corrupt_copy(mimic_demo, tmp_path / "mimic")
     db = tmp_path / "w.duckdb"
     s = load_into("mimic-iv", tmp_path / "mimic", db)

@@ -257,7 +257,7 @@ def stage_group(load: Load, root: Path, group: Group) -> list[str]:
         return list(group.tables)
     for table in group.tables:
         _register(load, table, f"bundles/{TABLE_TYPES[table]}")
-    load.con.execute(sql.load("fhir", group.name))
+    load.execute_script(sql.load("fhir", group.name))
     if group.name == "core":
         load.stage_subject_map("SELECT pid, subject_id FROM fhir_subjects")
     finish_group(load, group.tables, code_sections("fhir").get(group.name))

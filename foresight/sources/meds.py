@@ -154,7 +154,7 @@ def stage_group(load: Load, root: Path, group: Group) -> list[str]:
     rows = load.con.execute("SELECT count(*) FROM fs_stage.raw_data").fetchall()[0][0]
     load.register_scan(CsvScan("data", "data/*.parquet", "", rows, [], []))
     load.tables["data"].sha256 = _digest(load, files)  # each shard's own checksum is in input_checksums
-    load.con.execute(sql.load("meds", "data"))
+    load.execute_script(sql.load("meds", "data"))
     load.finish_table("data")
     others = load.con.execute(
         "SELECT count(DISTINCT subject_id) FROM events WHERE source <> $source AND subject_id IN "

@@ -157,7 +157,7 @@ def stage_group(load: Load, root: Path, group: Group, scans: list[CsvScan | Tabl
             load.register_scan(scan)
             if scan.table == REQUIRED_TABLE:
                 stage_patient_rejects(load, root, scan)
-    load.con.execute(sql.load("mimic_iv", group.name))
+    load.execute_script(sql.load("mimic_iv", group.name))
     # codes.sql sections named after a group take the names that group's own rows carry
     finish_group(load, group.table_names, code_sections("mimic_iv").get(group.name))
     # The core group's validated tables are what later groups check subjects and stays against.

@@ -113,7 +113,7 @@ def stage_group(load: Load, root: Path, group: Group) -> list[str]:
         if table.name in ONE_OF and not set(ONE_OF[table.name]) & set(read_header(path, allow_empty=True)):
             raise SourceError(f"{path}: missing required column: one of {list(ONE_OF[table.name])}")
         load.read_csv(table.name, path, table.columns, optional_columns=table.optional, ignored_columns=table.ignored)
-    load.con.execute(sql.load("synthea", group.name))
+    load.execute_script(sql.load("synthea", group.name))
     if group.name == "core":
         load.stage_subject_map("SELECT pid, subject_id FROM synthea_subjects")
     finish_group(load, group.table_names, code_sections("synthea").get(group.name))

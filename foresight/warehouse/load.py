@@ -28,6 +28,7 @@ from foresight.warehouse.csv_scan import physical_lines, scan_csv
 from foresight.warehouse.reconciliation import reconcile
 from foresight.warehouse.results import CsvScan, LoadSummary, SourceError, TableResult
 from foresight.warehouse.shard_filter import check_shard, set_aside_other_shards
+from foresight.warehouse.slices import run_script
 
 
 class Load:
@@ -165,6 +166,12 @@ class Load:
             f"CREATE OR REPLACE TABLE fs_stage.raw_{table} AS SELECT NULL::BIGINT AS _line, {cols} LIMIT 0"
         )
         self.missing_tables.append(file)
+
+    def execute_script(self, text: str) -> None:
+        """Run a source's staging SQL (several statements); validation statements marked ``-- sliced by line:
+        raw_<table>`` are written in slices of lines, so no statement's bookkeeping grows with the input
+        (:mod:`~foresight.warehouse.slices`)."""
+        run_script(self.con, text)
 
     # -- per-table accounting --
 

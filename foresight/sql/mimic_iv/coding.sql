@@ -12,6 +12,7 @@ CREATE OR REPLACE TEMP MACRO mimic_check_stay(hadm_raw, stay_subject, row_subjec
                   WHEN stay_subject <> row_subject THEN 'hadm_id belongs to another subject: ' || hadm_raw END);
 
 -- diagnoses_icd -> DX//ICD9CM//<code> | DX//ICD10CM//<code>
+-- sliced by line: raw_diagnoses_icd
 CREATE OR REPLACE TABLE fs_stage.v_diagnoses_icd AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
@@ -38,6 +39,7 @@ SELECT _line, subject_id, dischtime AS time, 'DX//ICD' || icd_version || 'CM//' 
 FROM v_diagnoses_icd WHERE _quarantine IS NULL;
 
 -- procedures_icd -> PX//ICD9PROC//<code> | PX//ICD10PCS//<code> (chartdate is checked, the code is timed at discharge)
+-- sliced by line: raw_procedures_icd
 CREATE OR REPLACE TABLE fs_stage.v_procedures_icd AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
@@ -66,6 +68,7 @@ SELECT _line, subject_id, dischtime AS time,
 FROM v_procedures_icd WHERE _quarantine IS NULL;
 
 -- drgcodes -> DRG//MSDRG//<3-digit code> (HCFA) | DRG//APRDRG//<code>; APR severity in numeric_value.
+-- sliced by line: raw_drgcodes
 CREATE OR REPLACE TABLE fs_stage.v_drgcodes AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
@@ -96,6 +99,7 @@ SELECT _line, subject_id, dischtime AS time,
 FROM v_drgcodes WHERE _quarantine IS NULL;
 
 -- hcpcsevents -> PX//HCPCS//<code>, billed at discharge.
+-- sliced by line: raw_hcpcsevents
 CREATE OR REPLACE TABLE fs_stage.v_hcpcsevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,

@@ -2,6 +2,7 @@
 -- Item ids are kept as MIMIC codes (<KIND>//MIMIC//<itemid>); icu/d_items supplies descriptions.
 
 -- icustays -> ICU//ADMIT at intime (first care unit in text_value), ICU//DISCHARGE at outtime (los days).
+-- sliced by line: raw_icustays
 CREATE OR REPLACE TABLE fs_stage.v_icustays AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
@@ -32,6 +33,7 @@ FROM v_icustays WHERE _quarantine IS NULL AND outtime IS NOT NULL;
 -- inputevents -> INPUT_START//MIMIC//<itemid> (rate, or the amount for a bolus) at starttime,
 -- INPUT_END//MIMIC//<itemid> (amount given) at endtime, and the patient weight once per stay and value
 -- (VITAL//ICU//WEIGHT_KG) rather than repeated on every infusion row.
+-- sliced by line: raw_inputevents
 CREATE OR REPLACE TABLE fs_stage.v_inputevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
@@ -73,6 +75,7 @@ FROM (SELECT *, row_number() OVER (PARTITION BY stay_id, fs_num(weight_raw) ORDE
 WHERE k = 1;
 
 -- outputevents -> OUTPUT//MIMIC//<itemid> (volume) at charttime.
+-- sliced by line: raw_outputevents
 CREATE OR REPLACE TABLE fs_stage.v_outputevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
@@ -98,6 +101,7 @@ FROM v_outputevents WHERE _quarantine IS NULL;
 
 -- procedureevents -> PX//MIMIC//<itemid> at starttime (value, e.g. duration, in numeric_value),
 -- PX_END//MIMIC//<itemid> at endtime.
+-- sliced by line: raw_procedureevents
 CREATE OR REPLACE TABLE fs_stage.v_procedureevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
@@ -129,6 +133,7 @@ FROM v_procedureevents WHERE _quarantine IS NULL AND endtime IS NOT NULL;
 
 -- datetimeevents -> DATETIME//MIMIC//<itemid> when it was recorded (storetime, else charttime); the date
 -- value itself (e.g. a line insertion date) in text_value.
+-- sliced by line: raw_datetimeevents
 CREATE OR REPLACE TABLE fs_stage.v_datetimeevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
@@ -155,6 +160,7 @@ SELECT _line, subject_id, time, 'DATETIME//MIMIC//' || itemid AS code, NULL::FLO
 FROM v_datetimeevents WHERE _quarantine IS NULL;
 
 -- chartevents (absent from the demo copy; loaded when present) -> CHART//MIMIC//<itemid> when stored.
+-- sliced by line: raw_chartevents
 CREATE OR REPLACE TABLE fs_stage.v_chartevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,

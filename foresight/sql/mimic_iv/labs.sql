@@ -5,6 +5,7 @@
 -- Optional fields (see core.sql): a storetime that fails its check is set to NULL (the draw time is used) and a
 -- valuenum that is not a number is set to NULL (the row keeps its text value); both are reported in _field_issue.
 -- A number that is absurd (non-finite, beyond 1e9) is a corrupt measurement and quarantines the row.
+-- sliced by line: raw_labevents
 CREATE OR REPLACE TABLE fs_stage.v_labevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
@@ -43,6 +44,7 @@ FROM v_labevents WHERE _quarantine IS NULL;
 --   organism + antibiotic -> MICRO//SUSC//<ab_itemid> (interpretation S/I/R in text_value, dilution numeric)
 --   organism only         -> MICRO//ORG//<org_itemid> (organism name in text_value)
 --   no organism           -> MICRO//TEST//<test_itemid> (comments, e.g. "No growth", in text_value)
+-- sliced by line: raw_microbiologyevents
 CREATE OR REPLACE TABLE fs_stage.v_microbiologyevents AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
@@ -84,6 +86,7 @@ FROM v_microbiologyevents WHERE _quarantine IS NULL;
 
 -- omr (outpatient measurements) -> VITAL//OMR//<result_name> on chartdate; numeric when the value is a
 -- number (weight, height, BMI), text always (blood pressure "120/80" stays text).
+-- sliced by line: raw_omr
 CREATE OR REPLACE TABLE fs_stage.v_omr AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,

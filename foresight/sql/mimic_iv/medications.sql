@@ -3,6 +3,7 @@
 -- package-level and often missing, and names are what drug->ATC maps (e.g. ETHOS's) are keyed on.
 
 -- prescriptions -> RX_START at starttime (dose in numeric_value/unit, route in text_value), RX_STOP at stoptime.
+-- sliced by line: raw_prescriptions
 CREATE OR REPLACE TABLE fs_stage.v_prescriptions AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
@@ -35,6 +36,7 @@ FROM v_prescriptions
 WHERE _quarantine IS NULL AND stoptime IS NOT NULL AND (starttime IS NULL OR stoptime >= starttime);
 
 -- pharmacy: the same orders as prescriptions, verified; only rows without a prescriptions row add events.
+-- sliced by line: raw_pharmacy
 CREATE OR REPLACE TABLE fs_stage.v_pharmacy AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
@@ -70,6 +72,7 @@ WHERE _quarantine IS NULL AND NOT in_prescriptions AND stoptime IS NOT NULL
 -- emar -> RX_ADMIN//DRUG//<medication> at charttime, only for rows that record a dose actually given
 -- (Administered, Applied, Started, Restarted, with their Delayed/Partial forms); the rest (Not Given,
 -- Flushed, Hold Dose, Stopped, ...) are dropped with the event text as the reason.
+-- sliced by line: raw_emar
 CREATE OR REPLACE TABLE fs_stage.v_emar AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,

@@ -1,6 +1,7 @@
 -- MIMIC-IV ward movements: hosp/transfers (TRANSFER//<eventtype>//<careunit> at intime) and
 -- hosp/services (SERVICE//<curr_service> at transfertime).
 
+-- sliced by line: raw_transfers
 CREATE OR REPLACE TABLE fs_stage.v_transfers AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,
@@ -25,6 +26,7 @@ SELECT _line, subject_id, intime AS time, 'TRANSFER//' || fs_part(eventtype) || 
        NULL::FLOAT AS numeric_value, NULL AS text_value, NULL AS unit, hadm_id AS encounter_id
 FROM v_transfers WHERE _quarantine IS NULL;
 
+-- sliced by line: raw_services
 CREATE OR REPLACE TABLE fs_stage.v_services AS
 WITH t AS (
     SELECT r._line, r.subject_id AS sid_raw, fs_id(r.subject_id) AS subject_id, s.subject_id AS known,

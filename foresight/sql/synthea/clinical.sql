@@ -8,6 +8,7 @@
 -- end of that day, ehr_known), never before the diagnosis itself was known. The CSV has only the onset DATE:
 -- Synthea's FHIR export shows most onsets minutes after the recording encounter ends (the condition is added by
 -- a module that runs after the visit closes); a date cannot tell that, and the encounter's end is kept.
+-- sliced by line: raw_conditions
 CREATE OR REPLACE TABLE fs_stage.v_conditions AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
@@ -44,6 +45,7 @@ SELECT _line, subject_id, greatest(stop, time), 'DX_END//' || vocab || '//' || f
 FROM v_conditions WHERE _quarantine IS NULL AND stop IS NOT NULL;
 
 -- medications -> RX_START//RXNORM//<code> at START (the order is known when it is written), RX_STOP at STOP.
+-- sliced by line: raw_medications
 CREATE OR REPLACE TABLE fs_stage.v_medications AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
@@ -79,6 +81,7 @@ FROM v_medications WHERE _quarantine IS NULL AND stop IS NOT NULL;
 
 -- procedures -> PX//SNOMED//<code>, known when the procedure is over (STOP; START when no STOP). Synthea
 -- exports before 2.7 have DATE instead of START/STOP.
+-- sliced by line: raw_procedures
 CREATE OR REPLACE TABLE fs_stage.v_procedures AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
@@ -111,6 +114,7 @@ SELECT _line, subject_id, coalesce(stop, start) AS time, 'PX//' || vocab || '//'
 FROM v_procedures WHERE _quarantine IS NULL;
 
 -- immunizations -> IMMUNIZATION//CVX//<code> at DATE.
+-- sliced by line: raw_immunizations
 CREATE OR REPLACE TABLE fs_stage.v_immunizations AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
@@ -138,6 +142,7 @@ SELECT _line, subject_id, time, 'IMMUNIZATION//CVX//' || fs_part(code_raw) AS co
 FROM v_immunizations WHERE _quarantine IS NULL;
 
 -- allergies -> ALLERGY//<SNOMED|RXNORM>//<code>, known like a diagnosis (by the end of the recording encounter).
+-- sliced by line: raw_allergies
 CREATE OR REPLACE TABLE fs_stage.v_allergies AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
@@ -166,6 +171,7 @@ SELECT _line, subject_id, time, 'ALLERGY//' || vocab || '//' || fs_part(code_raw
 FROM v_allergies WHERE _quarantine IS NULL;
 
 -- careplans -> CAREPLAN//SNOMED//<code> known like a diagnosis; CAREPLAN_END//SNOMED//<code> at STOP.
+-- sliced by line: raw_careplans
 CREATE OR REPLACE TABLE fs_stage.v_careplans AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
@@ -201,6 +207,7 @@ SELECT _line, subject_id, greatest(stop, time), 'CAREPLAN_END//SNOMED//' || fs_p
 FROM v_careplans WHERE _quarantine IS NULL AND stop IS NOT NULL;
 
 -- devices -> DEVICE//SNOMED//<code> at START, DEVICE_END//SNOMED//<code> at STOP.
+-- sliced by line: raw_devices
 CREATE OR REPLACE TABLE fs_stage.v_devices AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,

@@ -4,6 +4,7 @@
 -- Synthea's QALY/DALY/QOLS rows are the simulator's own yearly summary metrics, not clinical observations, and no
 -- FHIR export carries them: dropped with that reason.
 
+-- sliced by line: raw_observations
 CREATE OR REPLACE TABLE fs_stage.v_observations AS
 WITH t AS (
     SELECT r._line, r.PATIENT AS pat_raw, s.subject_id, s.birth_floor, trim(r.ENCOUNTER) AS enc_raw,
