@@ -2,8 +2,11 @@
 
 A source adapter is a module with ``SOURCE_KIND``, ``GROUPS`` (:class:`Group`, the unit a Prefect task retries),
 ``check_input(path) -> root``, ``stage_group(load, root, group, **options)`` and ``stage_codes(load, root)``.
-It may add ``scan_group(load, root, group)``, a thread-safe scan of the group's files: the driver then scans the
-next group on a second thread while the current one is validated, and passes the result as ``scans=``.
+It may add ``scan_group(load, root, group)``, a thread-safe scan of the group's files, with ``stage_group`` split
+into ``validate_group(load, root, group, scans)`` and ``account_group(load, group)``: the driver then scans the next
+group on a second thread while the current one is accounted for, and between the steps, with no scan in flight,
+re-attaches the staging file (:meth:`foresight.warehouse.Load.reopen_staging`: DuckDB's bookkeeping of the tables
+written so far grows with their rows).
 
 The driver (:func:`run_load`) is the only place that sequences a load: check the input, open a
 :class:`foresight.warehouse.Load` (with the opt-out list), stage every group in order, stage the code metadata,
@@ -76,6 +79,7 @@ def find_group(module: ModuleType, name: str) -> Group:
 def stage_one(module: ModuleType, load: Load, root: Path, group: str | Group, **options: Any) -> list[str]:
     """Stage one table group (by name or spec); safe to call again after a failure. Returns its table names."""
     spec = find_group(module, group) if isinstance(group, str) else group
+    load.reopen_staging()  # earlier groups' bookkeeping (nothing else uses the staging file now)
     return module.stage_group(load, root, spec, **options)
 
 
@@ -85,26 +89,30 @@ def stage_groups(module: ModuleType, load: Load, root: Path, *,
     scan = getattr(module, "scan_group", None)
     if scan is None:
         for group in module.GROUPS:
-            module.stage_group(load, root, group, **options)
+            stage_one(module, load, root, group, **options)
             if on_group_done is not None:
                 on_group_done(group.name)
         return
-    # Scan the next group's files on a second thread while this group is validated: gzip decompression is
-    # single-threaded per file, so this keeps two cores busy. One group of look-ahead bounds the memory.
+    # Scan the next group's files on a second thread while this group is accounted for: gzip decompression is
+    # single-threaded per file, so this keeps two cores busy. One group of look-ahead bounds the memory. The
+    # staging file is re-attached only when no scan is in flight: before and after each validation.
     groups = module.GROUPS
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="foresight-scan") as pool:
-        upcoming = pool.submit(scan, load, root, groups[0])
+        scans = scan(load, root, groups[0])
         for i, group in enumerate(groups):
-            scans = upcoming.result()
-            if i + 1 < len(groups):
-                upcoming = pool.submit(scan, load, root, groups[i + 1])
-            module.stage_group(load, root, group, scans=scans, **options)
+            load.reopen_staging()
+            module.validate_group(load, root, group, scans, **options)
+            load.reopen_staging()
+            upcoming = pool.submit(scan, load, root, groups[i + 1]) if i + 1 < len(groups) else None
+            module.account_group(load, group)
+            scans = upcoming.result() if upcoming is not None else None
             if on_group_done is not None:
                 on_group_done(group.name)
 
 
 def finish_load(module: ModuleType, load: Load, root: Path, *, check: bool = True) -> LoadSummary:
     """Stage the code metadata and publish the load in one transaction (see :meth:`Load.publish`)."""
+    load.reopen_staging()
     module.stage_codes(load, root)
     return load.publish(check=check)
 

@@ -150,6 +150,12 @@ def stage_group(load: Load, root: Path, group: Group, scans: list[CsvScan | Tabl
     Safe to call again after a failure (each table's staging is reset first), which is what lets the
     Prefect flow retry a group on a transient I/O error.
     """
+    validate_group(load, root, group, scans)
+    return account_group(load, group)
+
+
+def validate_group(load: Load, root: Path, group: Group, scans: list[CsvScan | Table] | None = None) -> None:
+    """The first half of :func:`stage_group`: register the group's scans and run its validation SQL."""
     for scan in scans if scans is not None else scan_group(load, root, group):
         if isinstance(scan, Table):
             load.empty_table(scan.name, f"{scan.folder}/{scan.name}.csv.gz", scan.columns)
@@ -158,6 +164,10 @@ def stage_group(load: Load, root: Path, group: Group, scans: list[CsvScan | Tabl
             if scan.table == REQUIRED_TABLE:
                 stage_patient_rejects(load, root, scan)
     load.execute_script(sql.load("mimic_iv", group.name))
+
+
+def account_group(load: Load, group: Group) -> list[str]:
+    """The second half of :func:`stage_group`: account for every table of the group and free its staging."""
     # codes.sql sections named after a group take the names that group's own rows carry
     finish_group(load, group.table_names, code_sections("mimic_iv").get(group.name))
     # The core group's validated tables are what later groups check subjects and stays against.

@@ -167,6 +167,12 @@ class Load:
         )
         self.missing_tables.append(file)
 
+    def reopen_staging(self) -> None:
+        """Release DuckDB's in-memory bookkeeping of the staging file's tables (it grows with the rows staged) by
+        detaching and re-attaching the file; call it between table groups, with no scan in flight
+        (:func:`~foresight.warehouse.publish.reopen_staging`)."""
+        commit.reopen_staging(self.con)
+
     def execute_script(self, text: str) -> None:
         """Run a source's staging SQL (several statements); validation statements marked ``-- sliced by line:
         raw_<table>`` are written in slices of lines, so no statement's bookkeeping grows with the input

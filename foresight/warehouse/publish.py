@@ -151,6 +151,22 @@ def attach_staging(con: duckdb.DuckDBPyConnection) -> Path | None:
     return path
 
 
+def reopen_staging(con: duckdb.DuckDBPyConnection) -> None:
+    """Detach the staging database file and attach it again (nothing for an in-memory one, which would be lost).
+
+    DuckDB keeps in-memory bookkeeping (row groups, column segments, their statistics) for every table written in
+    this session, outside its memory budget and in proportion to the rows: the staged events of a 1,000x MIMIC-IV
+    load alone are 250M rows. A re-attached file reads it back lazily, as a query needs it. Call it only when no
+    other cursor is using the staging database (between table groups)."""
+    path = staging_path(con)
+    if path is None:
+        return
+    con.execute("SET search_path = 'main'")
+    con.execute("DETACH fs_stage")
+    con.execute(f"ATTACH {sql_literal(str(path))} AS fs_stage")
+    con.execute("SET search_path = 'main,fs_stage.main'")
+
+
 def remove_staging_file(path: Path | None) -> None:
     """Delete a staging database file and its write-ahead log (nothing when ``path`` is None)."""
     if path is not None:
