@@ -144,13 +144,13 @@ def scan_group(load: Load, root: Path, group: Group) -> list[CsvScan | Table]:
     return scans
 
 
-def stage_group(load: Load, root: Path, group: Group, scans: list[CsvScan | Table] | None = None) -> list[str]:
-    """Validate and account for one table group (scanning its files first unless ``scans`` are given).
+def stage_group(load: Load, root: Path, group: Group) -> list[str]:
+    """Scan, validate and account for one table group (the driver calls the two halves itself, see base.py).
 
     Safe to call again after a failure (each table's staging is reset first), which is what lets the
     Prefect flow retry a group on a transient I/O error.
     """
-    validate_group(load, root, group, scans)
+    validate_group(load, root, group)
     return account_group(load, group)
 
 

@@ -80,7 +80,7 @@ def check_validation(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, fil
     # a GROUP BY, not count(DISTINCT _line): DuckDB spills a grouping beyond the budget but holds a DISTINCT
     # aggregate whole (the 1,000x MIMIC demo's 36M emar lines ran a 1 GB budget out of memory here)
     dups = sum(con.execute(f"SELECT count(*) FROM (SELECT _line FROM v_{table} WHERE {within} GROUP BY _line "
-                           "HAVING count(*) > 1)").fetchall()[0][0] for within in line_ranges(con, table))
+                           "HAVING count(*) > 1)").fetchall()[0][0] for within in slices.line_ranges(con, f"v_{table}"))
     staged = con.execute(f"SELECT count(*) FROM raw_{table}").fetchall()[0][0]
     if n_raw != staged or dups:
         raise ReconciliationError(f"{file}: validation produced {n_raw} rows for {staged} read")
@@ -117,12 +117,14 @@ def line_outcomes(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, has_no
     """(rows dropped by reason, lines loaded): valid rows that produced nothing (their ``_drop`` reason) plus the
     opted-out lines, and the valid lines that produced something (events, or for note tables notes).
     ``ReconciliationError`` when a valid row produced nothing and has no reason."""
-    # one grouping by line over the valid rows and the produced lines, a range of lines at a time (line_ranges).
-    # Joins of the rows with the produced lines, and a separate count of the distinct produced lines, each asked
-    # DuckDB for one 256 MiB block at the 1,000x demo's 24M emar events and ran a 1 GB budget out of memory.
+    # one grouping by line over the valid rows and the produced lines, a range of lines at a time: its hash table
+    # stays a range's size whatever the table's (one grouping over the 108M labevents lines of 1,000x the MIMIC
+    # demo ran a 1 GB budget out of memory beside the next group's scan). Joins of the rows with the produced
+    # lines, and a separate count of the distinct produced lines, each asked DuckDB for one 256 MiB block at the
+    # 1,000x demo's 24M emar events and ran a 1 GB budget out of memory.
     dropped: dict[str, int] = {}
     loaded = 0
-    for within in line_ranges(con, table):
+    for within in slices.line_ranges(con, f"v_{table}"):
         notes = f"UNION ALL SELECT _line, NULL, 1 FROM n_{table} WHERE {within}" if has_notes else ""
         for reason, n, k in con.execute(
             f"""
@@ -149,19 +151,6 @@ def line_outcomes(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, has_no
             f"{file}: {dropped['UNEXPLAINED']} valid rows produced no event and have no drop reason"
         )
     return dropped, loaded
-
-
-def line_ranges(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
-    """SQL conditions on ``_line``, each a range of at most ``slices.SLICE_LINES`` lines, together covering every
-    line of ``v_<table>``. The per-line groupings run a range at a time: their hash tables then stay a slice's
-    size whatever the table's (one grouping over the 108M labevents lines of 1,000x the MIMIC demo ran a 1 GB
-    budget out of memory beside the next group's scan). The validation tables are written in line order, so
-    DuckDB's zone maps keep each range's scan to its rows."""
-    lo, hi = con.execute(f"SELECT min(_line), max(_line) FROM v_{table}").fetchall()[0]
-    if lo is None:
-        return ["true"]
-    step = slices.SLICE_LINES
-    return [f"_line >= {start} AND _line < {start + step}" for start in range(lo, hi + 1, step)]
 
 
 def stage_notes(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, *, run_id: str, source: str, file: str

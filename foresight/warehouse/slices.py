@@ -50,18 +50,27 @@ def run_sliced(con: duckdb.DuckDBPyConnection, statement: str, raw: str, slice_l
     """Run one marked ``CREATE OR REPLACE TABLE t AS <query over raw>`` in slices of ``slice_lines`` lines of
     ``raw``; returns the number of statements run (1 when the table fits one slice)."""
     target, query = split_create(statement, raw)
-    lo, hi = con.execute(f"SELECT min(_line), max(_line) FROM {ident(raw)}").fetchall()[0]
-    if lo is None or hi - lo < slice_lines:
+    ranges = line_ranges(con, raw, slice_lines)
+    if len(ranges) == 1:
         con.execute(statement)
         return 1
     use = _uses(raw).search(query)  # the one reference (split_create checked)
     before, name, after = query[:use.start()], use.group(1), query[use.end():]
-    starts = range(lo, hi + 1, slice_lines)
-    for i, start in enumerate(starts):
-        part = f"(SELECT * FROM {name} WHERE _line >= {start} AND _line < {start + slice_lines})"
+    for i, within in enumerate(ranges):
         head = f"CREATE OR REPLACE TABLE {target} AS " if i == 0 else f"INSERT INTO {target} "
-        con.execute(head + before + part + after)
-    return len(starts)
+        con.execute(f"{head}{before}(SELECT * FROM {name} WHERE {within}){after}")
+    return len(ranges)
+
+
+def line_ranges(con: duckdb.DuckDBPyConnection, table: str, step: int | None = None) -> list[str]:
+    """SQL conditions on ``_line``, each a range of at most ``step`` (default :data:`SLICE_LINES`) lines, together
+    covering every line of ``table`` (one condition, ``true``, for an empty table). Tables written in line order
+    let DuckDB's zone maps keep each range's scan to its rows."""
+    step = SLICE_LINES if step is None else step
+    lo, hi = con.execute(f"SELECT min(_line), max(_line) FROM {ident(table)}").fetchall()[0]
+    if lo is None:
+        return ["true"]
+    return [f"_line >= {start} AND _line < {start + step}" for start in range(lo, hi + 1, step)]
 
 
 def _uses(raw: str) -> re.Pattern[str]:
