@@ -55,7 +55,7 @@ def etl(source: str, input: Path, db: Path, name: str | None = None, exclude_sub
     root = module.check_input(Path(input))  # before the warehouse is opened: a bad input creates no file
     excluded = read_subjects_file(exclude_subjects) if exclude_subjects else None
     decl = read_declaration(declaration) if declaration else None
-    with warehouse.connect(db) as con:
+    with warehouse.connect(db) as con, warehouse.MemoryGovernor(con):
         load = sources.new_load(module, con, root, source=name, exclude_subjects=excluded, declaration=decl)
         for group in module.GROUPS:
             stage_table_group(module, load, root, group.name)

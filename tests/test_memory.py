@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import duckdb
+import psutil
 import pytest
 
 from foresight import sources, warehouse
 from foresight import tokens as T
 from foresight.tokens import fit as fit_module
-from foresight.warehouse import connection, slices
+from foresight.warehouse import connection, governor, slices
 
 from .conftest import SHARED_DATA, load_into, rows, run_cli, simulated_warehouse
 
@@ -137,6 +139,75 @@ def test_a_statement_marked_for_slices_must_be_row_wise_create_as(tmp_path):
         slices.run_script(con, "-- sliced by line: raw_x\nINSERT INTO v_x SELECT * FROM raw_x;", slice_lines=8)
     with pytest.raises(ValueError, match="at least 1"):
         slices.run_script(con, one, slice_lines=0)
+
+
+def _limit(con: duckdb.DuckDBPyConnection) -> int:
+    return connection.parse_memory(con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0])
+
+
+def test_the_governor_gives_duckdb_the_budget_less_the_memory_outside_it(tmp_path):
+    """The process's memory outside DuckDB's buffers (here a 200 MiB Python buffer) comes off DuckDB's limit, comes
+    back when freed, and never takes the limit under the floor; the budget is restored on exit."""
+    mib = 1 << 20
+    with warehouse.connect(tmp_path / "w.duckdb", memory_limit="4GB") as con:
+        rss = psutil.Process().memory_info().rss  # this test process: DuckDB's buffers hold next to nothing
+        budget = rss + 512 * mib
+        with warehouse.MemoryGovernor(con, budget=budget, floor=0.1, interval=3600) as gov:  # adjusted by hand
+            base = gov.adjust()
+            assert abs(base - 512 * mib) < 48 * mib and abs(_limit(con) - base) < mib
+            held = bytearray(200 * mib)
+            held[:: 4096] = b"\1" * len(held[:: 4096])  # touch every page so it is resident
+            lowered = gov.adjust()
+            assert abs((base - lowered) - 200 * mib) < 24 * mib and abs(_limit(con) - lowered) < mib
+            del held
+            assert abs(gov.adjust() - base) < 24 * mib
+            huge = bytearray(budget)
+            huge[:: 4096] = b"\1" * len(huge[:: 4096])
+            assert gov.adjust() == gov.floor == int(budget * 0.1)
+            del huge
+            assert gov.lowest == gov.floor
+        assert abs(_limit(con) - budget) < mib  # the budget again once the load is over
+
+
+def test_the_governor_thread_outlives_a_limit_duckdb_cannot_reach_yet(tmp_path, monkeypatch):
+    """A limit below DuckDB's pinned memory is an OutOfMemoryException: the thread retries, it does not die."""
+    calls: list[str] = []
+    real = warehouse.MemoryGovernor.adjust
+
+    def flaky(self, cursor=None):
+        calls.append("try")
+        if len(calls) == 1:
+            raise duckdb.OutOfMemoryException("could not free up enough memory for the new limit")
+        return real(self, cursor)
+
+    monkeypatch.setattr(warehouse.MemoryGovernor, "adjust", flaky)
+    with warehouse.connect(tmp_path / "w.duckdb", memory_limit="4GB") as con:
+        budget = psutil.Process().memory_info().rss + 512 * (1 << 20)
+        with warehouse.MemoryGovernor(con, budget=budget, floor=0.1, interval=0.01) as gov:
+            deadline = time.monotonic() + 30
+            while gov.lowest == budget and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert len(calls) >= 2 and gov.lowest < budget  # it failed once, then set a lower limit
+
+
+def test_a_load_runs_governed_and_ends_with_the_budget(tiny_mimic, tmp_path, monkeypatch):
+    """Every load runs under the governor: in this test process (Python, pytest and everything the suite imported
+    live outside DuckDB) the limit during the load is under the budget; after it, the budget again, and the load
+    is already in the database file (checkpointed while governed)."""
+    monkeypatch.setenv(connection.MEMORY_ENV, "1GB")
+    seen: list[int] = []
+    with warehouse.connect(tmp_path / "w.duckdb") as con:
+        budget = _limit(con)
+        probe = con.cursor()
+        monkeypatch.setattr(governor, "INTERVAL", 0.01)  # several measurements before the first group ends
+        s = sources.load("mimic-iv", con, tiny_mimic, on_group_done=lambda group: seen.append(_limit(probe)))
+        assert s.rows_read == s.rows_loaded + s.rows_quarantined + s.rows_dropped
+        assert seen and min(seen) < budget - (16 << 20)
+        assert abs(_limit(con) - budget) < 1 << 20  # as DuckDB prints it: to a tenth of a MiB
+        # checkpointed under the governor, not at close: nothing is left in the write-ahead log
+        wal = tmp_path / "w.duckdb.wal"
+        assert not wal.exists() or wal.stat().st_size == 0
+        assert not any("waits for the close" in w for w in s.warnings)
 
 
 def test_a_crash_leaves_the_previous_run_and_the_next_load_clears_its_staging(tiny_mimic, tmp_path, monkeypatch):

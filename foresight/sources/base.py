@@ -28,7 +28,7 @@ import duckdb
 from foresight import sql
 from foresight.hashing import sha256
 from foresight.purposes import Declaration
-from foresight.warehouse import Load, LoadSummary
+from foresight.warehouse import Load, LoadSummary, MemoryGovernor
 
 
 @dataclass(frozen=True)
@@ -132,10 +132,11 @@ def run_load(module: ModuleType, con: duckdb.DuckDBPyConnection, input_path: str
     ``options`` go to the adapter's ``stage_group`` (e.g. the notes source's ``model_pack``). Nothing is visible
     in the warehouse until every group is staged and the final transaction commits.
     """
-    load, root = open_load(module, con, input_path, source=source, exclude_subjects=exclude_subjects,
-                           declaration=declaration, shard=shard)
-    stage_groups(module, load, root, on_group_done=on_group_done, **options)
-    return finish_load(module, load, root)
+    with MemoryGovernor(con):  # the budget bounds the process, not only DuckDB's buffers (warehouse.governor)
+        load, root = open_load(module, con, input_path, source=source, exclude_subjects=exclude_subjects,
+                               declaration=declaration, shard=shard)
+        stage_groups(module, load, root, on_group_done=on_group_done, **options)
+        return finish_load(module, load, root)
 
 
 # --- staging steps several adapters share ---------------------------------------------------------------------

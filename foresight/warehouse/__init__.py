@@ -42,6 +42,7 @@ from foresight.warehouse.connection import MemoryBudgetError, connect, ident, me
 from foresight.warehouse.csv_scan import read_header
 from foresight.warehouse.export import export_meds
 from foresight.warehouse.extent import extract_end
+from foresight.warehouse.governor import MemoryGovernor
 from foresight.warehouse.inputs import find_file, list_files, probe, readable_dir, readable_file
 from foresight.warehouse.load import Load
 from foresight.warehouse.reconciliation import reconcile
@@ -52,6 +53,7 @@ __all__ = [
     "Load",
     "LoadSummary",
     "MemoryBudgetError",
+    "MemoryGovernor",
     "ReconciliationError",
     "SourceError",
     "TableResult",

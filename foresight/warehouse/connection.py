@@ -6,9 +6,10 @@ values pasted into SQL text.
 (``foresight --memory``), else the older ``$FORESIGHT_DUCKDB_MEMORY``, else 1 GB per CPU core, at most half of
 the RAM available when the connection opens and at least 256 MB) and its ``temp_directory``
 (:func:`temp_directory`), where DuckDB spills what does not fit: loads and fits then run in a flat footprint
-whatever the input size. The budget
-bounds DuckDB's buffer manager; the process's peak RSS sits a few hundred MB above it (Python, the allocator's
-caches, the arrays a tokenizer chunk holds). Two more settings follow the budget, because both are memory outside
+whatever the input size. The budget bounds DuckDB's buffer manager; outside a load, the process's peak RSS sits a
+few hundred MB above it (Python, the allocator's caches, the arrays a tokenizer chunk holds). During a load it
+bounds the process: the load's :class:`~foresight.warehouse.governor.MemoryGovernor` gives DuckDB the budget less
+the memory outside its buffers. Two more settings follow the budget, because both are memory outside
 the buffer manager that DuckDB's defaults size for a large machine (:func:`budget_settings`): the number of threads
 (each holds its own partial hash tables and sort runs; DuckDB's guide asks for 1-4 GB a thread, so a small budget
 gets fewer threads, never more than the cores) and the thresholds at which DuckDB's allocator hands freed memory

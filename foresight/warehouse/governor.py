@@ -1,0 +1,106 @@
+"""A load's memory governor: the budget bounds the process, not only DuckDB's buffer pool.
+
+DuckDB's ``memory_limit`` (the budget, :mod:`foresight.warehouse.connection`) bounds its buffer pool. A load's
+process also holds memory outside it: the interpreter and its libraries, and DuckDB's own bookkeeping of what the
+session has written (row groups, column segments and their statistics, and an uncommitted append's), which grows
+with the rows. At a 1 GB budget that outside memory was ~100 MiB for 100x the MIMIC-IV demo and ~330 MiB for
+1,000x (RESULTS.md, issue 19), so the peak grew with the input although every DuckDB operator stayed in budget.
+
+:class:`MemoryGovernor` measures that outside memory a few times a second (the process's RSS less the memory
+DuckDB's buffer manager reports in use, ``duckdb_memory()``) and sets DuckDB's limit to the budget less it: never
+under a floor (half the budget, so an operator always has room to work and spill) and never over the budget.
+Lowering the limit makes DuckDB evict cached blocks (free: they are on disk) or spill; it never changes a result.
+A lower limit DuckDB cannot reach yet (pinned blocks) is retried at the next tick. It runs on its own thread with
+its own cursor: DuckDB answers the two small queries while the load's statement runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+
+import duckdb
+import psutil
+
+from foresight.warehouse.connection import parse_memory
+
+INTERVAL = 0.2  # seconds between measurements: the bookkeeping grows over seconds, not milliseconds
+STEP = 8 << 20  # a limit closer than this to the current one is left as it is
+FLOOR = 0.5  # the least share of the budget DuckDB keeps
+
+
+def current_limit(con: duckdb.DuckDBPyConnection) -> int:
+    """DuckDB's ``memory_limit`` in bytes (as DuckDB prints it, e.g. ``953.6 MiB``: to a tenth of a unit)."""
+    return parse_memory(con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0],
+                        what="DuckDB memory_limit")
+
+
+def buffer_memory(con: duckdb.DuckDBPyConnection) -> int:
+    """Bytes DuckDB's buffer manager holds now, over every tag (tables, hash tables, sorts, ...)."""
+    return int(con.execute("SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory()").fetchall()[0][0])
+
+
+class MemoryGovernor:
+    """Keep the process's RSS near ``budget`` bytes (default: DuckDB's limit when it starts) while a load runs.
+
+    Use it as a context manager around the load; on exit DuckDB's limit is the budget again. :meth:`adjust` is one
+    measurement and correction (the thread calls it every :data:`INTERVAL` seconds)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, *, budget: int | None = None, floor: float = FLOOR,
+                 interval: float | None = None) -> None:
+        self.con = con
+        self.budget = budget if budget is not None else current_limit(con)
+        self.floor = int(self.budget * floor)
+        self.interval = interval if interval is not None else INTERVAL
+        self.limit = self.budget
+        self.lowest = self.budget  # the lowest limit set, for reports and tests
+        self._process = psutil.Process()
+        self._cursor: duckdb.DuckDBPyConnection | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def target(self, rss: int, in_buffers: int) -> int:
+        """The limit that puts the process at the budget: the budget less the memory outside DuckDB's buffers,
+        between the floor and the budget."""
+        outside = max(0, rss - in_buffers)
+        return min(self.budget, max(self.floor, self.budget - outside))
+
+    def adjust(self, cursor: duckdb.DuckDBPyConnection | None = None) -> int:
+        """Measure once and set DuckDB's limit to :meth:`target` when it differs by :data:`STEP` or more; returns
+        the limit in force. A limit DuckDB cannot free enough memory for yet raises ``duckdb.OutOfMemoryException``
+        (the thread retries at the next tick)."""
+        cur = cursor or self._cursor or self.con
+        want = self.target(self._process.memory_info().rss, buffer_memory(cur))
+        if abs(want - self.limit) >= STEP:
+            cur.execute(f"SET memory_limit = '{want // 1024}KiB'")
+            self.limit = want
+            self.lowest = min(self.lowest, want)
+        return self.limit
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.adjust()
+            except duckdb.Error:  # pinned memory above the new limit, or the connection closing: next tick
+                continue
+
+    def __enter__(self) -> MemoryGovernor:
+        self._cursor = self.con.cursor()
+        self._thread = threading.Thread(target=self._run, name="foresight-memory-governor", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._cursor is None:
+            return
+        try:  # on the governor's own cursor: the load's connection may hold an aborted transaction
+            self._cursor.execute(f"SET memory_limit = '{self.budget // 1024}KiB'")
+            self.limit = self.budget
+        except duckdb.Error:  # the connection was closed under the load: nothing to restore
+            pass
+        finally:
+            self._cursor.close()
