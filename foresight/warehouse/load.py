@@ -333,6 +333,7 @@ class Load:
             raise
         self._warn_optout()
         commit.drop_staging_area(con)
+        commit.checkpoint(con, self.warnings)
         if check:
             reconcile(con, self.run_id)
         return LoadSummary(

@@ -107,6 +107,18 @@ def staged_counts(con: duckdb.DuckDBPyConnection) -> tuple[int, dict[str, int]]:
     return subjects, by_kind
 
 
+def checkpoint(con: duckdb.DuckDBPyConnection, warnings: list[str]) -> None:
+    """After the commit: write the load into the database file now (``CHECKPOINT``), while the load's memory
+    governor runs, rather than when the connection closes, after it. At 1,000x the MIMIC demo that checkpoint at
+    close was the load's peak (1,016 MiB at a 1 GB budget, against 960 while the load ran). The run has committed
+    either way: a checkpoint that fails here (another transaction open, a full disk) is a warning, and DuckDB
+    checkpoints again at close."""
+    try:
+        con.execute("CHECKPOINT")
+    except duckdb.Error as exc:
+        warnings.append(f"the load is committed; writing it into the database file waits for the close: {exc}")
+
+
 def record_run(con: duckdb.DuckDBPyConnection, run: dict[str, Any], tables: Iterable[TableResult]) -> None:
     """Write the ``etl_runs`` row (``run`` holds its columns but the version) and one ``etl_tables`` row per
     table."""
