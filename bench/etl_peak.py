@@ -5,7 +5,10 @@ Every 20 ms the sampler reads the process's RSS; at each new peak it records the
 arenas, which DuckDB's allocations outside its buffer pool land in). Every 5 s it adds a timeline row. Prints one
 JSON object: the peak, ``ru_maxrss``, the events loaded, the seconds and the timeline.
 
-    FORESIGHT_MEMORY=1GB OMP_NUM_THREADS=1 python bench/etl_peak.py bench/out/mimic-x300 /tmp/w.duckdb > peak.json
+    FORESIGHT_MEMORY=1GB python bench/etl_peak.py bench/out/mimic-x300 /tmp/w.duckdb [--cli] > peak.json
+
+``--cli`` runs ``foresight etl mimic-iv --json`` itself in this process (its imports and progress display too),
+instead of :func:`foresight.sources.load`.
 
 Inputs: ``bench/etl.py``'s ``replicate`` (``bench/out/mimic-x<k>``). The warehouse file is deleted first.
 RESULTS.md (2026-12-06, tenth session) has what it found.
@@ -55,7 +58,7 @@ def frames(thread_id: int) -> list[str]:
 
 
 def main() -> None:
-    inp, db = sys.argv[1], Path(sys.argv[2])
+    inp, db, cli = sys.argv[1], Path(sys.argv[2]), "--cli" in sys.argv[3:]
     main_thread, t0 = threading.get_ident(), time.perf_counter()
     peak: dict = {"rss": 0}
     timeline: list = []
@@ -75,12 +78,22 @@ def main() -> None:
     db.unlink(missing_ok=True)
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    with warehouse.connect(db) as con:
-        summary = sources.load("mimic-iv", con, inp)
+    if cli:  # the command itself, in this process: its imports, progress display and JSON report included
+        from contextlib import redirect_stdout
+        from io import StringIO
+
+        from foresight.cli import app
+        out = StringIO()
+        with redirect_stdout(out):
+            app(["etl", "mimic-iv", "--input", inp, "--db", str(db), "--json"], standalone_mode=False)
+        events = json.loads(out.getvalue())["events"]
+    else:
+        with warehouse.connect(db) as con:
+            events = sources.load("mimic-iv", con, inp).events
     done.set()
     thread.join()
     print(json.dumps({"peak": peak, "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-                      "events": summary.events, "seconds": round(time.perf_counter() - t0, 1),
+                      "events": events, "seconds": round(time.perf_counter() - t0, 1), "cli": cli,
                       "timeline": timeline, "memory": os.environ.get("FORESIGHT_MEMORY")}))
 
 
