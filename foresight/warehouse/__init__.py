@@ -21,7 +21,9 @@ Staging lives outside any transaction, on disk: raw scans and staged rows in the
 (``<warehouse>.staging``, attached as ``fs_stage`` and deleted after the commit; a crashed load's file is deleted
 by the next load), and per-table validation (``v_<table>``) there too, with TEMP views over it. Memory therefore
 stays within the budget (:func:`~foresight.warehouse.connection.memory_budget`) however big the input; a failing
-table can be retried, and a crash at any point before the commit leaves the warehouse exactly as it was.
+table can be retried, and a crash at any point before the commit leaves the warehouse exactly as it was. A load
+driver runs the whole load under a :class:`MemoryGovernor`, which gives DuckDB the budget less the process's memory
+outside DuckDB's buffers, so the budget bounds the process.
 
 **National data opt-out.** ``Load(..., exclude_subjects=ids)`` (``foresight.sources.load(..., exclude_subjects=ids)``
 passes it down) drops every row of a listed subject in
@@ -30,10 +32,12 @@ quarantine keeps raw rows, so it would keep their data); their notes and ``subje
 Accounting still balances. See :mod:`foresight.optout`.
 
 Modules: :mod:`~foresight.warehouse.connection` (``connect``, SQL name/literal helpers),
-:mod:`~foresight.warehouse.load` (the ``Load`` session), :mod:`~foresight.warehouse.csv_scan` (CSV and gzip
-reading), :mod:`~foresight.warehouse.accounting` and :mod:`~foresight.warehouse.publish` (the steps of
-``finish_table`` and ``publish``), :mod:`~foresight.warehouse.reconciliation`, :mod:`~foresight.warehouse.export`
-(MEDS export) and :mod:`~foresight.warehouse.results` (errors and summaries).
+:mod:`~foresight.warehouse.load` (the ``Load`` session), :mod:`~foresight.warehouse.governor` (the load's memory
+governor), :mod:`~foresight.warehouse.slices` (big statements written in slices of lines),
+:mod:`~foresight.warehouse.csv_scan` (CSV and gzip reading), :mod:`~foresight.warehouse.accounting` and
+:mod:`~foresight.warehouse.publish` (the steps of ``finish_table`` and ``publish``),
+:mod:`~foresight.warehouse.reconciliation`, :mod:`~foresight.warehouse.export` (MEDS export) and
+:mod:`~foresight.warehouse.results` (errors and summaries).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from foresight import sql
 MEMORY_ENV = "FORESIGHT_MEMORY"
 LEGACY_MEMORY_ENV = "FORESIGHT_DUCKDB_MEMORY"
 TEMP_ENV = "FORESIGHT_TEMP_DIR"
+BUDGET_VARIABLE = "foresight_memory_budget"  # the connection's budget in bytes, as a DuckDB variable
 MIN_DEFAULT, PER_CORE = 256 << 20, 1 << 30  # the default budget: 1 GB per core, <= half the available RAM
 PER_THREAD = 256 << 20  # the least budget per DuckDB thread (below DuckDB's 1-4 GB advice; measured, RESULTS.md)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -107,6 +108,8 @@ def configure(con: duckdb.DuckDBPyConnection, temp_dir: Path, memory_limit: str 
     (:func:`budget_settings`) and the spill folder to a DuckDB connection; returns the budget in bytes."""
     budget = memory_budget(memory_limit)
     con.execute(f"SET memory_limit = '{budget // 1024}KiB'")
+    # the exact budget, for the load's memory governor (DuckDB prints its limit rounded, e.g. "1.8 GiB")
+    con.execute(f"SET VARIABLE {BUDGET_VARIABLE} = {int(budget)}::BIGINT")
     for name, value in budget_settings(budget).items():
         con.execute(f"SET {name} = {value}" if name == "threads" else f"SET {name} = '{value // 1024}KiB'")
     con.execute(f"SET temp_directory = {sql_literal(str(temp_dir))}")

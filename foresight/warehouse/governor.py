@@ -8,7 +8,8 @@ with the rows. At a 1 GB budget that outside memory was ~100 MiB for 100x the MI
 
 :class:`MemoryGovernor` measures that outside memory a few times a second (the process's RSS less the memory
 DuckDB's buffer manager reports in use, ``duckdb_memory()``) and sets DuckDB's limit to the budget less it: never
-under a floor (half the budget, so an operator always has room to work and spill) and never over the budget.
+under a floor (half the budget, and at least 256 MiB, so an operator always has room to work and spill; a budget
+that small is not lowered at all) and never over the budget.
 Lowering the limit makes DuckDB evict cached blocks (free: they are on disk) or spill; it never changes a result.
 A lower limit DuckDB cannot reach yet (pinned blocks) is retried at the next tick. It runs on its own thread with
 its own cursor: DuckDB answers the two small queries while the load's statement runs.
@@ -22,17 +23,20 @@ from types import TracebackType
 import duckdb
 import psutil
 
-from foresight.warehouse.connection import parse_memory
+from foresight.warehouse.connection import BUDGET_VARIABLE, parse_memory
 
 INTERVAL = 0.2  # seconds between measurements: the bookkeeping grows over seconds, not milliseconds
 STEP = 8 << 20  # a limit closer than this to the current one is left as it is
-FLOOR = 0.5  # the least share of the budget DuckDB keeps
+FLOOR = 0.5  # the least share of the budget DuckDB keeps ...
+MIN_LIMIT = 256 << 20  # ... and never less than this: about the least a MIMIC-IV load runs in (its CSV buffers)
 
 
-def current_limit(con: duckdb.DuckDBPyConnection) -> int:
-    """DuckDB's ``memory_limit`` in bytes (as DuckDB prints it, e.g. ``953.6 MiB``: to a tenth of a unit)."""
-    return parse_memory(con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0],
-                        what="DuckDB memory_limit")
+def budget_of(con: duckdb.DuckDBPyConnection) -> int:
+    """The budget :func:`~foresight.warehouse.connection.connect` gave ``con``, in bytes; for a connection opened
+    otherwise, DuckDB's ``memory_limit`` as DuckDB prints it (``953.6 MiB``, ``1.8 GiB``: to a tenth of a unit)."""
+    exact, shown = con.execute(
+        f"SELECT getvariable('{BUDGET_VARIABLE}'), current_setting('memory_limit')").fetchall()[0]
+    return int(exact) if exact is not None else parse_memory(shown, what="DuckDB memory_limit")
 
 
 def buffer_memory(con: duckdb.DuckDBPyConnection) -> int:
@@ -41,7 +45,8 @@ def buffer_memory(con: duckdb.DuckDBPyConnection) -> int:
 
 
 class MemoryGovernor:
-    """Keep the process's RSS near ``budget`` bytes (default: DuckDB's limit when it starts) while a load runs.
+    """Keep the process's RSS near ``budget`` bytes (default: the connection's budget, :func:`budget_of`) while a
+    load runs.
 
     Use it as a context manager around the load; on exit DuckDB's limit is the budget again. :meth:`adjust` is one
     measurement and correction (the thread calls it every :data:`INTERVAL` seconds)."""
@@ -49,8 +54,8 @@ class MemoryGovernor:
     def __init__(self, con: duckdb.DuckDBPyConnection, *, budget: int | None = None, floor: float = FLOOR,
                  interval: float | None = None) -> None:
         self.con = con
-        self.budget = budget if budget is not None else current_limit(con)
-        self.floor = int(self.budget * floor)
+        self.budget = budget if budget is not None else budget_of(con)
+        self.floor = min(self.budget, max(int(self.budget * floor), MIN_LIMIT))
         self.interval = interval if interval is not None else INTERVAL
         self.limit = self.budget
         self.lowest = self.budget  # the lowest limit set, for reports and tests
