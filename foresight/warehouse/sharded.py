@@ -34,8 +34,9 @@ from foresight.optout import OPT_OUT_REASON
 from foresight.optout import digest as optout_digest
 from foresight.purposes import Declaration, record_load
 from foresight.warehouse.connection import connect, sql_literal
+from foresight.warehouse.governor import MemoryGovernor
 from foresight.warehouse.load import rollback
-from foresight.warehouse.publish import database_path
+from foresight.warehouse.publish import checkpoint, database_path
 from foresight.warehouse.reconciliation import reconcile
 from foresight.warehouse.results import LoadSummary, SourceError, TableResult
 from foresight.warehouse.shard_filter import check_shard
@@ -103,7 +104,8 @@ def merge(db: str | Path, shard_files: Sequence[str | Path], *, source_kind: str
         raise SourceError(f"shard(s) not complete, nothing merged: {', '.join(missing)}")
     excluded = sorted({int(s) for s in exclude_subjects or ()})
     run_id = f"{source_kind}-{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    with connect(db) as con:
+    all_warnings: list[str] = list(warnings)  # the shards', and the checkpoint's if it fails
+    with connect(db) as con, MemoryGovernor(con):  # the budget bounds the process (warehouse.governor)
         names = attach_shards(con, files)
         try:
             runs = shard_runs(con, names, source)
@@ -120,8 +122,9 @@ def merge(db: str | Path, shard_files: Sequence[str | Path], *, source_kind: str
         finally:
             for name in names:
                 con.execute(f"DETACH {name}")
+        checkpoint(con, all_warnings)
         reconcile(con, run_id)
-        return summarize(con, run_id, tables, seconds=time.perf_counter() - t0, warnings=warnings,
+        return summarize(con, run_id, tables, seconds=time.perf_counter() - t0, warnings=all_warnings,
                          n_excluded=len(excluded))
 
 
