@@ -3,14 +3,14 @@
 DuckDB's ``memory_limit`` (the budget, :mod:`foresight.warehouse.connection`) bounds its buffer pool. A load's
 process also holds memory outside it: the interpreter and its libraries, and DuckDB's own bookkeeping of what the
 session has written (row groups, column segments and their statistics, and an uncommitted append's), which grows
-with the rows. At a 1 GB budget that outside memory was ~100 MiB for 100x the MIMIC-IV demo and ~330 MiB for
-1,000x (RESULTS.md, issue 19), so the peak grew with the input although every DuckDB operator stayed in budget.
+with the rows. At a 1 GB budget (953.6 MiB) a load of 100x the MIMIC-IV demo peaked at 1,112 MiB and one of
+1,000x at 1,334 MiB (RESULTS.md, issue 19): the peak grew with the input though DuckDB stayed in its budget.
 
 :class:`MemoryGovernor` measures that outside memory a few times a second (the process's RSS less the memory
 DuckDB's buffer manager reports in use, ``duckdb_memory()``) and sets DuckDB's limit to the budget less it: never
 under a floor (half the budget, and at least 256 MiB, so an operator always has room to work and spill; a budget
-that small is not lowered at all) and never over the budget.
-Lowering the limit makes DuckDB evict cached blocks (free: they are on disk) or spill; it never changes a result.
+that small is not lowered at all) and never over the budget. Lowering the limit makes DuckDB evict cached blocks
+(free: they are on disk) or spill; it never changes a result.
 A lower limit DuckDB cannot reach yet (pinned blocks) is retried at the next tick. It runs on its own thread with
 its own cursor: DuckDB answers the two small queries while the load's statement runs.
 """
