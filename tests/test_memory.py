@@ -180,11 +180,11 @@ def test_the_governor_thread_outlives_a_limit_duckdb_cannot_reach_yet(tmp_path, 
     calls: list[str] = []
     real = warehouse.MemoryGovernor.adjust
 
-    def flaky(self, cursor=None):
+    def flaky(self):
         calls.append("try")
         if len(calls) == 1:
             raise duckdb.OutOfMemoryException("could not free up enough memory for the new limit")
-        return real(self, cursor)
+        return real(self)
 
     monkeypatch.setattr(warehouse.MemoryGovernor, "adjust", flaky)
     with warehouse.connect(tmp_path / "w.duckdb", memory_limit="4GB") as con:

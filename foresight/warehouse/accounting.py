@@ -13,7 +13,6 @@ from collections.abc import Callable
 import duckdb
 
 from foresight.optout import OPT_OUT_REASON
-from foresight.warehouse import slices
 from foresight.warehouse.results import ReconciliationError, TableResult
 
 Keep = Callable[[str], str]
@@ -72,15 +71,16 @@ def stage_quarantine(con: duckdb.DuckDBPyConnection, table: str, v_cols: set[str
     con.execute("DROP TABLE fs_line_map")
 
 
-def check_validation(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, file: str) -> int:
+def check_validation(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, file: str, ranges: list[str]) -> int:
     """Check ``v_<table>`` has one row per raw row and no event comes from a quarantined row or lacks a subject or
-    code (``ReconciliationError`` otherwise); returns the quarantined rows (opted-out ones excluded)."""
+    code (``ReconciliationError`` otherwise); returns the quarantined rows (opted-out ones excluded). ``ranges``:
+    the table's ranges of lines (:func:`foresight.warehouse.slices.line_ranges`)."""
     n_raw, n_q = con.execute(
         f"SELECT count(*), count(v._quarantine) FILTER (WHERE true {keep('v')}) FROM v_{table} v").fetchall()[0]
     # a GROUP BY, not count(DISTINCT _line): DuckDB spills a grouping beyond the budget but holds a DISTINCT
     # aggregate whole (the 1,000x MIMIC demo's 36M emar lines ran a 1 GB budget out of memory here)
     dups = sum(con.execute(f"SELECT count(*) FROM (SELECT _line FROM v_{table} WHERE {within} GROUP BY _line "
-                           "HAVING count(*) > 1)").fetchall()[0][0] for within in slices.line_ranges(con, f"v_{table}"))
+                           "HAVING count(*) > 1)").fetchall()[0][0] for within in ranges)
     staged = con.execute(f"SELECT count(*) FROM raw_{table}").fetchall()[0][0]
     if n_raw != staged or dups:
         raise ReconciliationError(f"{file}: validation produced {n_raw} rows for {staged} read")
@@ -112,11 +112,12 @@ def field_warnings(con: duckdb.DuckDBPyConnection, table: str, v_cols: set[str],
     return [f"{file}: {n} row(s) kept with an invalid optional field set to NULL: " + "; ".join(first) + more]
 
 
-def line_outcomes(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, has_notes: bool, n_optout: int, file: str
-                  ) -> tuple[dict[str, int], int]:
+def line_outcomes(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, has_notes: bool, n_optout: int, file: str,
+                  ranges: list[str]) -> tuple[dict[str, int], int]:
     """(rows dropped by reason, lines loaded): valid rows that produced nothing (their ``_drop`` reason) plus the
     opted-out lines, and the valid lines that produced something (events, or for note tables notes).
-    ``ReconciliationError`` when a valid row produced nothing and has no reason."""
+    ``ReconciliationError`` when a valid row produced nothing and has no reason. ``ranges``: as for
+    :func:`check_validation`."""
     # one grouping by line over the valid rows and the produced lines, a range of lines at a time: its hash table
     # stays a range's size whatever the table's (one grouping over the 108M labevents lines of 1,000x the MIMIC
     # demo ran a 1 GB budget out of memory beside the next group's scan). Joins of the rows with the produced
@@ -124,7 +125,7 @@ def line_outcomes(con: duckdb.DuckDBPyConnection, table: str, keep: Keep, has_no
     # 1,000x demo's 24M emar events and ran a 1 GB budget out of memory.
     dropped: dict[str, int] = {}
     loaded = 0
-    for within in slices.line_ranges(con, f"v_{table}"):
+    for within in ranges:
         notes = f"UNION ALL SELECT _line, NULL, 1 FROM n_{table} WHERE {within}" if has_notes else ""
         for reason, n, k in con.execute(
             f"""

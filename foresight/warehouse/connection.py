@@ -103,11 +103,16 @@ def budget_settings(budget: int, cores: int | None = None) -> dict[str, int]:
             "allocator_bulk_deallocation_flush_threshold": min(512 << 20, budget // 4)}
 
 
+def set_memory_limit(con: duckdb.DuckDBPyConnection, nbytes: int) -> None:
+    """Set DuckDB's ``memory_limit`` to ``nbytes`` (whole KiB: DuckDB reads a bare number with a unit)."""
+    con.execute(f"SET memory_limit = '{nbytes // 1024}KiB'")
+
+
 def configure(con: duckdb.DuckDBPyConnection, temp_dir: Path, memory_limit: str | None = None) -> int:
     """Apply the memory budget (``memory_limit`` or :func:`memory_budget`'s default), the settings that follow it
     (:func:`budget_settings`) and the spill folder to a DuckDB connection; returns the budget in bytes."""
     budget = memory_budget(memory_limit)
-    con.execute(f"SET memory_limit = '{budget // 1024}KiB'")
+    set_memory_limit(con, budget)
     # the exact budget, for the load's memory governor (DuckDB prints its limit rounded, e.g. "1.8 GiB")
     con.execute(f"SET VARIABLE {BUDGET_VARIABLE} = {int(budget)}::BIGINT")
     for name, value in budget_settings(budget).items():

@@ -23,7 +23,7 @@ from types import TracebackType
 import duckdb
 import psutil
 
-from foresight.warehouse.connection import BUDGET_VARIABLE, parse_memory
+from foresight.warehouse.connection import BUDGET_VARIABLE, parse_memory, set_memory_limit
 
 INTERVAL = 0.2  # seconds between measurements: the bookkeeping grows over seconds, not milliseconds
 STEP = 8 << 20  # a limit closer than this to the current one is left as it is
@@ -70,14 +70,14 @@ class MemoryGovernor:
         outside = max(0, rss - in_buffers)
         return min(self.budget, max(self.floor, self.budget - outside))
 
-    def adjust(self, cursor: duckdb.DuckDBPyConnection | None = None) -> int:
+    def adjust(self) -> int:
         """Measure once and set DuckDB's limit to :meth:`target` when it differs by :data:`STEP` or more; returns
         the limit in force. A limit DuckDB cannot free enough memory for yet raises ``duckdb.OutOfMemoryException``
         (the thread retries at the next tick)."""
-        cur = cursor or self._cursor or self.con
+        cur = self._cursor or self.con  # the governor's own cursor once entered
         want = self.target(self._process.memory_info().rss, buffer_memory(cur))
         if abs(want - self.limit) >= STEP:
-            cur.execute(f"SET memory_limit = '{want // 1024}KiB'")
+            set_memory_limit(cur, want)
             self.limit = want
             self.lowest = min(self.lowest, want)
         return self.limit
@@ -103,7 +103,7 @@ class MemoryGovernor:
         if self._cursor is None:
             return
         try:  # on the governor's own cursor: the load's connection may hold an aborted transaction
-            self._cursor.execute(f"SET memory_limit = '{self.budget // 1024}KiB'")
+            set_memory_limit(self._cursor, self.budget)
             self.limit = self.budget
         except duckdb.Error:  # the connection was closed under the load: nothing to restore
             pass

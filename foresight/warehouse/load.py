@@ -28,7 +28,7 @@ from foresight.warehouse.csv_scan import physical_lines, scan_csv
 from foresight.warehouse.reconciliation import reconcile
 from foresight.warehouse.results import CsvScan, LoadSummary, SourceError, TableResult
 from foresight.warehouse.shard_filter import check_shard, set_aside_other_shards
-from foresight.warehouse.slices import run_script
+from foresight.warehouse.slices import line_ranges, run_script
 
 
 class Load:
@@ -213,9 +213,10 @@ class Load:
             n_optout, keep = set_aside_other_shards(con, table, v_cols, has_notes, self.shard, res, n_optout, keep)
         lines = self.physical_lines(table, v_cols)
         accounting.stage_quarantine(con, table, v_cols, keep, file=res.file, lines=lines, **run)
-        n_q = accounting.check_validation(con, table, keep, res.file)
+        ranges = line_ranges(con, f"v_{table}")  # both groupings by line run a range of lines at a time
+        n_q = accounting.check_validation(con, table, keep, res.file, ranges)
         self.warnings.extend(accounting.field_warnings(con, table, v_cols, keep, res.file))
-        dropped, loaded = accounting.line_outcomes(con, table, keep, has_notes, n_optout, res.file)
+        dropped, loaded = accounting.line_outcomes(con, table, keep, has_notes, n_optout, res.file, ranges)
         if has_notes:
             res.notes = accounting.stage_notes(con, table, keep, file=res.file, **run)
         events = accounting.stage_events(con, table, keep, **run)
